@@ -1,0 +1,266 @@
+"""Activation extraction: one streaming pass over an image set, cached on disk.
+
+One pass gives everything later views need:
+
+- per captured layer, the activation maps as float16 ``(N, C, h, w)`` memory-mapped arrays
+  (``store_maps``; float16 keeps about 3 significant digits, ample for heatmaps and ranking);
+- per layer and unit, each image's max and mean activation (float32, ``(N, C)``);
+- per unit, the top-k images by max activation;
+- the model's classifier output for every image (so predictions come for free).
+
+Memory stays bounded: a batch at a time, written straight into memory-mapped files inside a
+temporary cache folder that is renamed into place only when the pass completes (a cancelled or
+failed pass leaves nothing). The cache key covers the model hash, the architecture, the
+preprocessing, the image set's fingerprint, the layers and the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends.base import Backend
+from .cache import Cache, load_array, make_key, read_meta, write_meta
+from .data.images import ImageLoader, ImageSet
+from .jobs import Job
+from .types import ConvLensError, LayerInfo, Progress
+
+log = logging.getLogger("convlens.activations")
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerStats:
+    """Per-image, per-unit summaries of one layer (rows of skipped images are NaN)."""
+
+    info: LayerInfo
+    max: np.ndarray  # (N, C) float32
+    mean: np.ndarray  # (N, C) float32
+    top_images: np.ndarray  # (C, k) int64, best first; -1 pads when fewer valid images
+    top_values: np.ndarray  # (C, k) float32
+
+
+@dataclass
+class Activations:
+    """An opened extraction result (a cache entry). Arrays are read-only memory maps."""
+
+    folder: Path
+    image_set: ImageSet
+    layers: dict[str, LayerInfo]
+    outputs: np.ndarray  # (N, K) float32 classifier output as the model gives it
+    valid: np.ndarray  # (N,) bool: False for images that could not be read
+    skipped: list[tuple[str, str]]
+    seconds: float
+    from_cache: bool = False
+    _stats: dict[str, LayerStats] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.valid)
+
+    def has_maps(self, layer: str) -> bool:
+        return (self.folder / f"maps_{_fname(layer)}.npy").is_file()
+
+    def maps(self, layer: str) -> np.ndarray:
+        """(N, C, h, w) float16 memory map (N, C for non-spatial layers)."""
+        self._check(layer)
+        if not self.has_maps(layer):
+            raise ConvLensError(f"activation maps of '{layer}' were not stored (extract with store_maps)")
+        return load_array(self.folder, f"maps_{_fname(layer)}")
+
+    def stats(self, layer: str) -> LayerStats:
+        self._check(layer)
+        if layer not in self._stats:
+            f = _fname(layer)
+            self._stats[layer] = LayerStats(
+                self.layers[layer],
+                load_array(self.folder, f"max_{f}"),
+                load_array(self.folder, f"mean_{f}"),
+                load_array(self.folder, f"topidx_{f}", mmap=False),
+                load_array(self.folder, f"topval_{f}", mmap=False),
+            )
+        return self._stats[layer]
+
+    def _check(self, layer: str) -> None:
+        if layer not in self.layers:
+            raise ConvLensError(f"layer '{layer}' was not extracted (have: {', '.join(self.layers)})")
+
+
+def _fname(layer: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer)
+
+
+def extraction_key(backend: Backend, model_sha: str, image_set: ImageSet, layers: Sequence[str],
+                   store_maps: bool, top_k: int) -> str:
+    spec = backend.spec
+    return make_key("activations", FORMAT_VERSION, model_sha, spec.arch, spec.preprocess, spec.output_index,
+                    image_set.fingerprint(), list(layers), store_maps, top_k, backend.name)
+
+
+def extract(
+    backend: Backend,
+    model_sha: str,
+    image_set: ImageSet,
+    layers: Sequence[str],
+    *,
+    batch_size: int = 64,
+    store_maps: bool = True,
+    top_k: int = 16,
+    cache: Cache | None = None,
+    workers: int | None = None,
+) -> Job[Activations]:
+    """Extract ``layers`` over ``image_set`` (a job: yields Progress, returns Activations).
+
+    A complete earlier pass with the same key is reused without running the model.
+    """
+    cache = cache or Cache()
+    layers = list(dict.fromkeys(layers))  # may be empty: outputs only, e.g. for predictions
+    backend.check_capture(layers)
+    key = extraction_key(backend, model_sha, image_set, layers, store_maps, top_k)
+    found = cache.get("activations", key)
+    if found is not None:
+        yield Progress(1.0, "activations found in cache")
+        return open_activations(found, image_set)
+
+    info = {li.name: li for li in backend.layers()} if layers else {}
+    n = len(image_set)
+    t0 = time.perf_counter()
+    yield Progress(0.0, f"extracting {len(layers)} layers from {n} images")
+    with cache.write("activations", key) as tmp, ImageLoader(image_set, backend.spec.preprocess,
+                                                             batch_size=batch_size, workers=workers) as loader:
+        writers = {name: _LayerWriter(tmp, info[name], n, store_maps, top_k) for name in layers}
+        outputs: np.ndarray | None = None
+        valid = np.zeros(n, dtype=bool)
+        done = 0
+        for batch in loader:
+            res = backend.forward(batch.array, capture=layers)
+            out = backend.classifier_output(res)
+            if outputs is None:
+                outputs = np.lib.format.open_memmap(tmp / "outputs.npy", "w+", np.float32, (n, out.shape[1]))
+                outputs[:] = np.nan
+            outputs[batch.indices] = out
+            valid[batch.indices] = True
+            for name in layers:
+                writers[name].add(batch.indices, res.activations[name])
+            done += len(batch.indices)
+            yield Progress(done / max(n, 1), f"{done}/{n} images")
+        if outputs is None:
+            raise ConvLensError(f"{image_set.source}: none of the {n} images could be read")
+        for w in writers.values():
+            w.finish()
+        outputs.flush()
+        np.save(tmp / "valid.npy", valid)
+        seconds = time.perf_counter() - t0
+        write_meta(tmp, {
+            "version": FORMAT_VERSION,
+            "layers": {k: {"kind": v.kind, "shape": list(v.shape)} for k, v in info.items() if k in layers},
+            "layer_order": layers,
+            "skipped": loader.skipped,
+            "seconds": seconds,
+            "n_images": n,
+            "model_sha256": model_sha,
+            "backend": backend.name,
+            "device": backend.device,
+        })
+        del outputs, writers
+    found = cache.get("activations", key)
+    assert found is not None
+    return open_activations(found, image_set)
+
+
+def open_activations(folder: Path, image_set: ImageSet) -> Activations:
+    meta = read_meta(folder)
+    layers = {k: LayerInfo(k, meta["layers"][k]["kind"], tuple(meta["layers"][k]["shape"])) for k in meta["layer_order"]}
+    return Activations(
+        folder=folder,
+        image_set=image_set,
+        layers=layers,
+        outputs=load_array(folder, "outputs"),
+        valid=load_array(folder, "valid", mmap=False),
+        skipped=[tuple(s) for s in meta["skipped"]],  # type: ignore[misc]
+        seconds=float(meta["seconds"]),
+        from_cache=True,
+    )
+
+
+class _LayerWriter:
+    """Streams one layer's maps and summaries into the cache folder."""
+
+    def __init__(self, folder: Path, info: LayerInfo, n: int, store_maps: bool, top_k: int) -> None:
+        self.info = info
+        f = _fname(info.name)
+        units = info.shape[0] if info.shape else 1
+        self.folder, self.f = folder, f
+        self.maps = (np.lib.format.open_memmap(folder / f"maps_{f}.npy", "w+", np.float16, (n, *info.shape))
+                     if store_maps else None)
+        self.max = np.lib.format.open_memmap(folder / f"max_{f}.npy", "w+", np.float32, (n, units))
+        self.mean = np.lib.format.open_memmap(folder / f"mean_{f}.npy", "w+", np.float32, (n, units))
+        self.max[:] = np.nan
+        self.mean[:] = np.nan
+        self.k = top_k
+        self.top_val = np.full((units, 0), -np.inf, np.float32)
+        self.top_idx = np.zeros((units, 0), np.int64)
+
+    def add(self, idx: np.ndarray, act: np.ndarray) -> None:
+        if self.maps is not None:
+            self.maps[idx] = act
+        flat = act.reshape(act.shape[0], act.shape[1], -1) if act.ndim > 2 else act[:, :, None]
+        mx = flat.max(axis=2)
+        self.max[idx] = mx
+        self.mean[idx] = flat.mean(axis=2)
+        # running top-k images per unit by max activation
+        vals = np.concatenate([self.top_val, mx.T], axis=1)
+        ids = np.concatenate([self.top_idx, np.broadcast_to(idx, mx.T.shape)], axis=1)
+        if vals.shape[1] > self.k:
+            part = np.argpartition(-vals, self.k - 1, axis=1)[:, : self.k]
+            vals = np.take_along_axis(vals, part, axis=1)
+            ids = np.take_along_axis(ids, part, axis=1)
+        self.top_val, self.top_idx = vals, ids
+
+    def finish(self) -> None:
+        order = np.argsort(-self.top_val, axis=1, kind="stable")
+        vals = np.take_along_axis(self.top_val, order, axis=1)
+        ids = np.take_along_axis(self.top_idx, order, axis=1)
+        pad = self.k - vals.shape[1]
+        if pad > 0:
+            vals = np.pad(vals, ((0, 0), (0, pad)), constant_values=np.nan)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        np.save(self.folder / f"topval_{self.f}.npy", vals.astype(np.float32))
+        np.save(self.folder / f"topidx_{self.f}.npy", ids)
+        for arr in (self.maps, self.max, self.mean):
+            if arr is not None:
+                arr.flush()
+
+
+def write_unit_tables(acts: Activations, out_dir: Path) -> list[Path]:
+    """Per layer: ``<layer>_units.csv`` (unit, mean of max, mean, top image paths) and JSON top-k."""
+    import csv
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    records = acts.image_set.records
+    for name in acts.layers:
+        st = acts.stats(name)
+        ok = acts.valid
+        path = out_dir / f"{_fname(name)}_units.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["unit", "max_of_max", "mean_of_max", "mean_of_mean", "top_images"])
+            for u in range(st.max.shape[1]):
+                tops = [records[i].path for i in st.top_images[u] if i >= 0][:5]
+                w.writerow([u, f"{np.nanmax(st.max[ok, u]):.6g}", f"{np.nanmean(st.max[ok, u]):.6g}",
+                            f"{np.nanmean(st.mean[ok, u]):.6g}", ";".join(tops)])
+        written.append(path)
+        top = {str(u): [{"image": records[i].path, "max": float(v)} for i, v in zip(st.top_images[u], st.top_values[u])
+                        if i >= 0] for u in range(st.top_images.shape[0])}
+        jpath = out_dir / f"{_fname(name)}_top.json"
+        jpath.write_text(json.dumps(top, indent=1))
+        written.append(jpath)
+    return written

@@ -1,0 +1,97 @@
+"""The backend protocol: run a batch, capture named layers, list layers."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..types import ConvLensError, LayerInfo, ModelSpec
+
+
+class BackendError(ConvLensError):
+    """A model that cannot run as asked (unknown layer, wrong input shape, ...)."""
+
+
+@dataclass
+class ForwardResult:
+    """Every model output (a tuple output is flattened) and the captured activations."""
+
+    outputs: list[np.ndarray]
+    activations: dict[str, np.ndarray]
+
+
+class Backend(ABC):
+    """Runs one loaded model. Subclasses: :class:`TorchBackend`, :class:`OnnxBackend`.
+
+    ``forward`` takes a float32 (N, C, H, W) batch already preprocessed and returns numpy
+    arrays. Gradients are a torch-only capability: ``supports_gradients`` says whether
+    :meth:`TorchBackend.layer_gradients` is available.
+    """
+
+    name: str
+    device: str
+    spec: ModelSpec
+    supports_gradients: bool = False
+
+    @abstractmethod
+    def forward(self, batch: np.ndarray, capture: Sequence[str] = ()) -> ForwardResult: ...
+
+    @abstractmethod
+    def layer_names(self) -> list[str]:
+        """Capturable layer names in execution order (cheap: no forward pass)."""
+
+    def layers(self) -> list[LayerInfo]:
+        """Every capturable layer with its kind and output shape, from one dry run."""
+        if self._layers is None:
+            self._layers = self._discover_layers()
+        return self._layers
+
+    _layers: list[LayerInfo] | None = None
+
+    @abstractmethod
+    def _discover_layers(self) -> list[LayerInfo]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory or sessions."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- shared helpers
+
+    def dummy_batch(self, n: int = 1) -> np.ndarray:
+        pre = self.spec.preprocess
+        return np.zeros((n, pre.n_channels, *pre.input_size), dtype=np.float32)
+
+    def check_capture(self, capture: Sequence[str]) -> None:
+        known = set(self.layer_names())
+        unknown = [c for c in capture if c not in known]
+        if unknown:
+            sample = ", ".join(self.layer_names()[:12])
+            raise BackendError(
+                f"{self.spec.path}: no layer named {', '.join(map(repr, unknown))} "
+                f"(layers include: {sample}; `convlens info` lists all)"
+            )
+
+    def check_batch(self, batch: np.ndarray) -> None:
+        pre = self.spec.preprocess
+        if batch.ndim != 4 or batch.shape[1] != pre.n_channels:
+            raise BackendError(
+                f"{self.spec.path}: expected a batch of shape (N, {pre.n_channels}, H, W), got {batch.shape}"
+            )
+
+    def classifier_output(self, result: ForwardResult) -> np.ndarray:
+        """The (N, classes) output named by ``spec.output_index``."""
+        idx = self.spec.output_index
+        if not -len(result.outputs) <= idx < len(result.outputs):
+            raise BackendError(
+                f"{self.spec.path}: output_index {idx} but the model returns {len(result.outputs)} outputs"
+            )
+        out = result.outputs[idx]
+        return out.reshape(out.shape[0], -1)

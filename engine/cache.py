@@ -1,0 +1,154 @@
+"""Content-addressed on-disk cache with atomic writes.
+
+An entry is a folder ``<root>/<kind>/<key>/`` holding ``.npy`` arrays and a ``meta.json``.
+It is built in a temporary sibling folder and renamed into place only when complete, so an
+interrupted or cancelled job never leaves a half-written entry, and two writers of the same key
+cannot corrupt each other (the second rename loses and its copy is discarded). No pickle:
+arrays are read with ``allow_pickle=False``.
+
+Keys are SHA-256 digests of a canonical JSON rendering of what determines the result (model
+hash, image-set fingerprint, preprocessing, parameters), see :func:`make_key`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHE_ENV = "CONVLENS_CACHE"
+
+
+def default_cache_root() -> Path:
+    """``$CONVLENS_CACHE``, else ``$XDG_CACHE_HOME/convlens``, else ``~/.cache/convlens``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "convlens"
+
+
+def make_key(*parts: Any) -> str:
+    """A stable digest of JSON-serialisable parts (dict keys sorted, tuples as lists)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"cannot key {type(o).__name__}")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder that replaces ``final`` only if the block completes.
+
+    An existing ``final`` is replaced (the old one is moved aside first, then deleted), so a
+    re-run overwrites its earlier output only once the new one is whole.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Cache:
+    """Entries by ``kind`` (e.g. ``activations``) and key, under one root folder."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_root()
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def get(self, kind: str, key: str) -> Path | None:
+        """The entry's folder if complete, else None."""
+        p = self.path(kind, key)
+        return p if (p / "meta.json").is_file() else None
+
+    @contextlib.contextmanager
+    def write(self, kind: str, key: str) -> Iterator[Path]:
+        """Build an entry in a temporary folder; it appears under its key only when complete.
+
+        The block must write ``meta.json`` last (use :func:`write_meta`).
+        """
+        final = self.path(kind, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            if not (tmp / "meta.json").is_file():
+                raise RuntimeError("cache entry written without meta.json")
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another writer finished the same key first: keep theirs
+                if not (final / "meta.json").is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def clear(self, kind: str | None = None) -> None:
+        shutil.rmtree(self.root / kind if kind else self.root, ignore_errors=True)
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=_jsonable))
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "meta.json").read_text())
+
+
+def load_array(folder: Path, name: str, mmap: bool = True) -> np.ndarray:
+    return np.load(folder / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)

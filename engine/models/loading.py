@@ -1,0 +1,364 @@
+"""Loading a user's local checkpoint, safely, whatever its format.
+
+Formats (detected from the file's bytes, not trusted from its name):
+
+- ``torchscript``: a ``torch.jit.save`` archive (zip with ``code/``).
+- ``export``: a ``torch.export.save`` archive (``.pt2``; zip with ``archive_format``).
+- ``state_dict``: a ``torch.save`` of tensors (also the common ``{"state_dict": ...}`` and
+  ``{"model": ...}`` wrappers and DataParallel ``module.`` prefixes); needs an architecture.
+- ``safetensors``: needs an architecture.
+- ``onnx``: runs on ONNX Runtime.
+
+Nothing in a checkpoint runs unless the user opts in: ``torch.load`` always uses
+``weights_only=True``; a pickled module is refused unless ``ModelSpec.allow_pickle`` is set.
+An architecture given as ``file.py:Class`` imports the user's own Python file, which the user
+named explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..types import ConvLensError, ModelSpec
+
+TORCH_FORMATS = ("torchscript", "export", "state_dict", "safetensors", "pickled_module")
+FORMATS = (*TORCH_FORMATS, "onnx")
+
+
+class ModelLoadError(ConvLensError):
+    """A checkpoint could not be loaded. The message names the file and the cause."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for a backend: a torch module (eval mode, CPU) or an ONNX file."""
+
+    spec: ModelSpec
+    format: str
+    sha256: str
+    module: Any = None  # torch.nn.Module / ScriptModule for torch formats
+    onnx_path: str | None = None
+    notes: list[str] = field(default_factory=list)  # non-fatal remarks (e.g. keys skipped)
+
+    @property
+    def name(self) -> str:
+        return Path(self.spec.path).name
+
+    @property
+    def is_torch(self) -> bool:
+        return self.format in TORCH_FORMATS
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Content hash of a file; identifies the model in caches."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """Work out a checkpoint's format from its content (and, for ONNX, its name)."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a folder, not a model file")
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise ModelLoadError(f"{p}: the file is empty")
+    if zipfile.is_zipfile(p):
+        try:
+            names = zipfile.ZipFile(p).namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ModelLoadError(f"{p}: the archive is damaged ({e})") from e
+        rel = {n.split("/", 1)[1] for n in names if "/" in n}
+        if "archive_format" in rel or any(n.endswith("serialized_exported_program.json") for n in rel):
+            return "export"
+        if any(n.startswith("code/") for n in rel) or "constants.pkl" in rel:
+            return "torchscript"
+        if "data.pkl" in rel:
+            return "state_dict"  # refined to pickled_module when weights_only refuses it
+        raise ModelLoadError(f"{p}: a zip archive, but not a PyTorch checkpoint ({len(names)} entries)")
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < p.stat().st_size:
+        return "safetensors"
+    if p.suffix.lower() == ".onnx":
+        return "onnx"
+    if head[:1] == b"\x80":  # a pickle protocol marker: legacy (non-zip) torch.save
+        return "state_dict"
+    # ONNX files are protobuf with no magic number; try it for unknown suffixes.
+    if _looks_like_onnx(p):
+        return "onnx"
+    raise ModelLoadError(
+        f"{p}: not a recognised model file (expected TorchScript, torch.export .pt2, a state dict "
+        ".pt/.pth/.bin, safetensors or ONNX)"
+    )
+
+
+def _looks_like_onnx(p: Path) -> bool:
+    try:
+        import onnx
+
+        m = onnx.load(str(p), load_external_data=False)
+        return len(m.graph.node) > 0
+    except Exception:  # noqa: BLE001 - any parse failure means "not ONNX"
+        return False
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load ``spec.path`` into a :class:`LoadedModel`, or raise :class:`ModelLoadError`."""
+    path = Path(spec.path)
+    fmt = detect_format(path)
+    sha = file_sha256(path)
+    if fmt == "onnx":
+        _check_onnx(path)
+        return LoadedModel(spec, "onnx", sha, onnx_path=str(path))
+    import torch
+
+    notes: list[str] = []
+    if fmt == "torchscript":
+        module = _guard(path, "TorchScript archive", lambda: _jit_load(path))
+    elif fmt == "export":
+        module = _guard(path, "torch.export archive", lambda: _export_load(path))
+    elif fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        sd = _guard(path, "safetensors file", lambda: load_file(str(path), device="cpu"))
+        module = build_from_state_dict(spec, sd, path, notes)
+    else:
+        obj = _torch_load_safely(path, spec.allow_pickle)
+        if isinstance(obj, torch.nn.Module):
+            fmt = "pickled_module"
+            module = obj
+        else:
+            sd = _extract_state_dict(obj, path)
+            module = build_from_state_dict(spec, sd, path, notes)
+    module.eval()
+    return LoadedModel(spec, fmt, sha, module=module, notes=notes)
+
+
+def _guard(path: Path, what: str, fn: Any) -> Any:
+    try:
+        return fn()
+    except ConvLensError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every reader error becomes one clear message
+        raise ModelLoadError(f"{path}: could not read this {what}: it is damaged or truncated ({_short(e)})") from e
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return (text[:limit] + "...") if len(text) > limit else text or type(e).__name__
+
+
+def _jit_load(path: Path) -> Any:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")
+
+
+def _export_load(path: Path) -> Any:
+    import torch
+
+    ep = torch.export.load(str(path))
+    # unflatten restores the module hierarchy, so forward hooks work on named submodules.
+    return torch.export.unflatten(ep)
+
+
+PICKLE_REFUSAL = (
+    "{path}: this checkpoint contains pickled Python objects ({detail}), not only tensors. "
+    "Unpickling it runs code stored in the file, which can do anything your user account can. "
+    "ConvLens refuses by default. If you trust where the file came from, load it with "
+    "--allow-pickle (GUI: 'Allow pickled code'); better, re-save it as a state dict with "
+    "torch.save(model.state_dict(), path) or as TorchScript / torch.export."
+)
+
+
+def _torch_load_safely(path: Path, allow_pickle: bool) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not allow_pickle:
+            detail = _pickle_detail(str(e))
+            raise ModelLoadError(PICKLE_REFUSAL.format(path=path, detail=detail)) from None
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(
+            f"{path}: could not read this PyTorch checkpoint: it is damaged or truncated ({_short(e)})"
+        ) from e
+    try:  # explicit opt-in only
+        return torch.load(str(path), map_location="cpu", weights_only=False)  # noqa: S614
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{path}: unpickling failed ({_short(e)})") from e
+
+
+def _pickle_detail(msg: str) -> str:
+    m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"global ['\"]?([\w.]+)", msg)
+    return f"it refers to {m.group(1)}" if m else "objects other than tensors"
+
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params")
+
+
+def _extract_state_dict(obj: Any, path: Path) -> dict[str, Any]:
+    import torch
+
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd = dict(obj)
+        else:
+            for key in _WRAPPER_KEYS:
+                inner = obj.get(key)
+                if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                    sd = dict(inner)
+                    break
+            else:
+                keys = ", ".join(map(str, list(obj)[:8]))
+                raise ModelLoadError(f"{path}: a dictionary without model weights (its keys: {keys})")
+        if sd and all(k.startswith("module.") for k in sd):  # saved from DataParallel
+            sd = {k[len("module."):]: v for k, v in sd.items()}
+        return sd
+    raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+def resolve_arch(arch: str, num_classes: int | None = None) -> Any:
+    """Instantiate an architecture by name: builtin, torchvision, or ``file.py:Class``."""
+    from .zoo import BUILTIN_ARCHS
+
+    if arch in BUILTIN_ARCHS:
+        return BUILTIN_ARCHS[arch]()
+    if ":" in arch:
+        return _user_class(arch)()
+    import torchvision
+
+    names = set(torchvision.models.list_models())
+    if arch not in names:
+        close = [n for n in sorted(names) if n.startswith(arch[:4])][:6]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ModelLoadError(
+            f"unknown architecture '{arch}'{hint}: give a torchvision model name, 'rnet', "
+            "or your own class as path/to/file.py:ClassName or package.module:ClassName"
+        )
+    kwargs: dict[str, Any] = {"weights": None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        return torchvision.models.get_model(arch, **kwargs)
+    except TypeError:  # a few models take no num_classes
+        return torchvision.models.get_model(arch, weights=None)
+
+
+def _user_class(arch: str) -> Any:
+    target, _, cls_name = arch.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            file = Path(target).expanduser().resolve()
+            if not file.exists():
+                raise ModelLoadError(f"{file}: architecture file not found")
+            mod_name = f"convlens_user_{hashlib.sha1(str(file).encode()).hexdigest()[:10]}"
+            spec = importlib.util.spec_from_file_location(mod_name, file)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConvLensError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{target}: could not import the architecture ({_short(e)})") from e
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise ModelLoadError(f"{target}: has no class named '{cls_name}'")
+    return cls
+
+
+def _infer_num_classes(model: Any, sd: Mapping[str, Any]) -> int | None:
+    """The class count a state dict implies when its final layer is larger/smaller than the default."""
+    own = model.state_dict()
+    last_weight = None
+    for k, v in own.items():
+        if k.endswith(".weight") and v.ndim == 2:
+            last_weight = k
+    if last_weight and last_weight in sd and sd[last_weight].shape != own[last_weight].shape:
+        return int(sd[last_weight].shape[0])
+    return None
+
+
+def build_from_state_dict(spec: ModelSpec, sd: Mapping[str, Any], path: Path, notes: list[str]) -> Any:
+    """Build ``spec.arch`` and load ``sd`` into it, reporting mismatches precisely."""
+    if not spec.arch:
+        raise ModelLoadError(
+            f"{path}: this file holds weights only ({len(sd)} tensors); name its architecture with "
+            "--arch (a torchvision name such as resnet18, 'rnet', or path/to/file.py:ClassName)"
+        )
+    model = resolve_arch(spec.arch, spec.num_classes)
+    if spec.num_classes is None and ":" not in spec.arch:
+        n = _infer_num_classes(model, sd)
+        if n is not None:
+            model = resolve_arch(spec.arch, n)
+            notes.append(f"built {spec.arch} with {n} classes, as the checkpoint's final layer says")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            shown = "; ".join(items[:8]) + (f"; ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{title} keys: {shown}")
+    if problems and spec.strict:
+        raise ModelLoadError(
+            f"{path}: the weights do not fit architecture '{spec.arch}'. " + " | ".join(problems)
+            + ". Use --no-strict to load the matching keys only."
+        )
+    load = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(load, strict=False)
+    if problems:
+        notes.append("loaded non-strictly: " + " | ".join(problems))
+    return model
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+def _check_onnx(path: Path) -> None:
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        if not model.graph.node:
+            raise ValueError("the graph has no nodes")
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{path}: not a valid ONNX model ({_short(e)})") from e
