@@ -1,0 +1,274 @@
+"""Streaming per-unit top-quantile thresholds for Network Dissection.
+
+Network Dissection (Bau, Zhou, Khosla, Oliva, Torralba, "Network Dissection: Quantifying
+Interpretability of Deep Visual Representations", CVPR 2017) binarises unit ``k`` at the
+threshold ``T_k`` such that ``P(a_k > T_k) = q`` (``q = 0.005``) over every spatial position of
+every image of the dataset. This module computes ``T_k`` from activations streamed batch by
+batch, without ever holding all of them.
+
+Definition used here: ``T_k = numpy.quantile(values_k, 1 - q, method="linear")`` where
+``values_k`` are all ``total`` values of unit ``k``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from engine.types import ConvLensError
+
+_HIST_BYTES_PER_BIN = 16  # int64 count + float32 min + float32 max
+_MIN_BINS = 16
+
+
+def _rank_plan(total: int, q: float) -> tuple[int, int, float]:
+    """Ascending ranks ``(lo, hi)`` and weight ``gamma`` of numpy's linear quantile ``1 - q``.
+
+    Mirrors ``numpy.quantile(..., method="linear")``: virtual index ``h = (n - 1) * (1 - q)``,
+    ``lo = floor(h)``, ``hi = lo + 1`` (both ``n - 1`` when ``h >= n - 1``), ``gamma = h - lo``.
+    """
+    h = (total - 1) * (1.0 - q)
+    if h >= total - 1:
+        return total - 1, total - 1, 0.0
+    lo = math.floor(h)
+    return lo, lo + 1, h - lo
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
+    """numpy's ``_lerp`` (the same float64 operations, so the same bits)."""
+    diff = b - a
+    if gamma >= 0.5:
+        return b - diff * (1.0 - gamma)
+    return a + diff * gamma
+
+
+class TopQuantile:
+    """Per-unit threshold ``T_k`` with ``P(a_k > T_k) = q``, computed streaming.
+
+    Feed every activation once with :meth:`update` (``(B, K, h, w)`` maps or ``(B, K)``
+    vectors, on any device; they are moved to ``device`` and cast to float32), then call
+    :meth:`thresholds`. ``total`` is the number of values per unit that will be seen
+    (``n_images * h * w``); :meth:`thresholds` refuses to answer for any other count.
+
+    **Exact mode** (``exact is True``): per unit only the ``m = floor(q * (total - 1)) + 2``
+    largest values are kept (enough for both order statistics that numpy's linear
+    interpolation needs), merged after each batch with ``torch.topk`` over
+    ``cat(buffer, batch)``. Memory is ``K * m * 4`` bytes. The result equals
+    ``numpy.quantile(values.astype(float64), 1 - q, method="linear")`` bit for bit, ties
+    included (values are stored as float32, so float64 input is rounded to float32 first).
+
+    **Approximate mode** (``exact is False``), used when ``K * m * 4 > max_bytes``: per unit a
+    histogram of ``n_bins = max_bytes // (16 * K)`` bins of equal width ``w_k``, each holding
+    its count and the exact minimum and maximum of the values that fell in it. Bin ``i``
+    holds ``[o_k + i w_k, o_k + (i + 1) w_k)`` shifted by a per-unit integer start; ``o_k`` is
+    the first minimum seen. When a batch does not fit, ``w_k`` is doubled (pairs of bins
+    merge exactly, counts and min/max included) until the whole range seen fits. Since bins
+    are ordered like the values, the two order statistics ``a <= b`` that the quantile
+    interpolates are located exactly in their bins; each lies within its bin's
+    ``[min, max]`` (and equals the bin min/max when it is the bin's first/last rank). So
+    ``T_k = (1 - gamma) a + gamma b`` lies in a known interval ``[L_k, U_k]``;
+    :meth:`thresholds` returns its midpoint and :attr:`error_bound` its half-width:
+
+        ``|T_hat_k - T_k| <= error_bound[k] <= w_k / 2``
+        ``w_k / 2 <= max(w0_k / 2, (max_k - min_k) / (n_bins - 1))``
+
+    (up to the float64 rounding of the final interpolation), where ``max_k - min_k`` is the
+    range of all values of unit ``k`` and ``w0_k`` the initial width: the first batch's range
+    divided by ``n_bins - 1``, or ``max(|o_k|, 1) * 2**-24`` when that range is zero (a width
+    that is only kept while the unit's values all fit in ``n_bins`` such bins). A bin whose
+    values are all equal (ties, e.g. ReLU zeros) contributes no error. ``max_bytes`` bounds
+    the kept state, not the temporaries of one batch (a few times the batch size).
+    """
+
+    def __init__(
+        self,
+        n_units: int,
+        total: int,
+        q: float = 0.005,
+        *,
+        device: str | torch.device = "cpu",
+        max_bytes: int = 256 * 2**20,
+    ) -> None:
+        if n_units < 1:
+            raise ConvLensError(f"TopQuantile needs at least one unit, got n_units={n_units}.")
+        if total < 1:
+            raise ConvLensError(f"TopQuantile needs total >= 1 values per unit, got {total}.")
+        if not 0.0 < q < 1.0:
+            raise ConvLensError(f"The top quantile q must be in (0, 1), got {q}.")
+        self.n_units = n_units
+        self.total = total
+        self.q = q
+        self.device = torch.device(device)
+        self.count = 0
+        self._lo, self._hi, self._gamma = _rank_plan(total, q)
+        # Descending positions needed: ascending rank r is descending position total - 1 - r.
+        self.m = min(total, max(math.floor(q * (total - 1)) + 2, total - self._lo))
+        self.exact: bool = n_units * self.m * 4 <= max_bytes
+        self._error_bound: np.ndarray | None = None
+        if self.exact:
+            self._top = torch.empty((n_units, 0), dtype=torch.float32, device=self.device)
+            return
+        self.n_bins = max_bytes // (_HIST_BYTES_PER_BIN * n_units)
+        if self.n_bins < _MIN_BINS:
+            raise ConvLensError(
+                f"max_bytes={max_bytes} is too small for {n_units} units: the approximate "
+                f"quantile needs at least {_MIN_BINS * _HIST_BYTES_PER_BIN * n_units} bytes."
+            )
+        k, nb = n_units, self.n_bins
+        self._counts = torch.zeros((k, nb), dtype=torch.int64, device=self.device)
+        self._bmin = torch.full((k, nb), math.inf, dtype=torch.float32, device=self.device)
+        self._bmax = torch.full((k, nb), -math.inf, dtype=torch.float32, device=self.device)
+        # Per-unit geometry, on the CPU in float64: bin i covers absolute index start + i,
+        # i.e. values v with floor((v - origin) / width) == start + i.
+        self._origin = np.zeros(k)
+        self._width = np.zeros(k)
+        self._start = np.zeros(k)
+        self._occ_lo = np.full(k, math.inf)  # absolute indices of the occupied bins
+        self._occ_hi = np.full(k, -math.inf)
+
+    @property
+    def bin_width(self) -> np.ndarray:
+        """(K,) histogram bin widths ``w_k`` (approximate mode only)."""
+        if self.exact:
+            raise ConvLensError("bin_width exists only in approximate mode (exact is True).")
+        return self._width.copy()
+
+    @property
+    def error_bound(self) -> np.ndarray:
+        """(K,) float64: guaranteed ``|thresholds()[k] - T_k|``; zeros in exact mode.
+
+        In approximate mode it is known once :meth:`thresholds` has been called.
+        """
+        if self.exact:
+            return np.zeros(self.n_units)
+        if self._error_bound is None:
+            raise ConvLensError("error_bound is known after thresholds() has been called.")
+        return self._error_bound.copy()
+
+    def update(self, acts: torch.Tensor) -> None:
+        """Add one batch: ``(B, K, h, w)`` or ``(B, K)`` float activations."""
+        if acts.dim() not in (2, 4) or acts.shape[1] != self.n_units:
+            raise ConvLensError(
+                f"Expected activations of shape (B, {self.n_units}, h, w) or (B, {self.n_units}),"
+                f" got {tuple(acts.shape)}."
+            )
+        x = acts.detach().to(self.device, torch.float32).transpose(0, 1).reshape(self.n_units, -1)
+        n = x.shape[1]
+        if self.count + n > self.total:
+            raise ConvLensError(
+                f"TopQuantile was told to expect {self.total} values per unit but this batch "
+                f"brings the count to {self.count + n}."
+            )
+        bad = ~torch.isfinite(x).all(dim=1)
+        if bool(bad.any()):
+            units = torch.nonzero(bad).flatten().tolist()
+            kind = "NaN" if bool(torch.isnan(x[units[0]]).any()) else "infinite"
+            raise ConvLensError(
+                f"Unit {units[0]} has {kind} activations"
+                + (f" (units with non-finite values: {units[:10]})" if len(units) > 1 else "")
+                + "; the quantile threshold is undefined."
+            )
+        if n == 0:
+            return
+        if self.exact:
+            merged = torch.cat((self._top, x), dim=1)
+            if merged.shape[1] > self.m:
+                merged = torch.topk(merged, self.m, dim=1, sorted=False).values
+            self._top = merged
+        else:
+            self._hist_update(x)
+        self.count += n
+
+    def _hist_update(self, x: torch.Tensor) -> None:
+        nb = self.n_bins
+        xmin = x.amin(dim=1).double().cpu().numpy()
+        xmax = x.amax(dim=1).double().cpu().numpy()
+        if self.count == 0:
+            spread = xmax - xmin
+            self._origin = xmin.copy()
+            self._width = np.where(
+                spread > 0, spread / (nb - 1), np.maximum(np.abs(xmin), 1.0) * 2.0**-24
+            )
+        # Doublings d_k so that old occupied bins and the batch fit in n_bins bins.
+        d = np.zeros(self.n_units)
+        while True:
+            scale = np.ldexp(1.0, d.astype(np.int64))
+            width = self._width * scale
+            lo = np.minimum(np.floor((xmin - self._origin) / width), np.floor(self._occ_lo / scale))
+            hi = np.maximum(np.floor((xmax - self._origin) / width), np.floor(self._occ_hi / scale))
+            too_wide = hi - lo + 1 > nb
+            if not too_wide.any():
+                break
+            d[too_wide] += 1
+        start = np.minimum(np.maximum(np.floor(self._start / scale), hi - nb + 1), lo)
+        if (d > 0).any() or (start != self._start).any():
+            self._rebin(scale, start)
+        self._width, self._start = width, start
+        self._occ_lo, self._occ_hi = lo, hi
+        dev = self.device
+        origin = torch.as_tensor(self._origin, device=dev)[:, None]
+        w = torch.as_tensor(width, device=dev)[:, None]
+        s = torch.as_tensor(start, device=dev)[:, None]
+        idx = (torch.floor((x.double() - origin) / w) - s).long()
+        self._counts.scatter_add_(1, idx, torch.ones_like(idx))
+        self._bmin.scatter_reduce_(1, idx, x, reduce="amin")
+        self._bmax.scatter_reduce_(1, idx, x, reduce="amax")
+
+    def _rebin(self, scale: np.ndarray, start: np.ndarray) -> None:
+        """Merge bins after widths grew by ``scale`` (powers of two) and starts moved."""
+        dev = self.device
+        old_abs = torch.as_tensor(self._start, device=dev)[:, None] + torch.arange(
+            self.n_bins, device=dev, dtype=torch.float64
+        )
+        new_abs = torch.floor(old_abs / torch.as_tensor(scale, device=dev)[:, None])
+        idx = (new_abs - torch.as_tensor(start, device=dev)[:, None]).long()
+        # Empty old bins may map outside the new window; send them to bin 0 (they are neutral).
+        idx = torch.where(self._counts > 0, idx, torch.zeros_like(idx))
+        self._counts = torch.zeros_like(self._counts).scatter_add_(1, idx, self._counts)
+        self._bmin = torch.full_like(self._bmin, math.inf).scatter_reduce_(
+            1, idx, self._bmin, reduce="amin"
+        )
+        self._bmax = torch.full_like(self._bmax, -math.inf).scatter_reduce_(
+            1, idx, self._bmax, reduce="amax"
+        )
+
+    def thresholds(self) -> np.ndarray:
+        """(K,) float64 thresholds ``T_k`` (see the class docstring for exactness)."""
+        if self.count != self.total:
+            raise ConvLensError(
+                f"TopQuantile expected {self.total} values per unit but saw {self.count}; "
+                "the thresholds would be for a different dataset."
+            )
+        n = self.total
+        if self.exact:
+            desc = torch.sort(self._top, dim=1, descending=True).values.double().cpu().numpy()
+            a = desc[:, n - 1 - self._lo]
+            b = desc[:, n - 1 - self._hi]
+            return _lerp(a, b, self._gamma)
+        counts = self._counts.cpu().numpy()
+        bmin = self._bmin.double().cpu().numpy()
+        bmax = self._bmax.double().cpu().numpy()
+        a_lo, a_hi = self._bracket(counts, bmin, bmax, self._lo)
+        b_lo, b_hi = self._bracket(counts, bmin, bmax, self._hi)
+        low = _lerp(a_lo, b_lo, self._gamma)
+        high = _lerp(a_hi, b_hi, self._gamma)
+        self._error_bound = (high - low) / 2.0
+        return (low + high) / 2.0
+
+    @staticmethod
+    def _bracket(
+        counts: np.ndarray, bmin: np.ndarray, bmax: np.ndarray, rank: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per unit, an interval ``[low, high]`` holding the value of ascending ``rank``."""
+        cum = np.cumsum(counts, axis=1)
+        rows = np.arange(counts.shape[0])
+        j = (cum <= rank).sum(axis=1)  # first bin whose cumulative count exceeds rank
+        before = cum[rows, j] - counts[rows, j]
+        pos = rank - before
+        low, high = bmin[rows, j].copy(), bmax[rows, j].copy()
+        first, last = pos == 0, pos == counts[rows, j] - 1
+        high[first] = low[first]
+        low[last] = high[last]
+        return low, high
