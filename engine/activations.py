@@ -172,7 +172,9 @@ def extract(
         del outputs, writers
     found = cache.get("activations", key)
     assert found is not None
-    return open_activations(found, image_set)
+    result = open_activations(found, image_set)
+    result.from_cache = False
+    return result
 
 
 def open_activations(folder: Path, image_set: ImageSet) -> Activations:

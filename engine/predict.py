@@ -22,9 +22,11 @@ def to_probabilities(outputs: np.ndarray, kind: str = "auto") -> tuple[np.ndarra
         kind = "probs" if is_probs else "logits"
     if kind == "probs":
         return outputs.astype(np.float32), kind
-    z = outputs - np.nanmax(outputs, axis=1, keepdims=True)
+    probs = np.full(outputs.shape, np.nan, dtype=np.float32)
+    z = outputs[ok] - outputs[ok].max(axis=1, keepdims=True)
     e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32), kind
+    probs[ok] = e / e.sum(axis=1, keepdims=True)
+    return probs, kind
 
 
 def class_names(spec: ModelSpec, n_outputs: int) -> tuple[str, ...]:
