@@ -10,7 +10,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0].startswith("--open") or args[0] in ("--demo", "--project"):
+    cli_options = {"-h", "--help", "-q", "--quiet", "-v", "--verbose"}
+    if not args or (args[0].startswith("--") and args[0] not in cli_options):
         from gui.app import run
 
         return run(args)

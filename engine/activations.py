@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, LayerSummaries
 from .cache import Cache, load_array, make_key, read_meta, write_meta
 from .data.images import ImageLoader, ImageSet
 from .jobs import Job
@@ -140,22 +140,22 @@ def extract(
         valid = np.zeros(n, dtype=bool)
         done = 0
         for batch in loader:
-            res = backend.forward(batch.array, capture=layers)
-            out = backend.classifier_output(res)
+            out, summaries = backend.forward_summaries(batch.array, layers, maps=store_maps)
             if outputs is None:
                 outputs = np.lib.format.open_memmap(tmp / "outputs.npy", "w+", np.float32, (n, out.shape[1]))
                 outputs[:] = np.nan
             outputs[batch.indices] = out
             valid[batch.indices] = True
             for name in layers:
-                writers[name].add(batch.indices, res.activations[name])
+                writers[name].add(batch.indices, summaries[name])
             done += len(batch.indices)
             yield Progress(done / max(n, 1), f"{done}/{n} images")
         if outputs is None:
             raise ConvLensError(f"{image_set.source}: none of the {n} images could be read")
         for w in writers.values():
             w.finish()
-        outputs.flush()
+        # no msync: the pages reach the file through the page cache; the rename below is what
+        # makes the entry visible, so a crashed run never leaves a readable half entry
         np.save(tmp / "valid.npy", valid)
         seconds = time.perf_counter() - t0
         write_meta(tmp, {
@@ -210,13 +210,12 @@ class _LayerWriter:
         self.top_val = np.full((units, 0), -np.inf, np.float32)
         self.top_idx = np.zeros((units, 0), np.int64)
 
-    def add(self, idx: np.ndarray, act: np.ndarray) -> None:
-        if self.maps is not None:
-            self.maps[idx] = act
-        flat = act.reshape(act.shape[0], act.shape[1], -1) if act.ndim > 2 else act[:, :, None]
-        mx = flat.max(axis=2)
+    def add(self, idx: np.ndarray, s: LayerSummaries) -> None:
+        if self.maps is not None and s.maps is not None:
+            self.maps[idx] = s.maps
+        mx = s.max
         self.max[idx] = mx
-        self.mean[idx] = flat.mean(axis=2)
+        self.mean[idx] = s.mean
         # running top-k images per unit by max activation
         vals = np.concatenate([self.top_val, mx.T], axis=1)
         ids = np.concatenate([self.top_idx, np.broadcast_to(idx, mx.T.shape)], axis=1)
@@ -236,9 +235,6 @@ class _LayerWriter:
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         np.save(self.folder / f"topval_{self.f}.npy", vals.astype(np.float32))
         np.save(self.folder / f"topidx_{self.f}.npy", ids)
-        for arr in (self.maps, self.max, self.mean):
-            if arr is not None:
-                arr.flush()
 
 
 def write_unit_tables(acts: Activations, out_dir: Path) -> list[Path]:

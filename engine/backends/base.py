@@ -23,6 +23,15 @@ class ForwardResult:
     activations: dict[str, np.ndarray]
 
 
+@dataclass
+class LayerSummaries:
+    """One layer over one batch: float16 maps (or None) and per-unit max and mean, float32 (B, C)."""
+
+    maps: np.ndarray | None
+    max: np.ndarray
+    mean: np.ndarray
+
+
 class Backend(ABC):
     """Runs one loaded model. Subclasses: :class:`TorchBackend`, :class:`OnnxBackend`.
 
@@ -38,6 +47,20 @@ class Backend(ABC):
 
     @abstractmethod
     def forward(self, batch: np.ndarray, capture: Sequence[str] = ()) -> ForwardResult: ...
+
+    def forward_summaries(self, batch: np.ndarray, capture: Sequence[str], maps: bool = True) -> tuple[np.ndarray, dict[str, LayerSummaries]]:
+        """Classifier output and, per captured layer, float16 maps and per-unit max / mean.
+
+        What extraction needs, computed the cheapest way each backend can (the torch backend
+        reduces on the device inside its hooks, without a float32 copy).
+        """
+        res = self.forward(batch, capture)
+        out = {}
+        for name in capture:
+            a = res.activations[name]
+            flat = a.reshape(a.shape[0], a.shape[1], -1) if a.ndim > 2 else a[:, :, None]
+            out[name] = LayerSummaries(a.astype(np.float16) if maps else None, flat.max(axis=2), flat.mean(axis=2))
+        return self.classifier_output(res), out
 
     @abstractmethod
     def layer_names(self) -> list[str]:

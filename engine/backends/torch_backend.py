@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..types import LayerInfo, ModelSpec
-from .base import Backend, BackendError, ForwardResult
+from .base import Backend, BackendError, ForwardResult, LayerSummaries
 
 
 def resolve_device(device: str) -> torch.device:
@@ -166,8 +166,8 @@ class TorchBackend(Backend):
         return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.torch_device)
 
     @contextlib.contextmanager
-    def hooks(self, capture: Sequence[str], store: dict[str, torch.Tensor],
-              transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
+    def hooks(self, capture: Sequence[str], store: dict[str, Any],
+              transform: Callable[[torch.Tensor], Any] | None = None) -> Iterator[None]:
         """Forward hooks that put each captured module's output in ``store``; removed on exit."""
         handles = []
 
@@ -216,6 +216,34 @@ class TorchBackend(Backend):
             [o.detach().float().cpu().numpy() for o in outs],
             {k: v.detach().float().cpu().numpy() for k, v in acts.items()},
         )
+
+    def forward_summaries(self, batch: np.ndarray, capture: Sequence[str], maps: bool = True) -> tuple[np.ndarray, dict[str, LayerSummaries]]:
+        if self._script is not None:
+            return super().forward_summaries(batch, capture, maps)
+        self.check_capture(capture)
+        x = self.to_tensor(batch)
+
+        def reduce(t: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+            # at capture time: a later in-place op cannot alter what is kept
+            flat = t.detach().float().reshape(t.shape[0], t.shape[1], -1) if t.dim() > 2 else t.detach().float()[:, :, None]
+            return (t.detach().half() if maps else None), flat.amax(dim=2), flat.mean(dim=2)
+
+        store: dict[str, Any] = {}
+        try:
+            with torch.inference_mode(), self.hooks(capture, store, reduce):
+                outs = flatten_outputs(self.module(x))
+        except RuntimeError as e:
+            raise BackendError(f"{self.spec.path}: the model failed on a batch of shape {tuple(batch.shape)}: "
+                               f"{' '.join(str(e).split())[:300]}") from None
+        out = outs[self.spec.output_index] if -len(outs) <= self.spec.output_index < len(outs) else None
+        if out is None:
+            raise BackendError(f"{self.spec.path}: output_index {self.spec.output_index} but the model returns "
+                               f"{len(outs)} outputs")
+        summaries = {
+            n: LayerSummaries(None if m is None else m.cpu().numpy(), mx.cpu().numpy(), mean.cpu().numpy())
+            for n, (m, mx, mean) in store.items()
+        }
+        return out.float().reshape(out.shape[0], -1).cpu().numpy(), summaries
 
     # ------------------------------------------------------------------ gradients (torch only)
 

@@ -1,0 +1,99 @@
+"""Project files: a human-readable JSON record of a session, versioned, saved atomically.
+
+Schema (version 1)::
+
+    {"convlens_project": 1,
+     "model": {ModelSpec.to_dict()} | null,   # paths relative to the project file when below it
+     "images": "path" | null,
+     "selection": {"layer": ..., "unit": ..., "class": ..., "current_image": ...},
+     "views": {"<view object_name>": {...view parameters...}},
+     "layout": "<base64 QMainWindow state>"}
+
+Reopening restores the session; analyses reuse the engine's on-disk caches (keyed by model hash,
+image set and parameters), so nothing is recomputed. A model or image folder that moved is
+asked for through ``locate`` instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.cache import atomic_write_text
+from engine.types import ConvLensError, ModelSpec
+
+SCHEMA = 1
+
+
+class ProjectError(ConvLensError):
+    pass
+
+
+def make(*, model: ModelSpec | None, images: str | None, selection: dict[str, Any],
+         views: dict[str, Any], layout: str = "") -> dict[str, Any]:
+    return {"convlens_project": SCHEMA, "model": model, "images": images, "selection": selection,
+            "views": views, "layout": layout}
+
+
+def _rel(path: str, base: Path) -> str:
+    p = Path(path).resolve()
+    try:
+        return os.path.relpath(p, base) if p.is_relative_to(base) else str(p)
+    except ValueError:
+        return str(p)
+
+
+def save(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    base = Path(path).resolve().parent
+    out = dict(state)
+    spec: ModelSpec | None = state.get("model")
+    if spec is not None:
+        d = spec.to_dict()
+        d.pop("allow_pickle", None)  # never persisted: the user opts in each time
+        d["path"] = _rel(spec.path, base)
+        out["model"] = d
+    if state.get("images"):
+        out["images"] = _rel(state["images"], base)
+    return atomic_write_text(path, json.dumps(out, indent=2) + "\n")
+
+
+def load(path: str | os.PathLike[str],
+         locate: Callable[[str, str], str | None] | None = None) -> dict[str, Any]:
+    """Read a project; ``model`` comes back as a ModelSpec, paths absolute.
+
+    ``locate(what, old_path)`` is asked for a new path when the model ("model") or the image
+    folder ("images") is missing; returning None drops that part.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProjectError(f"{p}: project file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProjectError(f"{p}: not a ConvLens project ({e})") from e
+    version = data.get("convlens_project") if isinstance(data, dict) else None
+    if version is None:
+        raise ProjectError(f"{p}: not a ConvLens project (no 'convlens_project' version)")
+    if version > SCHEMA:
+        raise ProjectError(f"{p}: written by a newer ConvLens (schema {version}; this version reads {SCHEMA})")
+    base = p.resolve().parent
+
+    def resolve(rel: str, what: str) -> str | None:
+        full = Path(rel) if Path(rel).is_absolute() else base / rel
+        if full.exists():
+            return str(full)
+        return locate(what, str(full)) if locate else None
+
+    out = dict(data)
+    if data.get("model"):
+        from engine.models.config import build_spec
+
+        m = dict(data["model"])
+        new = resolve(m.pop("path"), "model")
+        out["model"] = build_spec(new, config=None, **m) if new else None
+    if data.get("images"):
+        out["images"] = resolve(data["images"], "images")
+    return out

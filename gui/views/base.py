@@ -1,0 +1,74 @@
+"""What every analysis view is, and how the shell finds them.
+
+A view is one module in ``gui/views/`` holding a :class:`View` subclass. The main window
+discovers every such class (:func:`discover_views`), puts each in a dock, lists it in the View
+menu, adds its :meth:`View.analysis_actions` to the Analysis menu, exports what
+:meth:`View.export_target` shows, and saves :meth:`View.save_state` in project files. Adding a
+view therefore touches no shell code. Views talk to each other only through ``ctx.selection``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QWidget
+
+from ..context import AppContext
+
+
+class View(QWidget):
+    """Base class of the dockable views."""
+
+    #: dock title
+    title: str = ""
+    #: stable name for saved layouts and project files
+    object_name: str = ""
+    #: where the dock goes in the default layout
+    area: Qt.DockWidgetArea = Qt.DockWidgetArea.RightDockWidgetArea
+    #: order in menus and default tabbing (lower first)
+    order: int = 100
+    #: shown in the default layout
+    visible_by_default: bool = True
+
+    def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.ctx = ctx
+        self.setObjectName(f"view-{self.object_name}")
+
+    def export_target(self) -> QWidget:
+        """The widget whose content 'Export figure' renders."""
+        return self
+
+    def analysis_actions(self) -> list[tuple[str, Callable[[], None]]]:
+        """Entries for the Analysis menu: (label, callback)."""
+        return []
+
+    def save_state(self) -> dict[str, Any]:
+        """JSON-serialisable parameters for project files."""
+        return {}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Apply what :meth:`save_state` returned (unknown keys are ignored)."""
+
+    def shutdown(self) -> None:
+        """Called before the window closes."""
+
+
+def discover_views() -> list[type[View]]:
+    """Every concrete :class:`View` subclass defined in the modules of ``gui.views``."""
+    from . import __path__ as views_path
+
+    found: dict[str, type[View]] = {}
+    for mod in pkgutil.iter_modules(views_path):
+        if mod.name.startswith("_") or mod.name == "base":
+            continue
+        module = importlib.import_module(f"{__package__}.{mod.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, View) and obj is not View and obj.object_name \
+                    and obj.__module__ == module.__name__:
+                found[obj.object_name] = obj
+    return sorted(found.values(), key=lambda c: (c.order, c.title))
