@@ -482,8 +482,10 @@ class JobsPanel(QWidget):
                 action.setEnabled(False)
         elif handle.state == "failed":
             message = f"failed: {handle.error}"
-        elif p is not None and handle.state in ("running", "done"):
+        elif p is not None and handle.state == "running":
             message = p.message
+        elif handle.state == "done":  # the last report only if it describes the end
+            message = "done" + (f": {p.message}" if p is not None and p.fraction == 1.0 and p.message else "")
         item.setText(self.COL_MESSAGE, message)
         item.setToolTip(self.COL_MESSAGE, message)
         item.setText(self.COL_ELAPSED, _format_elapsed(handle))
