@@ -1,0 +1,1 @@
+"""Dockable views of the main window; each takes the shared :class:`~gui.selection.Selection`."""
