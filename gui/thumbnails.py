@@ -35,7 +35,6 @@ import contextlib
 import hashlib
 import io
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -47,6 +46,7 @@ from PySide6.QtCore import QObject, QPointF, Qt, Signal, Slot
 from PySide6.QtGui import QColor, QImage, QPainter, QPen
 
 from engine.cache import default_cache_root
+from engine.cache import atomic_write_bytes
 from engine.data.images import ImageError, load_image
 
 __all__ = [
@@ -311,17 +311,8 @@ def _thumbnail(path: str, size: int, disk_dir: Path | None) -> QImage | None:
 
 
 def _write_atomic(target: Path, pil: Image.Image) -> None:
-    """Store ``pil`` as a JPEG at ``target`` through a temporary file and ``os.replace``."""
+    """Store ``pil`` as a JPEG at ``target`` atomically (no fsync: a thumbnail is disposable)."""
     buf = io.BytesIO()
     pil.save(buf, "JPEG", quality=_JPEG_QUALITY)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(target, buf.getvalue(), durable=False)
 
