@@ -108,6 +108,9 @@ class MainWindow(QMainWindow):
             self.restoreGeometry(geom)
         if isinstance(state, QByteArray):
             self.restoreState(state)
+        screen = self.screen().availableGeometry() if self.screen() else None
+        if screen is not None and (self.width() > screen.width() or self.height() > screen.height()):
+            self.resize(min(self.width(), screen.width()), min(self.height(), screen.height()))
 
     def reset_layout(self) -> None:
         self.restoreState(self.default_state)

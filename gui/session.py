@@ -114,6 +114,8 @@ class Session(QObject):
             self.predictions = None
             self.predictions_changed.emit(None)
             self.selection.images = image_set
+            if len(image_set):
+                self.selection.current_image = 0  # every view has something to show at once
             self.status.emit(f"{len(image_set)} images from {path}")
 
         handle.finished.connect(done)

@@ -83,11 +83,15 @@ def _to_qimage(pil: Image.Image) -> QImage:
     return QImage(data, w, h, 3 * w, QImage.Format.Format_RGB888).convertToFormat(_THUMB_FORMAT)
 
 
-def _fit(pil: Image.Image, max_side: int) -> Image.Image:
-    """``pil`` shrunk (never enlarged) to fit in ``max_side`` x ``max_side``, aspect kept."""
+def _fit(pil: Image.Image, max_side: int, enlarge: bool = True) -> Image.Image:
+    """``pil`` fitted in ``max_side`` x ``max_side``, aspect kept: shrunk smoothly, or enlarged
+    by the largest whole factor with nearest-neighbour pixels (a 25 px crop stays legible and
+    shows its true pixels instead of a blur)."""
     if max(pil.size) > max_side:
         pil = pil.copy()
         pil.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    elif enlarge and (factor := max_side // max(pil.size)) >= 2:
+        pil = pil.resize((pil.width * factor, pil.height * factor), Image.Resampling.NEAREST)
     return pil
 
 
@@ -97,7 +101,7 @@ def load_preview(path: str, max_side: int) -> QImage | None:
     Meant for worker threads: returns a ``QImage``, never a ``QPixmap``.
     """
     try:
-        return _to_qimage(_fit(Image.fromarray(load_image(path)), max_side))
+        return _to_qimage(_fit(Image.fromarray(load_image(path)), max_side, enlarge=False))
     except ImageError:
         return None
 

@@ -365,7 +365,7 @@ def test_new_paths_drop_results_of_the_old_set(qtbot, thumbs, image_set, tmp_pat
     thumbs.set_paths([str(other)])
     with qtbot.waitSignal(thumbs.ready, timeout=5000, check_params_cb=lambda r: r == 0):
         assert thumbs.get(0) is None
-    assert thumbs.get(0).size().width() == 10  # never enlarged
+    assert thumbs.get(0).size().width() == 30  # small images grow by a whole factor (3x), pixels kept
     assert all(thumbs.get(row) is None for row in range(1, 8))  # out of range now
 
 

@@ -743,10 +743,11 @@ class _ImageCanvas(QWidget):
             painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, self._message)
             return
         if self._scaled is None or not _fits(self._scaled.size(), self.size()):
-            scaled = self._image.scaled(
+            enlarging = self._image.width() * 2 <= self.width() and self._image.height() * 2 <= self.height()
+            scaled = self._image.scaled(  # tiny images enlarge with their true pixels, not a blur
                 self.size(),
                 Qt.AspectRatioMode.KeepAspectRatio,
-                Qt.TransformationMode.SmoothTransformation,
+                Qt.TransformationMode.FastTransformation if enlarging else Qt.TransformationMode.SmoothTransformation,
             )
             self._scaled = QPixmap.fromImage(scaled)
         x = (self.width() - self._scaled.width()) // 2
