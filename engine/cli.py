@@ -297,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--layers", help="comma-separated layer names (default: the model's conv stages)")
             sp.add_argument("--no-maps", action="store_true", help="keep per-unit statistics only, not maps")
 
+    from .dissection.cli import add_parser as add_dissect
+
+    add_dissect(sub, add_model_options)
+
     sp = add("demo", cmd_demo, "RNet face classifier on real face crops: predictions and a short report")
     sp.add_argument("--out", default="convlens-demo", help="output folder (default: convlens-demo)")
     sp.add_argument("--device", help="auto, cpu, cuda")

@@ -1,0 +1,101 @@
+"""``convlens dissect``: Network Dissection (Bau et al., CVPR 2017) from the command line.
+
+    convlens dissect --model M [model options] --concepts DIR|builtin --layers A,B --out OUT
+
+Prints progress to standard error and one summary line per layer ("layer4: 12/512 units
+covering 9 concepts"), writes the report (see :mod:`engine.dissection.report`) into OUT.
+``--concepts builtin`` generates the built-in synthetic concept set once into the user cache.
+Exit codes as for every command: 0 success, 1 a problem with the input (message names it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.types import ConvLensError
+
+
+def add_parser(subparsers: Any, add_model_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add the ``dissect`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    help_ = "Network Dissection: label units with concepts by IoU; writes a report into OUT"
+    sp = subparsers.add_parser("dissect", help=help_, description=help_)
+    sp.set_defaults(func=cmd_dissect)
+    add_model_options(sp)
+    sp.add_argument("--concepts", required=True,
+                    help="Broden-layout concept folder, or 'builtin' for the built-in synthetic set")
+    sp.add_argument("--layers", help="comma-separated layer names (default: the model's conv stages)")
+    sp.add_argument("--out", required=True, help="report folder (replaced when complete)")
+    sp.add_argument("--categories", help="comma-separated concept categories to score (default: all)")
+    sp.add_argument("--quantile", type=float, default=0.005,
+                    help="top fraction of activations in a unit's mask (default 0.005)")
+    sp.add_argument("--iou-threshold", type=float, default=0.04,
+                    help="a unit is a detector above this IoU (default 0.04)")
+    sp.add_argument("--rule", choices=["paper", "lite"], default="paper",
+                    help="paper: Bau et al. 2017; lite: NetDissect-Lite's union rule and S > T masks")
+    sp.add_argument("--strict-mask", action="store_true", help="mask S > T instead of S >= T")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--top-k", type=int, default=10, help="top images per unit (default 10)")
+    sp.add_argument("--no-tiles", action="store_true", help="skip the per-unit image tiles")
+    sp.add_argument("--builtin-images", type=int, default=2000,
+                    help="images of the built-in concept set (default 2000)")
+    sp.add_argument("--builtin-size", type=int, default=112,
+                    help="image size of the built-in concept set (default 112)")
+
+
+def builtin_concepts(n_images: int, size: int, quiet: bool = False) -> Path:
+    """The built-in concept set's folder, generated on first use into the user cache."""
+    from engine.cache import default_cache_root
+    from engine.cli import run_job
+    from engine.concepts import generate_concepts
+
+    folder = default_cache_root() / "concepts" / f"builtin-{n_images}-{size}"
+    if not (folder / "index.csv").is_file():
+        run_job(generate_concepts(folder, n_images=n_images, image_size=size), "concepts", quiet)
+    return folder
+
+
+def cmd_dissect(a: argparse.Namespace) -> int:
+    """Run ``convlens dissect``; ConvLensError becomes exit code 1 with its message."""
+    from engine.cli import EXIT_INPUT, EXIT_OK
+
+    try:
+        _dissect(a)
+    except ConvLensError as e:
+        print(f"convlens: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    return EXIT_OK
+
+
+def _dissect(a: argparse.Namespace) -> None:
+    from engine.cli import open_model, parse_layers, run_job, spec_from_args
+    from engine.concepts import open_broden
+    from engine.dissection.report import write_report
+    from engine.dissection.run import DissectionParams, dissect
+
+    quiet = bool(getattr(a, "quiet", False))
+    categories = tuple(c.strip() for c in a.categories.split(",") if c.strip()) if a.categories \
+        else None
+    params = DissectionParams(
+        quantile=a.quantile, iou_threshold=a.iou_threshold, mask_rule=a.rule,
+        strict_mask=a.strict_mask or a.rule == "lite", batch_size=a.batch_size, top_k=a.top_k,
+        categories=categories,
+    )
+    params.check()
+    spec = spec_from_args(a)
+    loaded, backend = open_model(spec)
+    layers = parse_layers(a.layers, spec, backend)
+    backend.check_capture(layers)
+    root = builtin_concepts(a.builtin_images, a.builtin_size, quiet) if a.concepts == "builtin" \
+        else Path(a.concepts)
+    concepts = open_broden(root, categories=categories)
+    result = run_job(dissect(backend, loaded.sha256, concepts, layers, params), "dissect", quiet)
+    out = write_report(result, concepts, a.out, backend=None if a.no_tiles else backend)
+    if not quiet:
+        for name in result.layers:
+            print(result.summary_line(name), file=sys.stderr)
+        skipped = f", {len(result.skipped)} images skipped" if result.skipped else ""
+        print(f"{result.n_images} images{skipped}; wrote {out / 'index.html'}", file=sys.stderr)

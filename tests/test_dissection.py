@@ -1,0 +1,372 @@
+"""Network Dissection pipeline (Bau et al., CVPR 2017): dissect, cache, report and CLI.
+
+Real models and real concept images throughout: a hand-built colour network, a hand-built
+Broden folder whose IoUs are computed by hand below, and the pretrained demo RNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.backends import open_backend
+from engine.backends.torch_backend import TorchBackend
+from engine.cache import Cache
+from engine.cli import add_model_options
+from engine.concepts import ConceptDataset, generate_concepts, open_broden
+from engine.data.images import ImageLoader
+from engine.dissection import (
+    DissectionParams,
+    DissectionResult,
+    IoUTally,
+    dissect,
+    load_result,
+    save_result,
+    unit_masks,
+    write_report,
+)
+from engine.dissection import run
+from engine.dissection.cli import add_parser
+from engine.dissection.run import (
+    concept_image_set,
+    dissection_preprocess,
+    float32_cut,
+    forward_batch,
+)
+from engine.jobs import run_sync
+from engine.models import build_spec, load_model
+from engine.models.zoo import RNet
+
+RNET_LAYERS = ["conv1", "conv2", "conv3"]
+
+
+@pytest.fixture(scope="module")
+def concepts(tmp_path_factory: pytest.TempPathFactory) -> ConceptDataset:
+    """The built-in synthetic concept set, 60 images at 64 px."""
+    return run_sync(generate_concepts(tmp_path_factory.mktemp("c") / "set", n_images=60,
+                                      image_size=64))
+
+
+@pytest.fixture(scope="module")
+def rnet(rnet_spec):  # noqa: ANN001, ANN201
+    loaded = load_model(rnet_spec.with_(device="cpu"))
+    return loaded, open_backend(loaded)
+
+
+@pytest.fixture(scope="module")
+def rnet_result(rnet, concepts: ConceptDataset, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+    loaded, backend = rnet
+    cache = Cache(tmp_path_factory.mktemp("cache"))
+    return run_sync(dissect(backend, loaded.sha256, concepts, RNET_LAYERS, cache=cache)), cache
+
+
+def _model(tmp_path: Path, name: str, source: str, weights: dict[str, torch.Tensor],
+           size: int) -> tuple[str, TorchBackend]:
+    """Save a hand-built architecture file and state dict; load them like a user's model."""
+    py = tmp_path / f"{name}.py"
+    py.write_text(source)
+    pt = tmp_path / f"{name}.pt"
+    torch.save(weights, pt)
+    spec = build_spec(str(pt), arch=f"{py}:Net", input_size=str(size), mean="0,0,0", std="1,1,1")
+    loaded = load_model(spec)
+    return loaded.sha256, open_backend(loaded, device="cpu")  # type: ignore[return-value]
+
+
+COLOUR_NET = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, kernel_size=1)
+        self.act = nn.Hardtanh(0.0, 0.5)
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+"""
+
+
+def test_colour_units_are_labelled_with_their_colour(concepts: ConceptDataset,
+                                                     tmp_path: Path) -> None:
+    # Pixels in [0, 1]. Unit 0 "redness" R - G - B, unit 1 "greenness" 2G - 2R - B, both
+    # saturating at 0.5. Over the palette with its +-12 jitter, every red pixel has
+    # R - G - B >= (203 - 37 - 37) / 255 = 0.506 and no other flat colour exceeds 0.498
+    # (orange); every green pixel has 2G - 2R - B >= (296 - 104 - 62) / 255 = 0.51, every
+    # other colour is negative. So the saturated top activations are the red (green) pixels,
+    # plus bright pixels of red- (green-) tinted photographs, which carry no colour label.
+    weight = torch.tensor([[1.0, -1.0, -1.0], [-2.0, 2.0, -1.0]])[:, :, None, None]
+    sha, backend = _model(tmp_path, "colour", COLOUR_NET,
+                          {"conv.weight": weight, "conv.bias": torch.zeros(2)}, 64)
+    result = run_sync(dissect(backend, sha, concepts, ["act"], cache=Cache(tmp_path / "c")))
+    s = result.layers["act"].summary
+    assert (s.label_name[0], s.category_name[0]) == ("red", "color")
+    assert (s.label_name[1], s.category_name[1]) == ("green", "color")
+    assert s.iou[0] > 0.3 and s.iou[1] > 0.3 and s.is_detector.all()
+    assert result.layers["act"].thresholds.tolist() == [np.float32(0.5), np.float32(0.5)]
+    assert result.summary_line("act") == "act: 2/2 units covering 2 concepts"
+
+
+IDENTITY_NET = """
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, kernel_size=1)
+
+    def forward(self, x):
+        return self.conv(x)
+"""
+
+
+def _broden(root: Path) -> None:
+    """Three 8x8 images; category color (pixel masks) and scene (image-level labels).
+
+    Labels: 1 red, 2 blue (color); 3 beach, 4 forest (scene).
+    A: R = 200 on rows 0-1 x cols 0-3 (8 px), G = 255 everywhere; red mask rows 0-3 x cols 0-3
+       (16 px); scene beach.
+    B: R = 200 on rows 0-2 x cols 0-3 (12 px); blue mask rows 0-1 x cols 0-2 (6 px); no scene.
+    C: R = 100 on rows 0-4 (40 px); red mask rows 6-7 x cols 0-4 (10 px); scene forest.
+    """
+    (root / "images").mkdir(parents=True)
+    rgb = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    rgb[0, 0:2, 0:4, 0] = 200
+    rgb[0, :, :, 1] = 255
+    rgb[1, 0:3, 0:4, 0] = 200
+    rgb[2, 0:5, :, 0] = 100
+    color = np.zeros((3, 8, 8), dtype=np.uint8)
+    color[0, 0:4, 0:4] = 1
+    color[1, 0:2, 0:3] = 2
+    color[2, 6:8, 0:5] = 1
+    rows = []
+    for i, (name, scene) in enumerate(zip("ABC", ["3", "", "4"], strict=True)):
+        Image.fromarray(rgb[i]).save(root / "images" / f"{name}.png")
+        mask = np.zeros((8, 8, 3), dtype=np.uint8)
+        mask[:, :, 0] = color[i]
+        Image.fromarray(mask).save(root / "images" / f"{name}_color.png")
+        rows.append(f"{name}.png,train,8,8,8,8,{name}_color.png,{scene}")
+    (root / "index.csv").write_text("image,split,ih,iw,sh,sw,color,scene\n" + "\n".join(rows) + "\n")
+    (root / "label.csv").write_text(
+        "number,name,category\n0,-,\n1,red,color(2)\n2,blue,color(1)\n3,beach,scene(1)\n"
+        "4,forest,scene(1)\n")
+
+
+def test_iou_matches_hand_computation(tmp_path: Path) -> None:
+    _broden(tmp_path / "broden")
+    concepts = open_broden(tmp_path / "broden")
+    weight = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])[:, :, None, None]  # unit 0 = R, unit 1 = G
+    sha, backend = _model(tmp_path, "identity", IDENTITY_NET,
+                          {"conv.weight": weight, "conv.bias": torch.zeros(2)}, 8)
+    params = DissectionParams(quantile=0.1)
+    result = run_sync(dissect(backend, sha, concepts, ["conv"], params, cache=Cache(tmp_path / "c")))
+    ld = result.layers["conv"]
+    # Thresholds, 192 values per unit, numpy's linear quantile 0.9: index 191 * 0.9 = 171.9.
+    # Unit 0 ascending: 132 zeros, 40 x 100/255 (ranks 132-171), 20 x 200/255 (172-191):
+    #   T0 = 100/255 + 0.9 (200/255 - 100/255) = 190/255, so M0 = the 200-pixels:
+    #   A rows 0-1 x cols 0-3 (8 px), B rows 0-2 x cols 0-3 (12 px), C empty.
+    # Unit 1 ascending: 128 zeros, 64 ones (ranks 128-191): T1 = 1, M1 = all of A (64 px).
+    r = np.float32(np.array([200, 100], dtype=np.float32) / np.float32(255))
+    values0 = np.concatenate([np.zeros(132), np.full(40, r[1]), np.full(20, r[0])])
+    assert ld.thresholds[0] == np.quantile(values0, 0.9)
+    assert ld.thresholds[1] == 1.0
+    # IoU = sum |M & L| / sum |M | L| over images carrying the label's category
+    # (color: A, B, C; scene: A, C).
+    # Unit 0: red    inter A 8;           union A 8+16-8=16, B 12, C 0+10=10     -> 8/38
+    #         blue   inter B 6;           union A 8, B 12+6-6=12, C 0            -> 6/20
+    #         beach  inter A 8;           union A 8+64-8=64, C 0                 -> 8/64
+    #         forest inter 0;             union A 8+0, C 0+64                    -> 0/72
+    # Unit 1: red    inter A 16;          union A 64+16-16=64, B 0, C 10         -> 16/74
+    #         blue   inter 0;             union A 64, B 6                        -> 0/70
+    #         beach  inter A 64;          union A 64, C 0                        -> 64/64
+    #         forest inter 0;             union A 64, C 64                       -> 0/128
+    expected = np.array([[0, 8 / 38, 6 / 20, 8 / 64, 0], [0, 16 / 74, 0, 1, 0]])
+    np.testing.assert_array_equal(ld.iou, expected)
+    s = ld.summary
+    assert s.label_name == ("blue", "beach") and s.category_name == ("color", "scene")
+    assert s.category_label.tolist() == [[2, 3], [1, 3]]
+    # NetDissect-Lite's strict mask S > T empties unit 1 (its top value equals T1 = 1).
+    strict = run_sync(dissect(backend, sha, concepts, ["conv"],
+                              DissectionParams(quantile=0.1, strict_mask=True),
+                              cache=Cache(tmp_path / "c")))
+    np.testing.assert_array_equal(strict.layers["conv"].iou[0], expected[0])
+    assert not strict.layers["conv"].iou[1].any()
+
+
+def test_unreadable_image_is_skipped(tmp_path: Path) -> None:
+    _broden(tmp_path / "broden")
+    (tmp_path / "broden" / "images" / "B.png").write_bytes(b"not a png")
+    concepts = open_broden(tmp_path / "broden")
+    weight = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])[:, :, None, None]
+    sha, backend = _model(tmp_path, "identity", IDENTITY_NET,
+                          {"conv.weight": weight, "conv.bias": torch.zeros(2)}, 8)
+    result = run_sync(dissect(backend, sha, concepts, ["conv"], DissectionParams(quantile=0.1),
+                              cache=Cache(tmp_path / "c")))
+    assert result.n_images == 2 and [Path(p).name for p, _ in result.skipped] == ["B.png"]
+    # Unit 1 over A and C only (128 values, 64 ones): T1 = 1, M1 = all of A; beach IoU 64/64.
+    assert result.layers["conv"].thresholds[1] == 1.0
+    assert result.layers["conv"].iou[1, 3] == 1.0
+    assert -1 not in result.layers["conv"].top_images[:, :2] and \
+        1 not in result.layers["conv"].top_images
+
+
+def test_equals_dense_tally_of_every_mask(rnet, rnet_result, concepts: ConceptDataset,
+                                         tmp_path: Path) -> None:
+    """Skipping (image, unit) pairs whose max is below T_k and counting the masked pixels only
+    changes nothing: compare with IoUTally fed every upsampled mask of every unit, for both
+    union rules."""
+    loaded, backend = rnet
+    results = {"paper": rnet_result[0],
+               "lite": run_sync(dissect(backend, loaded.sha256, concepts, RNET_LAYERS,
+                                        DissectionParams(mask_rule="lite"),
+                                        cache=Cache(tmp_path / "c")))}
+    cats = np.maximum(concepts.label_categories(), 0)
+    tallies = {(rule, n): IoUTally(results[rule].layers[n].units, cats, len(concepts.categories),
+                                   mode=rule) for rule in results for n in RNET_LAYERS}
+    index = {c: g for g, c in enumerate(concepts.categories)}
+    with ImageLoader(concept_image_set(concepts), dissection_preprocess(backend.spec.preprocess),
+                     batch_size=32) as loader:
+        for batch in loader:
+            acts = forward_batch(backend, batch.array, RNET_LAYERS, torch.device("cpu"))
+            for row, i in enumerate(batch.indices.tolist()):
+                s = concepts.sample(i)
+                for n in RNET_LAYERS:
+                    t = results["paper"].layers[n].thresholds
+                    # One map per call: PyTorch's CPU bilinear kernel rounds multi-channel
+                    # inputs differently by an ulp, which flips pixels tied with T_k.
+                    masks = torch.cat([unit_masks(acts[n][row:row + 1, k:k + 1], t[k:k + 1],
+                                                  s.mask_size)[0] for k in range(len(t))])
+                    for rule in results:
+                        tallies[(rule, n)].update(
+                            masks, [(index[c], m) for c, m in s.pixel_labels],
+                            [(index[c], lab) for c, lab in s.image_labels])
+    for (rule, n), tally in tallies.items():
+        np.testing.assert_array_equal(results[rule].layers[n].iou, tally.result().iou)
+    assert not all(np.array_equal(results["paper"].layers[n].iou, results["lite"].layers[n].iou)
+                   for n in RNET_LAYERS)
+    result = results["paper"]
+    assert result.n_images == 60 and result.skipped == ()
+    assert {"forward", "quantile", "masks", "tally", "total"} <= set(result.seconds)
+
+
+def _labels(result: DissectionResult) -> dict[tuple[str, int], str]:
+    return {(n, k): ld.summary.label_name[k]
+            for n, ld in result.layers.items() for k in range(ld.units)}
+
+
+def test_random_weights_change_the_dissection(rnet, rnet_result, concepts: ConceptDataset,
+                                              tmp_path: Path) -> None:
+    loaded, _ = rnet
+    trained = rnet_result[0]
+    torch.manual_seed(0)
+    random = TorchBackend(RNet(), loaded.spec, "cpu")
+    shuffled = run_sync(dissect(random, "rnet-random-seed0", concepts, RNET_LAYERS,
+                                cache=Cache(tmp_path / "c")))
+    a, b = _labels(trained), _labels(shuffled)
+    assert a.keys() == b.keys()
+    differ = sum(a[k] != b[k] for k in a)
+    assert differ > len(a) // 4
+    assert [trained.layers[n].summary.n_detectors for n in RNET_LAYERS] != \
+        [shuffled.layers[n].summary.n_detectors for n in RNET_LAYERS]
+
+
+def _same(a: DissectionResult, b: DissectionResult) -> None:
+    assert a.layers.keys() == b.layers.keys() and a.concept_names == b.concept_names
+    assert (a.model_sha256, a.n_images, a.categories, a.params) == \
+        (b.model_sha256, b.n_images, b.categories, b.params)
+    for n in a.layers:
+        x, y = a.layers[n], b.layers[n]
+        for f in ("thresholds", "iou", "top_images", "top_values"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+        assert x.summary.label_name == y.summary.label_name
+        np.testing.assert_array_equal(x.summary.is_detector, y.summary.is_detector)
+
+
+def test_repeat_comes_from_cache_and_cancel_leaves_nothing(rnet, rnet_result, concepts,  # noqa: ANN001
+                                                           tmp_path: Path, monkeypatch) -> None:
+    loaded, backend = rnet
+    first, cache = rnet_result
+    again = run_sync(dissect(backend, loaded.sha256, concepts, RNET_LAYERS, cache=cache))
+    assert again.from_cache and not first.from_cache
+    _same(first, again)
+    _same(first, load_result(save_result(first, tmp_path / "saved")))
+
+    # Pass 2 running the model again (activations not kept in memory) gives the same result.
+    monkeypatch.setattr(run, "_KEEP_BYTES", 0)
+    rerun = run_sync(dissect(backend, loaded.sha256, concepts, RNET_LAYERS,
+                             DissectionParams(batch_size=7), cache=Cache(tmp_path / "rerun")))
+    _same(first, replace(rerun, params=first.params))
+
+    fresh = Cache(tmp_path / "fresh")
+    job = dissect(backend, loaded.sha256, concepts, RNET_LAYERS,
+                  DissectionParams(batch_size=8), cache=fresh)
+    messages = [next(job).message for _ in range(6)]
+    job.close()
+    assert any("pass 1/2" in m for m in messages)
+    assert not (fresh.root / "dissection").exists() or not any((fresh.root / "dissection").iterdir())
+
+
+def test_report_files(rnet, rnet_result, concepts: ConceptDataset, tmp_path: Path) -> None:
+    _loaded, backend = rnet
+    result = rnet_result[0]
+    out = write_report(result, concepts, tmp_path / "report", backend=backend)
+    rows = list(csv.DictReader(open(out / "dissection.csv", encoding="utf-8")))
+    cats = ("color", "object", "texture")
+    assert list(rows[0]) == ["layer", "unit", "category", "label", "iou", "detector"] + [
+        f"{p}_{c}" for c in cats for p in ("best", "iou")]
+    assert len(rows) == sum(ld.units for ld in result.layers.values()) == 28 + 48 + 64
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert all(n in page for n in RNET_LAYERS) and "<svg" in page
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert len(sources) == len(rows) and all((out / s).is_file() for s in sources)
+    ET.parse(out / "layers.svg")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layers"]["conv3"]["summary"] == result.summary_line("conv3")
+    with Image.open(out / "tiles" / "conv1" / "unit_0.png") as im:
+        im.load()
+        assert im.width > 10 * 90
+
+
+def _cli(argv: list[str]) -> int:
+    """The ``dissect`` command on a parser of its own, as engine.cli's main runs commands."""
+    parser = argparse.ArgumentParser(prog="convlens")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    add_parser(parser.add_subparsers(dest="command"), add_model_options)
+    a = parser.parse_args(argv)
+    return a.func(a)
+
+
+def test_cli_dissect(rnet_spec, concepts: ConceptDataset, tmp_path: Path, monkeypatch,  # noqa: ANN001
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    base = ["dissect", "--model", rnet_spec.path, "--concepts", concepts.root, "--out", str(out)]
+    assert _cli(base + ["--layers", "conv2,conv3", "--rule", "lite"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"conv2: \d+/48 units covering \d+ concepts", err)
+    assert all((out / f).is_file() for f in ("dissection.csv", "summary.json", "layers.svg",
+                                             "index.html", "tiles/conv3/unit_63.png"))
+    assert json.loads((out / "summary.json").read_text())["params"]["mask_rule"] == "lite"
+    assert _cli(base + ["--layers", "conv2,nope"]) == 1
+    assert "'nope'" in capsys.readouterr().err
+
+
+def test_float32_cut_matches_float64_comparison() -> None:
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal(20000).astype(np.float32)
+    t = np.concatenate([s[:50].astype(np.float64), s[50:100] + 1e-9, rng.standard_normal(50)])
+    for strict in (False, True):
+        cut = float32_cut(t, strict=strict)
+        want = s[None] > t[:, None] if strict else s[None] >= t[:, None]
+        got = s[None] > cut[:, None] if strict else s[None] >= cut[:, None]
+        np.testing.assert_array_equal(got, want)
