@@ -1,0 +1,820 @@
+"""Network Dissection (Bau et al., CVPR 2017): which units of a layer detect which concepts.
+
+Controls choose the concept data set (the built-in generated set, cached per image count and
+size under ``<cache>/concepts/builtin-<n>-<size>``, or a Broden-layout folder), the layers, the
+activation quantile, the IoU threshold and the union rule. "Run" submits one job through
+``ctx.session.run`` (key ``"dissection"``: a new run supersedes the previous one) that
+generates the built-in set when needed and then runs :func:`engine.dissection.run.dissect`
+(itself cached on disk by the engine).
+
+Results: one summary line per layer, a bar chart of detectors per concept category and layer,
+and a sortable, filterable table of every unit (layer, unit, category, label, IoU, detector).
+Clicking a row selects that layer and unit in the shared selection (so the Heatmaps view shows
+it); the side panel then shows the unit's top concept images with the unit's mask outlined
+(cyan; activation upsampled to the image and thresholded at the unit's dissection threshold)
+and the pixels of the unit's concept outlined (yellow). Those few masks are computed lazily on
+the worker. "Export report…" writes the engine's HTML report into a folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QItemSelectionModel,
+    QModelIndex,
+    QPersistentModelIndex,
+    QSortFilterProxyModel,
+    Qt,
+    Signal,
+)
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QSplitter,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from engine.types import Progress
+
+from ..context import AppContext
+from ..jobs import JobHandle
+from .base import View
+from .heatmaps import TileMosaic, mask_outline
+
+__all__ = [
+    "COLUMNS",
+    "DissectionFilterProxy",
+    "DissectionTableModel",
+    "DissectionView",
+    "builtin_concepts_dir",
+    "report_target",
+]
+
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("layer", "Layer"),
+    ("unit", "Unit"),
+    ("category", "Category"),
+    ("label", "Label"),
+    ("iou", "IoU"),
+    ("detector", "Detector"),
+)
+"""(row key, header) of the table's columns."""
+THUMB = 96
+"""Side of a top-concept-image thumbnail."""
+_UNIT_OUTLINE = np.array([0, 255, 255], dtype=np.uint8)
+_CONCEPT_OUTLINE = np.array([255, 220, 0], dtype=np.uint8)
+_LAYER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def builtin_concepts_dir(n_images: int, image_size: int) -> Path:
+    """Where the built-in concept set of ``n_images`` images of ``image_size`` px is cached."""
+    from engine.cache import default_cache_root
+
+    return default_cache_root() / "concepts" / f"builtin-{n_images}-{image_size}"
+
+
+# --------------------------------------------------------------------------------------------
+# table
+# --------------------------------------------------------------------------------------------
+
+
+class DissectionTableModel(QAbstractTableModel):
+    """The rows of ``DissectionResult.to_rows()``: display text, raw values under ``UserRole``."""
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self._rows: list[dict[str, Any]] = []
+
+    def set_rows(self, rows: list[dict[str, Any]]) -> None:
+        self.beginResetModel()
+        self._rows = rows
+        self.endResetModel()
+
+    def row_data(self, row: int) -> dict[str, Any]:
+        """The dict of source row ``row``."""
+        return self._rows[row]
+
+    def find(self, layer: str, unit: int) -> int:
+        """Source row of (layer, unit), or -1."""
+        return next((i for i, r in enumerate(self._rows) if r["layer"] == layer and r["unit"] == unit), -1)
+
+    def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:  # noqa: N802, B008
+        return 0 if parent.isValid() else len(self._rows)
+
+    def columnCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:  # noqa: N802, B008
+        return 0 if parent.isValid() else len(COLUMNS)
+
+    def headerData(self, section: int, orientation: Qt.Orientation,  # noqa: N802
+                   role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
+            return COLUMNS[section][1]
+        return None
+
+    def data(self, index: QModelIndex | QPersistentModelIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid():
+            return None
+        key = COLUMNS[index.column()][0]
+        value = self._rows[index.row()][key]
+        if role == Qt.ItemDataRole.UserRole:
+            return value
+        if role == Qt.ItemDataRole.DisplayRole:
+            if key == "iou":
+                return f"{value:.4f}"
+            if key == "detector":
+                return "yes" if value else ""
+            return str(value)
+        if role == Qt.ItemDataRole.TextAlignmentRole and key in ("unit", "iou"):
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        if role == Qt.ItemDataRole.ForegroundRole and not self._rows[index.row()]["detector"]:
+            return QColor(128, 128, 128)
+        return None
+
+
+class DissectionFilterProxy(QSortFilterProxyModel):
+    """Sorts on raw values; keeps rows whose label or category contains the filter text and,
+    optionally, detectors only."""
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self._text = ""
+        self._detectors_only = False
+        self.setSortRole(Qt.ItemDataRole.UserRole)
+
+    def set_filter(self, text: str, detectors_only: bool) -> None:
+        self.beginFilterChange()
+        self._text, self._detectors_only = text.strip().lower(), detectors_only
+        self.endFilterChange()
+
+    def filterAcceptsRow(self, source_row: int,  # noqa: N802
+                         source_parent: QModelIndex | QPersistentModelIndex) -> bool:
+        model = self.sourceModel()
+        assert isinstance(model, DissectionTableModel)
+        row = model.row_data(source_row)
+        if self._detectors_only and not row["detector"]:
+            return False
+        return not self._text or self._text in row["label"].lower() or self._text in row["category"].lower()
+
+
+# --------------------------------------------------------------------------------------------
+# the view
+# --------------------------------------------------------------------------------------------
+
+
+class DissectionView(View):
+    """Run Network Dissection and browse its results; see the module docstring."""
+
+    title = "Network Dissection"
+    object_name = "dissection"
+    order = 30
+
+    #: a dissection finished and its results are shown
+    result_ready = Signal(object)
+    #: the side panel shows the top concept images of (layer, unit)
+    unit_images_ready = Signal(str, int)
+
+    def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
+        super().__init__(ctx, parent)
+        self.result: Any = None  # engine DissectionResult
+        self.concepts: Any = None  # engine ConceptDataset of the result
+        self._handle: JobHandle | None = None
+        self._broden_folder = ""
+        self._syncing = False
+        self._build()
+        ctx.session.model_loaded.connect(self._model_loaded)
+        ctx.selection.unit_changed.connect(self._selection_changed)
+        ctx.selection.layer_changed.connect(self._selection_changed)
+        if ctx.session.model is not None:
+            self._model_loaded(ctx.session.model)
+        self._update_controls()
+
+    # ------------------------------------------------------------------ layout
+
+    def _build(self) -> None:
+        self.source_combo = QComboBox()
+        self.source_combo.addItem("Built-in (generated)", "builtin")
+        self.source_combo.addItem("Broden folder…", "broden")
+        self.source_combo.activated.connect(self._source_activated)
+        self.n_images_spin = QSpinBox()
+        self.n_images_spin.setRange(16, 100_000)
+        self.n_images_spin.setSingleStep(100)
+        self.n_images_spin.setValue(600)
+        self.n_images_spin.setToolTip("Number of generated concept images")
+        self.size_spin = QSpinBox()
+        self.size_spin.setRange(16, 512)
+        self.size_spin.setSingleStep(16)
+        self.size_spin.setValue(112)
+        self.size_spin.setSuffix(" px")
+        self.size_spin.setToolTip("Side of the generated images")
+        self.folder_label = QLabel()
+        self.folder_label.setWordWrap(True)
+        self.layer_list = QListWidget()
+        self.layer_list.setToolTip("Layers to dissect (spatial layers only)")
+        self.layer_list.setMaximumHeight(110)
+        self.quantile_spin = QDoubleSpinBox()
+        self.quantile_spin.setDecimals(4)
+        self.quantile_spin.setRange(0.0001, 0.5)
+        self.quantile_spin.setSingleStep(0.001)
+        self.quantile_spin.setValue(0.005)
+        self.quantile_spin.setToolTip("Top fraction of a unit's activations that its mask keeps (paper: 0.005)")
+        self.iou_spin = QDoubleSpinBox()
+        self.iou_spin.setDecimals(3)
+        self.iou_spin.setRange(0.0, 1.0)
+        self.iou_spin.setSingleStep(0.01)
+        self.iou_spin.setValue(0.04)
+        self.iou_spin.setToolTip("A unit is a detector when its best IoU exceeds this (paper: 0.04)")
+        self.rule_combo = QComboBox()
+        self.rule_combo.addItem("paper", "paper")
+        self.rule_combo.addItem("lite", "lite")
+        self.rule_combo.setToolTip("Union rule: the paper's, or NetDissect-Lite's")
+        self.run_button = QPushButton("Run Network Dissection")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setTextVisible(True)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.report_button = QPushButton("Export report…")
+        self.report_button.clicked.connect(self.export_report_dialog)
+
+        sizes = QHBoxLayout()
+        sizes.addWidget(self.n_images_spin)
+        sizes.addWidget(QLabel("images of"))
+        sizes.addWidget(self.size_spin)
+        sizes.addStretch(1)
+        data_form = QFormLayout()
+        data_form.addRow("Concepts", self.source_combo)
+        data_form.addRow("", sizes)
+        data_form.addRow("", self.folder_label)
+        param_form = QFormLayout()
+        param_form.addRow("Quantile", self.quantile_spin)
+        param_form.addRow("IoU threshold", self.iou_spin)
+        param_form.addRow("Rule", self.rule_combo)
+        layers_box = QVBoxLayout()
+        layers_box.addWidget(QLabel("Layers"))
+        layers_box.addWidget(self.layer_list)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.progress, 4)
+        buttons.addStretch(1)
+        buttons.addWidget(self.report_button)
+        settings = QGroupBox("Settings")
+        grid = QGridLayout(settings)
+        grid.addLayout(data_form, 0, 0)
+        grid.addLayout(layers_box, 0, 1)
+        grid.addLayout(param_form, 0, 2)
+        grid.addLayout(buttons, 1, 0, 1, 3)
+        grid.addWidget(self.status, 2, 0, 1, 3)
+        grid.setColumnStretch(0, 2)
+        grid.setColumnStretch(1, 1)
+        grid.setColumnStretch(2, 1)
+
+        self.summary_label = QLabel()
+        self.summary_label.setWordWrap(True)
+        self.summary_label.setTextFormat(Qt.TextFormat.RichText)
+        self.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.chart = pg.PlotWidget(background="w")
+        self.chart.setMinimumHeight(160)
+        self.chart.setMenuEnabled(False)
+        self.chart.setMouseEnabled(x=False, y=False)
+        self.chart.hideButtons()
+        self.chart.setLabel("left", "detectors")
+        self.chart.setTitle("Detectors per concept category", color="k", size="10pt")
+        for side in ("left", "bottom"):
+            axis = self.chart.getAxis(side)
+            axis.setPen("k")
+            axis.setTextPen("k")
+
+        self.filter_edit = QLineEdit()
+        self.filter_edit.setPlaceholderText("Filter by label or category…")
+        self.filter_edit.setClearButtonEnabled(True)
+        self.detectors_check = QCheckBox("Detectors only")
+        self.filter_edit.textChanged.connect(lambda _t: self._apply_filter())
+        self.detectors_check.toggled.connect(lambda _b: self._apply_filter())
+        self.model = DissectionTableModel(self)
+        self.proxy = DissectionFilterProxy(self)
+        self.proxy.setSourceModel(self.model)
+        self.table = QTableView()
+        self.table.setModel(self.proxy)
+        self.table.setSortingEnabled(True)
+        self.table.sortByColumn(4, Qt.SortOrder.DescendingOrder)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 6)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.setAlternatingRowColors(True)
+        self.table.selectionModel().currentRowChanged.connect(self._row_changed)
+        self.table.clicked.connect(self._row_clicked)
+        filters = QHBoxLayout()
+        filters.addWidget(self.filter_edit, 1)
+        filters.addWidget(self.detectors_check)
+        table_box = QWidget()
+        table_layout = QVBoxLayout(table_box)
+        table_layout.setContentsMargins(0, 0, 0, 0)
+        table_layout.addLayout(filters)
+        table_layout.addWidget(self.table)
+
+        self.results = QSplitter(Qt.Orientation.Vertical)
+        summary_box = QWidget()
+        summary_layout = QVBoxLayout(summary_box)
+        summary_layout.setContentsMargins(0, 0, 0, 0)
+        summary_layout.addWidget(self.summary_label)
+        summary_layout.addWidget(self.chart, 1)
+        self.results.addWidget(summary_box)
+        self.results.addWidget(table_box)
+        self.results.setStretchFactor(0, 2)
+        self.results.setStretchFactor(1, 3)
+        self.results.setChildrenCollapsible(False)
+
+        self.unit_title = QLabel()
+        self.unit_title.setWordWrap(True)
+        font = self.unit_title.font()
+        font.setBold(True)
+        self.unit_title.setFont(font)
+        self.unit_images = TileMosaic()
+        self.unit_images.set_placeholder("Click a row to see the unit's top concept images.", None)
+        images_scroll = QScrollArea()
+        images_scroll.setWidget(self.unit_images)
+        images_scroll.setWidgetResizable(False)
+        images_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.legend_label = QLabel(
+            "<span style='color:#00ffff'>■</span> unit mask (activation ≥ threshold)<br>"
+            "<span style='color:#ffdc00'>■</span> pixels of the unit's concept")
+        side = QWidget()
+        side_layout = QVBoxLayout(side)
+        side_layout.setContentsMargins(0, 0, 0, 0)
+        side_layout.addWidget(self.unit_title)
+        side_layout.addWidget(images_scroll, 1)
+        side_layout.addWidget(self.legend_label)
+        scrollbar = images_scroll.verticalScrollBar().sizeHint().width()
+        side.setMinimumWidth(2 * (THUMB + self.unit_images.gap) + self.unit_images.gap + scrollbar + 8)
+        self._side_scroll = images_scroll
+
+        self.body = QSplitter(Qt.Orientation.Horizontal)
+        self.body.addWidget(self.results)
+        self.body.addWidget(side)
+        self.body.setStretchFactor(0, 3)
+        self.body.setStretchFactor(1, 1)
+        self.body.setChildrenCollapsible(False)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(settings)
+        layout.addWidget(self.body, 1)
+
+    # ------------------------------------------------------------------ View API
+
+    def export_target(self) -> QWidget:
+        """The summary, chart and table."""
+        return self.results
+
+    def analysis_actions(self) -> list[tuple[str, Callable[[], None]]]:
+        return [("Run Network Dissection", self.run)]
+
+    def save_state(self) -> dict[str, Any]:
+        return {
+            "source": self.source_combo.currentData(),
+            "n_images": self.n_images_spin.value(),
+            "image_size": self.size_spin.value(),
+            "broden_folder": self._broden_folder,
+            "layers": self.checked_layers(),
+            "quantile": self.quantile_spin.value(),
+            "iou_threshold": self.iou_spin.value(),
+            "rule": self.rule_combo.currentData(),
+            "filter": self.filter_edit.text(),
+            "detectors_only": self.detectors_check.isChecked(),
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("broden_folder"), str):
+            self._broden_folder = state["broden_folder"]
+        index = self.source_combo.findData(state.get("source"))
+        if index >= 0:
+            self.source_combo.setCurrentIndex(index)
+        for key, spin in (("n_images", self.n_images_spin), ("image_size", self.size_spin)):
+            if isinstance(state.get(key), int):
+                spin.setValue(state[key])
+        for key, dspin in (("quantile", self.quantile_spin), ("iou_threshold", self.iou_spin)):
+            if isinstance(state.get(key), (int, float)):
+                dspin.setValue(float(state[key]))
+        index = self.rule_combo.findData(state.get("rule"))
+        if index >= 0:
+            self.rule_combo.setCurrentIndex(index)
+        if isinstance(state.get("layers"), list):
+            self.set_checked_layers([str(x) for x in state["layers"]])
+        if isinstance(state.get("filter"), str):
+            self.filter_edit.setText(state["filter"])
+        if isinstance(state.get("detectors_only"), bool):
+            self.detectors_check.setChecked(state["detectors_only"])
+        self._update_controls()
+
+    def shutdown(self) -> None:
+        self.cancel()
+
+    # ------------------------------------------------------------------ settings
+
+    def checked_layers(self) -> list[str]:
+        """The layers ticked in the list, in model order."""
+        items = (self.layer_list.item(i) for i in range(self.layer_list.count()))
+        return [it.text() for it in items if it.checkState() == Qt.CheckState.Checked]
+
+    def set_checked_layers(self, layers: Sequence[str]) -> None:
+        """Tick exactly ``layers`` (unknown names are ignored)."""
+        for i in range(self.layer_list.count()):
+            item = self.layer_list.item(i)
+            item.setCheckState(Qt.CheckState.Checked if item.text() in layers else Qt.CheckState.Unchecked)
+
+    def params(self) -> Any:
+        """The engine ``DissectionParams`` of the controls."""
+        from engine.dissection.run import DissectionParams
+
+        return DissectionParams(quantile=self.quantile_spin.value(), iou_threshold=self.iou_spin.value(),
+                                mask_rule=self.rule_combo.currentData())
+
+    def _model_loaded(self, info: Any) -> None:
+        self.layer_list.clear()
+        defaults = set(info.default_layers)
+        for li in info.layers:
+            if li.is_spatial:
+                item = QListWidgetItem(f"{li.name}")
+                item.setToolTip(f"{li.kind}, {li.units} units, {li.shape[1]}x{li.shape[2]}")
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                item.setCheckState(Qt.CheckState.Checked if li.name in defaults else Qt.CheckState.Unchecked)
+                self.layer_list.addItem(item)
+        self._update_controls()
+
+    def _source_activated(self, _index: int) -> None:
+        if self.source_combo.currentData() == "broden":
+            folder = QFileDialog.getExistingDirectory(self, "Broden-layout concept folder", self._broden_folder)
+            if folder:
+                self._broden_folder = folder
+            elif not self._broden_folder:
+                self.source_combo.setCurrentIndex(self.source_combo.findData("builtin"))
+        self._update_controls()
+
+    def set_broden_folder(self, folder: str) -> None:
+        """Use the Broden-layout concept set in ``folder``."""
+        self._broden_folder = folder
+        self.source_combo.setCurrentIndex(self.source_combo.findData("broden"))
+        self._update_controls()
+
+    def set_builtin(self, n_images: int, image_size: int) -> None:
+        """Use the built-in generated set with ``n_images`` images of ``image_size`` px."""
+        self.source_combo.setCurrentIndex(self.source_combo.findData("builtin"))
+        self.n_images_spin.setValue(n_images)
+        self.size_spin.setValue(image_size)
+        self._update_controls()
+
+    def _update_controls(self) -> None:
+        builtin = self.source_combo.currentData() == "builtin"
+        self.n_images_spin.setEnabled(builtin)
+        self.size_spin.setEnabled(builtin)
+        self.folder_label.setText("" if builtin else (self._broden_folder or "(no folder chosen)"))
+        self.folder_label.setVisible(not builtin)
+        running = self._handle is not None
+        self.run_button.setEnabled(not running and self.ctx.session.model is not None)
+        self.cancel_button.setEnabled(running)
+        self.progress.setVisible(running)
+        self.report_button.setEnabled(self.result is not None and not running)
+        if self.ctx.session.model is None and not running:
+            self.status.setText("Load a model to run Network Dissection.")
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> JobHandle | None:
+        """Start a dissection with the current settings (superseding one under way)."""
+        session = self.ctx.session
+        layers = self.checked_layers()
+        if session.model is None:
+            self.status.setText("Load a model to run Network Dissection.")
+            return None
+        if not layers:
+            self.status.setText("Tick at least one layer.")
+            return None
+        builtin = self.source_combo.currentData() == "builtin"
+        if not builtin and not self._broden_folder:
+            self.status.setText("Choose a Broden-layout folder first.")
+            return None
+        source = (builtin_concepts_dir(self.n_images_spin.value(), self.size_spin.value()) if builtin
+                  else Path(self._broden_folder))
+        n_images, size, params = self.n_images_spin.value(), self.size_spin.value(), self.params()
+
+        def job(backend: Any, loaded: Any) -> Generator[Progress, None, tuple[Any, Any]]:
+            from engine.concepts import generate_concepts, open_broden
+            from engine.dissection.run import dissect
+            from engine.jobs import subjob
+
+            share = 0.0
+            if builtin and not (source / "index.csv").is_file():
+                share = 0.3
+                concepts = yield from subjob(generate_concepts(source, n_images=n_images, image_size=size),
+                                             0.0, share, "generating concepts: ")
+            else:
+                yield Progress(0.0, f"opening {source}")
+                concepts = open_broden(str(source))
+            result = yield from subjob(dissect(backend, loaded.sha256, concepts, layers, params), share, 1.0)
+            return result, concepts
+
+        handle = session.run("Network Dissection", job, key="dissection", on_done=self._finished)
+        if handle is None:
+            return None
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = handle
+        handle.progress.connect(self._progress)
+        handle.failed.connect(self._failed)
+        handle.cancelled.connect(self._cancelled)
+        self.progress.setValue(0)
+        self.progress.setFormat("starting…")
+        self.status.setText(f"Dissecting {', '.join(layers)} on {source}…")
+        self._update_controls()
+        return handle
+
+    def cancel(self) -> None:
+        """Cancel the dissection under way, if any."""
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def _progress(self, p: Progress) -> None:
+        if p.fraction is None:
+            self.progress.setRange(0, 0)
+        else:
+            self.progress.setRange(0, 1000)
+            self.progress.setValue(round(1000 * p.fraction))
+        self.progress.setFormat(f"%p% {p.message}" if p.message else "%p%")
+
+    def _failed(self, error: BaseException) -> None:
+        if self._handle is not None and self._handle.state == "failed":
+            self._handle = None
+            self.status.setText(f"Dissection failed: {error}")
+            self._update_controls()
+
+    def _cancelled(self) -> None:
+        if self._handle is not None and self._handle.state == "cancelled":
+            self._handle = None
+            self.status.setText("Dissection cancelled.")
+            self._update_controls()
+
+    def _finished(self, value: tuple[Any, Any]) -> None:
+        self._handle = None
+        self.set_result(*value)
+        self._update_controls()
+
+    # ------------------------------------------------------------------ results
+
+    def set_result(self, result: Any, concepts: Any) -> None:
+        """Show a ``DissectionResult`` computed on ``concepts``."""
+        self.result, self.concepts = result, concepts
+        secs = result.seconds.get("total")
+        took = "from the cache" if result.from_cache else (f"in {secs:.1f} s" if secs is not None else "")
+        self.status.setText(f"Dissected {len(result.layers)} layer(s) on {result.n_images} concept images "
+                            f"({len(result.categories)} categories) {took}.")
+        # each line starts with its layer's bar colour: the line doubles as the chart's legend
+        self.summary_label.setText("<br>".join(
+            f"<span style='color:{_LAYER_COLORS[j % len(_LAYER_COLORS)]}'>■</span> {line}"
+            for j, line in enumerate(self.summary_lines())))
+        self._draw_chart()
+        self.model.set_rows(result.to_rows())
+        self._apply_filter()
+        self._update_controls()
+        self._selection_changed()
+        self.result_ready.emit(result)
+
+    def summary_lines(self) -> list[str]:
+        """Per dissected layer: "conv3: 12/64 units are detectors covering 9 concepts"."""
+        if self.result is None:
+            return []
+        return [f"{name}: {ld.summary.n_detectors}/{ld.units} units are detectors covering "
+                f"{ld.summary.n_unique_concepts} concepts" for name, ld in self.result.layers.items()]
+
+    def _draw_chart(self) -> None:
+        result = self.result
+        self.chart.clear()
+        categories = list(result.categories)
+        layers = list(result.layers)
+        width = 0.8 / max(1, len(layers))
+        top = 1
+        for j, name in enumerate(layers):
+            s = result.layers[name].summary
+            per_cat = dict(zip(s.categories, s.detectors_per_category.tolist(), strict=True))
+            heights = [int(per_cat.get(c, 0)) for c in categories]
+            top = max(top, *heights) if heights else top
+            x = np.arange(len(categories)) - 0.4 + width * (j + 0.5)
+            color = _LAYER_COLORS[j % len(_LAYER_COLORS)]
+            self.chart.addItem(pg.BarGraphItem(x=x, height=heights, width=width * 0.9, brush=color,
+                                               pen=pg.mkPen(color), name=name))
+        self.chart.getAxis("bottom").setTicks([list(enumerate(categories))])
+        self.chart.setXRange(-0.6, len(categories) - 0.4, padding=0)
+        self.chart.setYRange(0, top * 1.15, padding=0)
+
+    def _apply_filter(self) -> None:
+        self.proxy.set_filter(self.filter_edit.text(), self.detectors_check.isChecked())
+
+    def visible_rows(self) -> list[dict[str, Any]]:
+        """The table's rows as shown (filtered and sorted)."""
+        return [self.model.row_data(self.proxy.mapToSource(self.proxy.index(r, 0)).row())
+                for r in range(self.proxy.rowCount())]
+
+    def _row_clicked(self, index: QModelIndex) -> None:
+        self._row_changed(index, QModelIndex())
+
+    def _row_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
+        if self._syncing or not current.isValid():
+            return
+        row = self.model.row_data(self.proxy.mapToSource(current).row())
+        sel = self.ctx.selection
+        self._syncing = True
+        try:
+            sel.layer = row["layer"]
+            sel.unit = row["unit"]
+        finally:
+            self._syncing = False
+        self._show_unit(row["layer"], row["unit"])
+
+    def _selection_changed(self, *_args: object) -> None:
+        """Follow the shared selection: select its row and show its unit when dissected."""
+        if self._syncing or self.result is None:
+            return
+        layer, unit = self.ctx.selection.layer, self.ctx.selection.unit
+        source_row = self.model.find(layer, unit)
+        proxy_index = self.proxy.mapFromSource(self.model.index(source_row, 0)) if source_row >= 0 else QModelIndex()
+        self._syncing = True
+        try:
+            if proxy_index.isValid():
+                flags = QItemSelectionModel.SelectionFlag.ClearAndSelect | QItemSelectionModel.SelectionFlag.Rows
+                self.table.selectionModel().setCurrentIndex(proxy_index, flags)
+                self.table.scrollTo(proxy_index)
+            else:
+                self.table.clearSelection()
+        finally:
+            self._syncing = False
+        if source_row >= 0:
+            self._show_unit(layer, unit)
+
+    # ------------------------------------------------------------------ top concept images
+
+    def _show_unit(self, layer: str, unit: int) -> None:
+        """Describe the unit and compute its top concept images with masks on the worker."""
+        result, concepts = self.result, self.concepts
+        if result is None or layer not in result.layers:
+            return
+        ld = result.layers[layer]
+        s = ld.summary
+        verdict = "detector" if s.is_detector[unit] else "not a detector"
+        self.unit_title.setText(f"{layer} unit {unit}: {s.label_name[unit]} ({s.category_name[unit]}), "
+                                f"IoU {s.iou[unit]:.3f}, {verdict}")
+        indices = [int(i) for i in ld.top_images[unit] if i >= 0]
+        label = int(s.label[unit])
+        threshold = float(ld.thresholds[unit])
+        self.unit_images.set_placeholder("Computing masks…", None)
+
+        def job(backend: Any, _loaded: Any) -> Generator[Progress, None, tuple[str, int, list[int], np.ndarray]]:
+            yield Progress(None, f"masks of {layer} unit {unit}")
+            thumbs = _masked_concept_thumbs(backend, concepts, indices, layer, unit, threshold, label)
+            return layer, unit, indices, thumbs
+
+        handle = self.ctx.session.run(f"Dissection: {layer} unit {unit} masks", job, key="dissection-masks",
+                                      on_done=self._unit_images_done)
+        if handle is not None:
+            handle.failed.connect(self._unit_images_failed)
+
+    def _unit_images_done(self, value: tuple[str, int, list[int], np.ndarray]) -> None:
+        layer, unit, indices, thumbs = value
+        ld = self.result.layers.get(layer) if self.result is not None else None
+        if ld is None:
+            return
+        cols = max(1, (self._side_scroll.viewport().width() - self.unit_images.gap) // (THUMB + self.unit_images.gap))
+        values = ld.top_values[unit]
+        self.unit_images.set_tiles(thumbs, indices, cols, labels=[f"{v:#.3g}" for v in values[:len(indices)]],
+                                   tips=[f"{Path(self.concepts.image_path(i)).name}\nmax {v:.4g}"
+                                         for i, v in zip(indices, values)])
+        self.unit_images_ready.emit(layer, unit)
+
+    def _unit_images_failed(self, error: BaseException) -> None:
+        self.unit_images.set_placeholder(f"Could not compute the masks: {error}", None)
+
+    # ------------------------------------------------------------------ report
+
+    def export_report_dialog(self) -> None:
+        """Ask for a folder and write the HTML report there."""
+        if self.result is None:
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Folder for the dissection report")
+        if folder:
+            self.export_report(folder)
+
+    def export_report(self, folder: str | Path) -> JobHandle | None:
+        """Write the engine's dissection report (a job; returns its handle).
+
+        The report goes into ``folder`` when it is empty, missing or an earlier report (the
+        engine replaces the folder as a whole); otherwise into a new ``dissection-report``
+        subfolder, so that choosing e.g. one's documents folder never deletes anything.
+        """
+        result, concepts = self.result, self.concepts
+        if result is None:
+            return None
+        out = report_target(Path(folder))
+
+        def job(backend: Any, _loaded: Any) -> Generator[Progress, None, Path]:
+            from engine.dissection.report import write_report
+
+            yield Progress(None, f"writing the report to {out}")
+            return write_report(result, concepts, out, backend=backend)
+
+        handle = self.ctx.session.run("Dissection report", job, key="dissection-report", on_done=self._report_done)
+        if handle is not None:
+            handle.failed.connect(self._report_failed)
+            self.status.setText(f"Writing the report to {out}…")
+        return handle
+
+    def _report_done(self, path: Path) -> None:
+        self.status.setText(f"Report written to {path}")
+
+    def _report_failed(self, error: BaseException) -> None:
+        self.status.setText(f"Report failed: {error}")
+
+
+def report_target(folder: Path) -> Path:
+    """``folder`` if writing a report may replace it, else a fresh subfolder of it."""
+
+    def replaceable(p: Path) -> bool:
+        return not p.exists() or (p.is_dir() and (not any(p.iterdir()) or (
+            (p / "index.html").is_file() and (p / "summary.json").is_file())))
+
+    if replaceable(folder):
+        return folder
+    candidate, n = folder / "dissection-report", 2
+    while not replaceable(candidate):
+        candidate, n = folder / f"dissection-report-{n}", n + 1
+    return candidate
+
+
+def _masked_concept_thumbs(backend: Any, concepts: Any, indices: Sequence[int], layer: str, unit: int,
+                           threshold: float, label: int) -> np.ndarray:
+    """(n, THUMB, THUMB, 3) thumbnails of concept images with the unit's and the concept's masks.
+
+    Runs on the worker: the images go through the model as dissection feeds them (whole,
+    stretched), the unit's map is upsampled to the image size with the engine's
+    :func:`~engine.dissection.tally.unit_masks` and thresholded at the unit's threshold.
+    """
+    import torch
+    from PIL import Image
+
+    from engine.data.images import ImageLoader, load_image
+    from engine.dissection.run import concept_image_set, dissection_preprocess
+    from engine.dissection.tally import unit_masks
+
+    out = np.zeros((len(indices), THUMB, THUMB, 3), dtype=np.uint8)
+    if not indices:
+        return out
+    pre = dissection_preprocess(backend.spec.preprocess)
+    with ImageLoader(concept_image_set(concepts), pre, batch_size=len(indices), indices=indices) as loader:
+        for batch in loader:
+            acts = backend.forward(batch.array, capture=[layer]).activations[layer][:, unit:unit + 1]
+            for j, i in enumerate(batch.indices.tolist()):
+                img = load_image(concepts.image_path(i))
+                h, w = img.shape[:2]
+                mask = unit_masks(torch.from_numpy(np.ascontiguousarray(acts[j:j + 1])), np.array([threshold]),
+                                  (h, w))[0, 0].numpy()
+                concept = np.zeros((h, w), dtype=bool)
+                for _cat, labels in concepts.sample(i).pixel_labels:
+                    hit = Image.fromarray((labels == label).astype(np.uint8) * 255)
+                    concept |= np.asarray(hit.resize((w, h), Image.Resampling.NEAREST)) > 0
+                thumb = np.asarray(Image.fromarray(img).resize((THUMB, THUMB), Image.Resampling.BILINEAR))
+                small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
+                    (THUMB, THUMB), Image.Resampling.NEAREST)) > 0
+                small_concept = np.asarray(Image.fromarray(concept.astype(np.uint8) * 255).resize(
+                    (THUMB, THUMB), Image.Resampling.NEAREST)) > 0
+                shown = np.where(small[..., None], thumb, (thumb * 0.45).astype(np.uint8))
+                shown[mask_outline(small_concept)] = _CONCEPT_OUTLINE
+                shown[mask_outline(small)] = _UNIT_OUTLINE
+                out[indices.index(i)] = shown
+    return out

@@ -1,0 +1,944 @@
+"""Unit heatmaps: every unit of a layer on the current image, one unit overlaid, its top images.
+
+For the selected image and layer the view shows
+
+* a grid of all the layer's unit maps (one tile per unit), composed with numpy into one
+  ``QImage`` (never one widget per unit) and hit-tested for clicks and tooltips; tiles are
+  sorted by the unit's max on this image or by unit index, and scaled per unit by its max over
+  the image set or by its max on this image;
+* the selected unit's map, upsampled bilinearly to the displayed image and overlaid with a
+  chosen colormap, opacity and threshold (a fraction of the unit's max over the image set;
+  lower values are transparent), with a colour bar;
+* a strip of the unit's top images over the whole set, each with the unit's mask
+  (map >= threshold) outlined and the rest dimmed; clicking one makes it the current image.
+
+Activations come from ``ctx.session.extract`` (cached on disk by the engine) and are kept in
+memory per layer, so once a layer is extracted, switching unit or image only recolours numpy
+arrays: well under the 50 ms budget (see ``bench/heatmap_switch.py``).
+
+The image is shown as the model sees it: cropped as the preprocessing crops it and resized to
+the input's aspect ratio, so map and image are aligned exactly as in the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Generator, Sequence
+from functools import cache
+from typing import Any
+
+import numpy as np
+from PySide6.QtCore import QEvent, QPoint, QRect, QSize, Qt, Signal
+from PySide6.QtGui import QColor, QFont, QHelpEvent, QImage, QMouseEvent, QPainter, QPaintEvent, QPen, QPixmap
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QScrollArea,
+    QSizePolicy,
+    QSlider,
+    QSplitter,
+    QToolTip,
+    QVBoxLayout,
+    QWidget,
+)
+
+from engine.types import Preprocess, Progress
+
+from .. import colormaps
+from ..context import AppContext
+from ..jobs import JobHandle
+from .base import View
+
+__all__ = [
+    "ColorBar",
+    "HeatmapsView",
+    "TileMosaic",
+    "bilinear_weights",
+    "compose_tiles",
+    "decode_view",
+    "mask_outline",
+    "model_view",
+    "to_qimage",
+    "upsample",
+]
+
+OVERLAY_SIZE = 256
+"""Longer side, in pixels, of the overlaid image."""
+TILE_SIZES = (32, 112)
+"""Smallest and largest side of a unit tile: the grid uses the largest that fits without
+scrolling (the smallest when none does)."""
+THUMB_SIZE = 88
+"""Longer side of a top-image thumbnail."""
+IMAGE_CACHE = 512
+"""Decoded display images kept in memory (least recently used first out)."""
+SORT_MODES = {"activation": "Max on this image", "unit": "Unit index"}
+SCALE_MODES = {"dataset": "Per unit (image-set max)", "image": "Per unit (this image)"}
+_OUTLINE = np.array([0, 255, 255], dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# numpy helpers (also used by the dissection view)
+# --------------------------------------------------------------------------------------------
+
+
+@cache
+def bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 matrix of 1-D bilinear resampling, as torch's ``align_corners=False``.
+
+    Output sample ``i`` reads the input at ``(i + 0.5) * n_in / n_out - 0.5`` (clamped at 0),
+    between its two neighbours, so ``W @ x`` equals ``F.interpolate(..., mode="bilinear")``.
+    """
+    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    w = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(w, (rows, i0), 1.0 - frac)
+    np.add.at(w, (rows, i1), frac)
+    out = w.astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of the last two axes of ``maps`` to ``size = (H, W)`` (float32)."""
+    h, w = maps.shape[-2:]
+    return np.matmul(np.matmul(bilinear_weights(h, size[0]), maps.astype(np.float32, copy=False)),
+                     _transposed_weights(w, size[1]))
+
+
+@cache
+def _transposed_weights(n_in: int, n_out: int) -> np.ndarray:
+    # A C-contiguous transpose: multiplying by the ``.T`` view takes a slow BLAS path (~300x).
+    out = np.ascontiguousarray(bilinear_weights(n_in, n_out).T)
+    out.setflags(write=False)
+    return out
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a boolean mask that touch a pixel outside it (4-neighbourhood, border in)."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    inner[[0, -1]] = False
+    inner[:, [0, -1]] = False
+    return mask & ~inner
+
+
+def model_view(img: np.ndarray, pre: Preprocess, size: tuple[int, int]) -> np.ndarray:
+    """The part of ``img`` (H, W, 3 uint8) the model sees, resized to ``size = (h, w)``.
+
+    Same geometry as :func:`engine.data.images.preprocess` (stretch, or cover-and-centre-crop),
+    but in colour and at any display size, so activation maps line up with it.
+    """
+    from PIL import Image
+
+    pil = Image.fromarray(img, "RGB")
+    box: tuple[float, float, float, float] | None = None
+    if pre.resize == "shorter_side_crop":
+        th, tw = pre.input_size
+        h, w = img.shape[:2]
+        scale = max(th / pre.crop_fraction / h, tw / pre.crop_fraction / w)
+        new_h, new_w = max(th, int(h * scale + 1e-6)), max(tw, int(w * scale + 1e-6))
+        top, left = round((new_h - th) / 2.0), round((new_w - tw) / 2.0)
+        sy, sx = new_h / h, new_w / w
+        box = (left / sx, top / sy, (left + tw) / sx, (top + th) / sy)
+    out = pil.resize((size[1], size[0]), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def decode_view(path: str, pre: Preprocess, size: tuple[int, int]) -> np.ndarray:
+    """:func:`model_view` of the image file ``path``; mid-grey when it cannot be read.
+
+    JPEGs are decoded at a reduced scale (``draft``: DCT scaling, several times faster for
+    photos much larger than ``size``), which only shows at sub-pixel level after resizing.
+    """
+    from PIL import Image, ImageOps
+
+    from engine.data.images import load_image
+
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (2 * size[1], 2 * size[0]))
+                rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)
+            else:
+                rgb = load_image(path)
+        return model_view(rgb, pre, size)
+    except Exception:  # noqa: BLE001 - a file changed or removed since extraction: show grey
+        return np.full((*size, 3), 128, dtype=np.uint8)
+
+
+def display_size(pre: Preprocess, longer: int) -> tuple[int, int]:
+    """(h, w) with the input's aspect ratio and ``longer`` pixels on the longer side."""
+    ih, iw = pre.input_size
+    s = longer / max(ih, iw)
+    return max(1, round(ih * s)), max(1, round(iw * s))
+
+
+def to_qimage(rgb: np.ndarray) -> QImage:
+    """A deep-copied ``QImage`` of an (H, W, 3) or (H, W, 4) ``uint8`` array."""
+    arr = np.ascontiguousarray(rgb, dtype=np.uint8)
+    h, w, c = arr.shape
+    fmt = QImage.Format.Format_RGB888 if c == 3 else QImage.Format.Format_RGBA8888
+    return QImage(arr.data, w, h, arr.strides[0], fmt).copy()
+
+
+def compose_tiles(tiles: np.ndarray, cols: int, gap: int, label_height: int,
+                  background: Sequence[int]) -> np.ndarray:
+    """Lay ``tiles`` (n, th, tw, 3) out row by row, ``cols`` per row, in one RGB array.
+
+    Every cell is ``th + label_height`` high (the label strip below the tile is left as
+    background) and cells are ``gap`` pixels apart, with a ``gap`` margin all round. Tile ``i``
+    has its top-left corner at :func:`tile_origin`.
+    """
+    n, th, tw, _ = tiles.shape
+    rows = max(1, math.ceil(n / cols))
+    cell_h, cell_w = th + label_height + gap, tw + gap
+    width = cols * cell_w + gap
+    canvas = np.empty((rows * cell_h + gap, width, 3), dtype=np.uint8)
+    canvas[:] = np.tile(np.asarray(background, dtype=np.uint8), (width, 1))  # row-wise: ~50x faster
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = gap + r * cell_h, gap + c * cell_w
+        canvas[y:y + th, x:x + tw] = tiles[i]
+    return canvas
+
+
+def tile_origin(i: int, cols: int, tile: QSize, gap: int, label_height: int) -> QPoint:
+    """Top-left corner of tile ``i`` in an image made by :func:`compose_tiles`."""
+    r, c = divmod(i, cols)
+    return QPoint(gap + c * (tile.width() + gap), gap + r * (tile.height() + label_height + gap))
+
+
+# --------------------------------------------------------------------------------------------
+# widgets
+# --------------------------------------------------------------------------------------------
+
+
+class TileMosaic(QWidget):
+    """One image made of equal tiles, each standing for an item id; click and hover aware.
+
+    ``clicked(id)`` is emitted when a tile is clicked; hovering shows the tile's tooltip; the
+    tile of :meth:`set_current` is framed. Labels (one short text per tile) are painted in the
+    strip under each tile.
+    """
+
+    clicked = Signal(int)
+
+    def __init__(self, parent: QWidget | None = None, *, gap: int = 4, label_height: int = 13) -> None:
+        super().__init__(parent)
+        self.gap, self.label_height = gap, label_height
+        self._image = QImage()
+        self._ids: list[int] = []
+        self._tips: list[str] = []
+        self._cols = 1
+        self._tile = QSize(0, 0)
+        self._current = -1
+        self._placeholder = ""
+        self.setMouseTracking(True)
+        self.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
+
+    @property
+    def ids(self) -> list[int]:
+        """Item ids in display order."""
+        return list(self._ids)
+
+    @property
+    def image(self) -> QImage:
+        """The composed image (labels included)."""
+        return self._image
+
+    def set_tiles(self, tiles: np.ndarray, ids: Sequence[int], cols: int, *,
+                  labels: Sequence[str] = (), tips: Sequence[str] = ()) -> None:
+        """Show ``tiles`` (n, th, tw, 3 uint8) for ``ids``, ``cols`` per row."""
+        self._ids, self._tips = list(ids), list(tips)
+        self._cols = max(1, cols)
+        self._tile = QSize(tiles.shape[2], tiles.shape[1])
+        window = self.palette().color(self.backgroundRole())
+        canvas = compose_tiles(tiles, self._cols, self.gap, self.label_height,
+                               (window.red(), window.green(), window.blue()))
+        self._image = to_qimage(canvas)
+        if labels and self.label_height:
+            self._draw_labels(labels)
+        self._placeholder = ""
+        self.setFixedSize(self._image.size())
+        self.update()
+
+    def set_placeholder(self, text: str, size: QSize | None = None) -> None:
+        """Show ``text`` instead of tiles."""
+        self._image, self._ids, self._tips, self._placeholder = QImage(), [], [], text
+        self.setFixedSize(size or QSize(max(260, self.fontMetrics().horizontalAdvance(text) + 20), 60))
+        self.update()
+
+    def set_current(self, item_id: int) -> None:
+        """Frame the tile of ``item_id`` (-1: none)."""
+        if item_id != self._current:
+            self._current = item_id
+            self.update()
+
+    def tile_rect(self, position: int) -> QRect:
+        """The rectangle of the tile at display ``position``."""
+        return QRect(tile_origin(position, self._cols, self._tile, self.gap, self.label_height), self._tile)
+
+    def id_at(self, point: QPoint) -> int | None:
+        """The item id of the tile under ``point``, or None."""
+        if not self._ids or self._tile.isEmpty():
+            return None
+        cell_w = self._tile.width() + self.gap
+        cell_h = self._tile.height() + self.label_height + self.gap
+        x, y = point.x() - self.gap, point.y() - self.gap
+        if x < 0 or y < 0:
+            return None
+        c, r = x // cell_w, y // cell_h
+        if c >= self._cols or x % cell_w >= self._tile.width() or y % cell_h >= self._tile.height() + self.label_height:
+            return None
+        pos = r * self._cols + c
+        return self._ids[pos] if pos < len(self._ids) else None
+
+    def _draw_labels(self, labels: Sequence[str]) -> None:
+        painter = QPainter(self._image)
+        font = QFont(self.font())
+        font.setPixelSize(max(8, self.label_height - 3))
+        painter.setFont(font)
+        painter.setPen(self.palette().color(self.foregroundRole()))
+        align = Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignVCenter
+        for pos, text in enumerate(labels):
+            r = self.tile_rect(pos)
+            painter.drawText(QRect(r.left() - self.gap // 2, r.bottom() + 1, r.width() + self.gap,
+                                   self.label_height), align, text)
+        painter.end()
+
+    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt override
+        painter = QPainter(self)
+        if self._placeholder:
+            painter.setPen(self.palette().color(self.foregroundRole()))
+            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, self._placeholder)
+            return
+        painter.drawImage(0, 0, self._image)
+        if self._current in self._ids:
+            r = self.tile_rect(self._ids.index(self._current)).adjusted(-2, -2, 1, 1)
+            painter.setPen(QPen(self.palette().color(self.palette().ColorRole.Highlight), 3))
+            painter.drawRect(r)
+
+    def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802 - Qt override
+        item = self.id_at(event.position().toPoint())
+        if item is not None and event.button() == Qt.MouseButton.LeftButton:
+            self.clicked.emit(item)
+        super().mousePressEvent(event)
+
+    def event(self, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.ToolTip:
+            assert isinstance(event, QHelpEvent)
+            item = self.id_at(event.pos())
+            if item is not None and self._tips:
+                QToolTip.showText(event.globalPos(), self._tips[self._ids.index(item)], self)
+            else:
+                QToolTip.hideText()
+                event.ignore()
+            return True
+        return super().event(event)
+
+
+class ColorBar(QWidget):
+    """A horizontal colour bar from 0 to ``vmax`` with a threshold mark."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._cmap, self._vmax, self._threshold = colormaps.DEFAULT, 1.0, 0.0
+        self.setMinimumHeight(self.fontMetrics().height() * 2 + 14)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+
+    def set_values(self, cmap: str, vmax: float, threshold: float) -> None:
+        """Show ``cmap`` over [0, vmax]; ``threshold`` is a fraction in [0, 1]."""
+        self._cmap, self._vmax, self._threshold = cmap, vmax, threshold
+        self.update()
+
+    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt override
+        painter = QPainter(self)
+        fm = self.fontMetrics()
+        bar = QRect(6, 2, self.width() - 12, self.height() - fm.height() - 8)
+        gradient = to_qimage(colormaps.lut(self._cmap)[None, :, :])
+        painter.drawImage(bar, gradient)
+        painter.setPen(self.palette().color(self.foregroundRole()))
+        painter.drawRect(bar.adjusted(0, 0, -1, -1))
+        x = bar.left() + round(self._threshold * (bar.width() - 1))
+        painter.setPen(QPen(QColor(255, 255, 255), 3))
+        painter.drawLine(x, bar.top(), x, bar.bottom())
+        painter.setPen(QPen(QColor(0, 0, 0), 1))
+        painter.drawLine(x, bar.top(), x, bar.bottom())
+        painter.setPen(self.palette().color(self.foregroundRole()))
+        y = bar.bottom() + 4
+        text_rect = QRect(bar.left(), y, bar.width(), fm.height())
+        painter.drawText(text_rect, Qt.AlignmentFlag.AlignLeft, "0")
+        painter.drawText(text_rect, Qt.AlignmentFlag.AlignRight, f"{self._vmax:.3g}")
+        mark = f"threshold {self._threshold * self._vmax:.3g}"
+        w = fm.horizontalAdvance(mark)
+        left = min(max(bar.left() + fm.horizontalAdvance("0") + 8, x - w // 2),
+                   bar.right() - fm.horizontalAdvance(f"{self._vmax:.3g}") - 8 - w)
+        painter.drawText(QRect(left, y, w, fm.height()), Qt.AlignmentFlag.AlignLeft, mark)
+
+
+def _slider(value: int, tip: str) -> QSlider:
+    s = QSlider(Qt.Orientation.Horizontal)
+    s.setRange(0, 100)
+    s.setValue(value)
+    s.setToolTip(tip)
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# the view
+# --------------------------------------------------------------------------------------------
+
+
+class HeatmapsView(View):
+    """Unit heatmaps of the selected layer on the selected image; see the module docstring."""
+
+    title = "Heatmaps"
+    object_name = "heatmaps"
+    order = 20
+
+    #: a layer's activations arrived (and were drawn if it is the selected layer)
+    activations_ready = Signal(str)
+
+    def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
+        super().__init__(ctx, parent)
+        self._acts: dict[str, Any] = {}  # layer -> engine Activations
+        self._unit_max: dict[str, np.ndarray] = {}  # layer -> (C,) max over the image set
+        self._maps: dict[str, np.ndarray] = {}  # layer -> (N, C, h, w) memory map, opened once
+        self._handle: JobHandle | None = None  # extraction under way
+        self._handle_layer = ""  # its layer
+        self._images: OrderedDict[tuple[str, tuple[int, int]], np.ndarray] = OrderedDict()  # decoded views
+        self._error = ""
+        self._grid_layout = (0, 0)  # (tile side, columns) of the last render
+        self._build()
+        sel, session = ctx.selection, ctx.session
+        session.model_loaded.connect(self._model_loaded)
+        sel.model_changed.connect(self._reset)
+        sel.images_changed.connect(self._reset)
+        sel.layer_changed.connect(self._layer_changed)
+        sel.current_image_changed.connect(self._image_changed)
+        sel.unit_changed.connect(self._unit_changed)
+        if session.model is not None:
+            self._model_loaded(session.model)
+        else:
+            self._refresh()
+
+    # ------------------------------------------------------------------ layout
+
+    def _build(self) -> None:
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("Layer whose units are shown (spatial layers only)")
+        self.layer_combo.currentTextChanged.connect(self._layer_chosen)
+        self.sort_combo = QComboBox()
+        for key, text in SORT_MODES.items():
+            self.sort_combo.addItem(text, key)
+        self.sort_combo.setToolTip("Order of the tiles")
+        self.scale_combo = QComboBox()
+        for key, text in SCALE_MODES.items():
+            self.scale_combo.addItem(text, key)
+        self.scale_combo.setToolTip("Each tile is divided by the unit's max over the image set, or on this image")
+        for combo in (self.sort_combo, self.scale_combo):
+            combo.currentIndexChanged.connect(lambda _i: self._render_grid())
+
+        controls = QHBoxLayout()
+        for text, widget in (("Layer", self.layer_combo), ("Sort", self.sort_combo), ("Scale", self.scale_combo)):
+            controls.addWidget(QLabel(text))
+            controls.addWidget(widget)
+        controls.addStretch(1)
+
+        self.message = QLabel()
+        self.message.setWordWrap(True)
+        self.grid = TileMosaic()
+        self.grid.clicked.connect(self._tile_clicked)
+        self.grid_scroll = QScrollArea()
+        self.grid_scroll.setWidget(self.grid)
+        self.grid_scroll.setWidgetResizable(False)
+        self.grid_scroll.setMinimumWidth(2 * TILE_SIZES[0] + 40)
+        self.grid_scroll.viewport().installEventFilter(self)
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(0, 0, 0, 0)
+        left_layout.addLayout(controls)
+        left_layout.addWidget(self.message)
+        left_layout.addWidget(self.grid_scroll, 1)
+
+        self.unit_label = QLabel()
+        self.unit_label.setWordWrap(True)
+        font = self.unit_label.font()
+        font.setBold(True)
+        self.unit_label.setFont(font)
+        self.overlay_label = QLabel()
+        self.overlay_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.overlay_label.setMinimumSize(OVERLAY_SIZE, OVERLAY_SIZE)
+        self.colorbar = ColorBar()
+        self.cmap_combo = QComboBox()
+        self.cmap_combo.addItems(list(colormaps.COLORMAPS))
+        self.opacity_slider = _slider(60, "Opacity of the heatmap over the image")
+        self.threshold_slider = _slider(
+            20, "Values below this fraction of the unit's max over the image set are transparent")
+        self.threshold_value = QLabel()
+        self.threshold_value.setMinimumWidth(self.fontMetrics().horizontalAdvance("100%") + 4)
+        self.cmap_combo.currentTextChanged.connect(lambda _t: self._style_changed(grid=True))
+        self.opacity_slider.valueChanged.connect(lambda _v: self._style_changed())
+        self.threshold_slider.valueChanged.connect(lambda _v: self._style_changed(masks=True))
+        threshold_row = QHBoxLayout()
+        threshold_row.addWidget(self.threshold_slider, 1)
+        threshold_row.addWidget(self.threshold_value)
+        form = QFormLayout()
+        form.addRow("Colormap", self.cmap_combo)
+        form.addRow("Opacity", self.opacity_slider)
+        form.addRow("Threshold", threshold_row)
+        right = QWidget()
+        right_layout = QVBoxLayout(right)
+        right_layout.setContentsMargins(0, 0, 0, 0)
+        right_layout.addWidget(self.unit_label)
+        right_layout.addWidget(self.overlay_label, 0, Qt.AlignmentFlag.AlignHCenter)
+        right_layout.addWidget(self.colorbar)
+        right_layout.addLayout(form)
+        right_layout.addStretch(1)
+        right.setMinimumWidth(OVERLAY_SIZE + 20)
+
+        self.main_splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.main_splitter.addWidget(left)
+        self.main_splitter.addWidget(right)
+        self.main_splitter.setStretchFactor(0, 3)
+        self.main_splitter.setStretchFactor(1, 1)
+        self.main_splitter.setChildrenCollapsible(False)
+
+        self.strip_label = QLabel()
+        self.strip = TileMosaic()
+        self.strip.clicked.connect(self._top_clicked)
+        self.strip_scroll = QScrollArea()
+        self.strip_scroll.setWidget(self.strip)
+        self.strip_scroll.setWidgetResizable(False)
+        self.strip_scroll.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.strip_scroll.setFixedHeight(THUMB_SIZE + self.strip.label_height + 2 * self.strip.gap
+                                         + self.strip_scroll.horizontalScrollBar().sizeHint().height() + 6)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.main_splitter, 1)
+        layout.addWidget(self.strip_label)
+        layout.addWidget(self.strip_scroll)
+
+    # ------------------------------------------------------------------ View API
+
+    def export_target(self) -> QWidget:
+        """The grid and the overlay panel."""
+        return self.main_splitter
+
+    def save_state(self) -> dict[str, Any]:
+        return {
+            "colormap": self.colormap,
+            "opacity": self.opacity_slider.value() / 100,
+            "threshold": self.threshold,
+            "sort": self.sort_combo.currentData(),
+            "scale": self.scale_combo.currentData(),
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        if state.get("colormap") in colormaps.COLORMAPS:
+            self.cmap_combo.setCurrentText(state["colormap"])
+        for key, slider in (("opacity", self.opacity_slider), ("threshold", self.threshold_slider)):
+            if isinstance(state.get(key), (int, float)):
+                slider.setValue(round(100 * min(1.0, max(0.0, float(state[key])))))
+        for key, combo in (("sort", self.sort_combo), ("scale", self.scale_combo)):
+            index = combo.findData(state.get(key))
+            if index >= 0:
+                combo.setCurrentIndex(index)
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def colormap(self) -> str:
+        return self.cmap_combo.currentText()
+
+    @property
+    def threshold(self) -> float:
+        """Overlay / mask threshold as a fraction of the unit's max over the image set."""
+        return self.threshold_slider.value() / 100
+
+    @property
+    def opacity(self) -> float:
+        return self.opacity_slider.value() / 100
+
+    def activations(self, layer: str | None = None) -> Any:
+        """The engine ``Activations`` of ``layer`` (default: the selected one), or None."""
+        return self._acts.get(layer if layer is not None else self.ctx.selection.layer)
+
+    def unit_max(self, unit: int) -> float:
+        """Max of ``unit`` of the selected layer over the image set (0 when unknown)."""
+        values = self._unit_max.get(self.ctx.selection.layer)
+        return float(values[unit]) if values is not None else 0.0
+
+    def heatmap_rgba(self) -> np.ndarray | None:
+        """The coloured heatmap layer of the selected unit on the current image, (H, W, 4) uint8.
+
+        The unit's map is upsampled bilinearly to the overlay size, divided by the unit's max
+        over the image set, clipped to [0, 1] and coloured; alpha is ``opacity * 255`` where
+        that value is >= :attr:`threshold`, else 0. None when nothing is selected.
+        """
+        scaled = self._unit_map(self.ctx.selection.current_image, self.ctx.selection.unit, self._overlay_size())
+        if scaled is None:
+            return None
+        rgba = np.empty((*scaled.shape, 4), dtype=np.uint8)
+        rgba[..., :3] = colormaps.apply(scaled, self.colormap)
+        rgba[..., 3] = np.where(scaled >= self.threshold, round(self.opacity * 255), 0)
+        return rgba
+
+    def overlay_rgb(self) -> np.ndarray | None:
+        """The displayed overlay: the image with :meth:`heatmap_rgba` composited over it."""
+        sel = self.ctx.selection
+        base = self._view_of(sel.current_image, self._overlay_size())
+        heat = self.heatmap_rgba()
+        if base is None or heat is None:
+            return base
+        alpha = heat[..., 3:].astype(np.float32) / 255.0
+        out = base.astype(np.float32) * (1.0 - alpha) + heat[..., :3].astype(np.float32) * alpha
+        return np.rint(out).astype(np.uint8)
+
+    # ------------------------------------------------------------------ state changes
+
+    def _model_loaded(self, info: Any) -> None:
+        self._reset()
+        spatial = [li.name for li in info.layers if li.is_spatial]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(spatial)
+        self.layer_combo.blockSignals(False)
+        sel = self.ctx.selection
+        default = next((name for name in info.default_layers if name in spatial), spatial[0] if spatial else "")
+        if not sel.layer and default:
+            sel.layer = default  # emits layer_changed -> _layer_changed
+        else:
+            self._layer_changed()
+
+    def _reset(self, *_args: object) -> None:
+        """Forget activations (a new model or image set); drop an extraction under way."""
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None
+        self._acts.clear()
+        self._unit_max.clear()
+        self._maps.clear()
+        self._error = ""
+        self._refresh()
+
+    def _layer_chosen(self, name: str) -> None:
+        if name:
+            self.ctx.selection.layer = name
+
+    def _layer_changed(self, *_args: object) -> None:
+        layer = self.ctx.selection.layer
+        index = self.layer_combo.findText(layer)
+        if index >= 0 and index != self.layer_combo.currentIndex():
+            self.layer_combo.blockSignals(True)
+            self.layer_combo.setCurrentIndex(index)
+            self.layer_combo.blockSignals(False)
+        self._error = ""
+        self._request()
+        self._refresh()
+
+    @property
+    def _pending(self) -> str | None:
+        """The layer being extracted, if any."""
+        return self._handle_layer if self._handle is not None else None
+
+    def _request(self) -> None:
+        """Ask the session for the selected layer's activations unless they are at hand.
+
+        The handle's signals go to bound methods, so a deleted view is simply disconnected.
+        """
+        session, layer = self.ctx.session, self.ctx.selection.layer
+        if (session.model is None or self.ctx.selection.images is None or not self._is_spatial(layer)
+                or layer in self._acts or layer == self._pending):
+            return
+        handle = session.extract([layer], key="heatmaps", on_done=self._extracted,
+                                 title=f"Heatmaps: extract {layer}")
+        if handle is None:
+            return
+        self._handle, self._handle_layer = handle, layer
+        handle.failed.connect(self._extract_failed)
+        handle.cancelled.connect(self._extract_cancelled)
+        handle.progress.connect(self._extract_progress)
+
+    def _extracted(self, acts: Any) -> None:
+        layer = next(iter(acts.layers))
+        self._handle = None
+        self._acts[layer] = acts
+        self._maps[layer] = acts.maps(layer)
+        mx = np.asarray(acts.stats(layer).max, dtype=np.float32)
+        with np.errstate(all="ignore"):
+            unit_max = np.nanmax(np.where(acts.valid[:, None], mx, np.nan), axis=0)
+        self._unit_max[layer] = np.nan_to_num(unit_max, nan=0.0)
+        if layer == self.ctx.selection.layer:
+            self._refresh()
+        else:
+            self._request()  # the selection moved on meanwhile
+        self.activations_ready.emit(layer)
+
+    def _extract_failed(self, error: BaseException) -> None:
+        if self._handle is not None and self._handle.state == "failed":
+            self._error = f"Could not extract {self._handle_layer}: {error}"
+            self._handle = None
+            self._refresh()
+
+    def _extract_cancelled(self) -> None:
+        if self._handle is not None and self._handle.state == "cancelled":
+            self._handle = None
+            self._refresh()
+
+    def _extract_progress(self, p: Any) -> None:
+        if self._pending == self.ctx.selection.layer:
+            pct = "" if p.fraction is None else f" {p.fraction:.0%}"
+            self.message.setText(f"Computing activations of {self._pending}…{pct}")
+
+    def _image_changed(self, *_args: object) -> None:
+        self._show_status()
+        self._render_grid()
+        self._render_overlay()
+
+    def _unit_changed(self, *_args: object) -> None:
+        self.grid.set_current(self.ctx.selection.unit)
+        self._render_overlay()
+        self._render_strip()
+
+    def _style_changed(self, *, grid: bool = False, masks: bool = False) -> None:
+        """Redraw what a colormap (``grid``), opacity or threshold (``masks``) change affects."""
+        self.threshold_value.setText(f"{self.threshold_slider.value()}%")
+        if grid:
+            self._render_grid()
+        self._render_overlay()
+        if masks:
+            self._render_strip()
+
+    def _tile_clicked(self, unit: int) -> None:
+        self.ctx.selection.unit = unit
+
+    def _top_clicked(self, image: int) -> None:
+        self.ctx.selection.current_image = image
+
+    def eventFilter(self, watched: Any, event: QEvent) -> bool:  # noqa: N802 - Qt override
+        if watched is self.grid_scroll.viewport() and event.type() == QEvent.Type.Resize:
+            acts = self._acts.get(self.ctx.selection.layer)
+            if acts is not None and self._grid_fit(acts.layers[self.ctx.selection.layer].units) != self._grid_layout:
+                self._render_grid()
+        return super().eventFilter(watched, event)
+
+    # ------------------------------------------------------------------ rendering
+
+    def _refresh(self) -> None:
+        """Re-render everything for the current state (message, grid, overlay, strip)."""
+        self.threshold_value.setText(f"{self.threshold_slider.value()}%")
+        self._show_status()
+        self._render_grid()
+        self._render_overlay()
+        self._render_strip()
+
+    def _show_status(self) -> None:
+        text = self._status()
+        self.message.setText(text)
+        self.message.setVisible(bool(text))
+
+    def _status(self) -> str:
+        sel, session = self.ctx.selection, self.ctx.session
+        layer = sel.layer
+        if session.model is None:
+            return "Load a model to see unit heatmaps."
+        if sel.images is None:
+            return "Open an image folder to see unit heatmaps."
+        if not layer:
+            return "Choose a layer."
+        if not self._is_spatial(layer):
+            return f"Layer {layer} has no spatial maps; choose a convolutional layer."
+        if self._error:
+            return self._error
+        if layer not in self._acts:
+            return f"Computing activations of {layer}…"
+        if sel.current_image < 0:
+            return "Select an image (or click one of the unit's top images below)."
+        if not self._acts[layer].valid[sel.current_image]:
+            return "The current image could not be read."
+        return ""
+
+    def _is_spatial(self, layer: str) -> bool:
+        info = self.ctx.session.model.layer(layer) if self.ctx.session.model else None
+        return info is not None and info.is_spatial
+
+    def _ready(self, image: int) -> Any:
+        """The layer's Activations when ``image`` is a valid index with maps, else None."""
+        acts = self._acts.get(self.ctx.selection.layer)
+        if acts is None or not 0 <= image < acts.n_images or not acts.valid[image]:
+            return None
+        return acts
+
+    def _grid_fit(self, n: int) -> tuple[int, int]:
+        """(tile side, columns) of the largest tiles that show ``n`` units without scrolling."""
+        gap, label = self.grid.gap, self.grid.label_height
+        viewport = self.grid_scroll.viewport()
+        width, height = viewport.width() - gap, viewport.height() - gap
+        side = TILE_SIZES[0]
+        for candidate in range(TILE_SIZES[1], TILE_SIZES[0] - 1, -4):
+            cols = max(1, width // (candidate + gap))
+            if math.ceil(n / cols) * (candidate + label + gap) <= height:
+                side = candidate
+                break
+        return side, max(1, width // (side + gap))
+
+    def _render_grid(self) -> None:
+        sel = self.ctx.selection
+        layer, image = sel.layer, sel.current_image
+        acts = self._ready(image)
+        if acts is None:
+            self.grid.set_placeholder("")
+            return
+        maps = np.asarray(self._maps[layer][image], dtype=np.float32)  # (C, h, w)
+        maxima = np.asarray(acts.stats(layer).max[image], dtype=np.float32)  # (C,)
+        n = maps.shape[0]
+        order = (np.argsort(-np.nan_to_num(maxima, nan=-np.inf), kind="stable")
+                 if self.sort_combo.currentData() == "activation" else np.arange(n))
+        scale = self._unit_max[layer] if self.scale_combo.currentData() == "dataset" else maxima
+        with np.errstate(all="ignore"):
+            inv = np.where(scale > 0, 1.0 / scale, 0.0).astype(np.float32)
+        side, cols = self._grid_fit(n)
+        self._grid_layout = (side, cols)
+        tiles = upsample(maps[order] * inv[order, None, None], (side, side))
+        rgb = colormaps.apply(tiles, self.colormap)
+        ids = order.tolist()
+        self.grid.set_tiles(rgb, ids, cols, labels=[str(u) for u in ids],
+                            tips=[f"unit {u}: max {maxima[u]:.4g}" for u in ids])
+        self.grid.set_current(sel.unit)
+
+    def _overlay_size(self) -> tuple[int, int]:
+        model = self.ctx.session.model
+        pre = model.spec.preprocess if model is not None else Preprocess()
+        return display_size(pre, OVERLAY_SIZE)
+
+    def _thumb_size(self) -> tuple[int, int]:
+        model = self.ctx.session.model
+        pre = model.spec.preprocess if model is not None else Preprocess()
+        return display_size(pre, THUMB_SIZE)
+
+    def _view_of(self, image: int, size: tuple[int, int], *, wait: bool = True) -> np.ndarray | None:
+        """Image ``image`` as the model sees it, at ``size`` (decoded once, then cached).
+
+        With ``wait=False`` an image not yet decoded gives None (see :meth:`_decode_later`).
+        """
+        acts = self._ready(image)
+        model = self.ctx.session.model
+        if acts is None or model is None:
+            return None
+        key = (acts.image_set.records[image].path, size)
+        found = self._images.get(key)
+        if found is not None:
+            self._images.move_to_end(key)
+            return found
+        if not wait:
+            return None
+        found = decode_view(key[0], model.spec.preprocess, size)
+        self._remember({key: found})
+        return found
+
+    def _remember(self, views: dict[tuple[str, tuple[int, int]], np.ndarray]) -> None:
+        self._images.update(views)
+        while len(self._images) > IMAGE_CACHE:
+            self._images.popitem(last=False)
+
+    def _decode_later(self, images: list[int], size: tuple[int, int]) -> None:
+        """Decode ``images`` on the light worker; the strip is redrawn when they arrive."""
+        acts, model = self._acts.get(self.ctx.selection.layer), self.ctx.session.model
+        if acts is None or model is None:
+            return
+        paths = [acts.image_set.records[i].path for i in images]
+        pre = model.spec.preprocess
+
+        def job() -> Generator[Progress, None, dict[tuple[str, tuple[int, int]], np.ndarray]]:
+            yield Progress(None, f"decoding {len(paths)} images")
+            return {(p, size): decode_view(p, pre, size) for p in paths}
+
+        handle = self.ctx.runner.submit("Heatmaps: top images", job, kind="light", key="heatmaps-thumbs")
+        handle.finished.connect(self._decoded)
+
+    def _decoded(self, views: dict[tuple[str, tuple[int, int]], np.ndarray]) -> None:
+        self._remember(views)
+        self._render_strip()
+
+    def _unit_map(self, image: int, unit: int, size: tuple[int, int]) -> np.ndarray | None:
+        """``unit``'s map on ``image``, upsampled to ``size``, over the unit's image-set max."""
+        acts = self._ready(image)
+        layer = self.ctx.selection.layer
+        if acts is None or not 0 <= unit < acts.layers[layer].units:
+            return None
+        vmax = float(self._unit_max[layer][unit])
+        m = np.asarray(self._maps[layer][image, unit], dtype=np.float32)
+        up = upsample(m, size)
+        return np.clip(up / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(up)
+
+    def _render_overlay(self) -> None:
+        sel = self.ctx.selection
+        layer, unit, image = sel.layer, sel.unit, sel.current_image
+        vmax = self.unit_max(unit) if unit >= 0 else 0.0
+        self.colorbar.set_values(self.colormap, vmax, self.threshold)
+        acts = self._ready(image)
+        if acts is None:
+            self.overlay_label.setPixmap(QPixmap())
+            self.overlay_label.setText("")
+            self.unit_label.setText("")
+            return
+        rgb = self.overlay_rgb()
+        assert rgb is not None
+        self.overlay_label.setPixmap(QPixmap.fromImage(to_qimage(rgb)))
+        name = acts.image_set.relative_path(acts.image_set.records[image])
+        if unit < 0:
+            self.unit_label.setText(f"{name}\nClick a tile to overlay that unit.")
+        else:
+            here = float(acts.stats(layer).max[image, unit])
+            self.unit_label.setText(f"{layer} unit {unit} on {name}\nmax here {here:.3g}, over the set {vmax:.3g}")
+
+    def _render_strip(self) -> None:
+        sel = self.ctx.selection
+        layer, unit = sel.layer, sel.unit
+        acts = self._acts.get(layer)
+        if acts is None or unit < 0 or unit >= acts.layers[layer].units:
+            self.strip_label.setText("Top images of the selected unit")
+            self.strip.set_placeholder("Click a unit to see the images that activate it most.")
+            return
+        st = acts.stats(layer)
+        top = [int(i) for i in st.top_images[unit] if i >= 0]
+        size = self._thumb_size()
+        thumbs = np.empty((len(top), *size, 3), dtype=np.uint8)
+        missing = []
+        for j, i in enumerate(top):
+            base = self._view_of(i, size, wait=False)
+            if base is None:
+                missing.append(i)
+                thumbs[j] = 128
+            else:
+                thumbs[j] = self._masked_thumb(base, i, unit, size)
+        if missing:
+            self._decode_later(missing, size)
+        values = st.top_values[unit]
+        records = acts.image_set.records
+        self.strip_label.setText(f"Top {len(top)} images of {layer} unit {unit} "
+                                 f"(mask: map ≥ {self.threshold:.0%} of the unit's max {self.unit_max(unit):.3g})")
+        self.strip.set_tiles(thumbs, top, len(top), labels=[f"{v:#.3g}" for v in values[:len(top)]],
+                             tips=[f"image {i}: {acts.image_set.relative_path(records[i])}\nmax {v:.4g}"
+                                   for i, v in zip(top, values)])
+
+    def _masked_thumb(self, base: np.ndarray, image: int, unit: int, size: tuple[int, int]) -> np.ndarray:
+        """``base``, the thumbnail of ``image``, with ``unit``'s mask outlined and the rest dimmed."""
+        scaled = self._unit_map(image, unit, size)
+        if scaled is None:
+            return np.zeros((*size, 3), dtype=np.uint8)
+        mask = scaled >= self.threshold
+        out = np.where(mask[..., None], base, (base * 0.35).astype(np.uint8))
+        out[mask_outline(mask)] = _OUTLINE
+        return out
+

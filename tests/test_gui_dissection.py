@@ -1,0 +1,181 @@
+"""The Network Dissection view: a real dissection of the demo RNet on a small built-in concept set."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+import pytest
+from PIL import Image
+from PySide6.QtCore import Qt
+from pytestqt.wait_signal import SignalBlocker
+
+from gui.context import AppContext
+from gui.export import export_widget
+from gui.jobs import JobHandle, JobRunner
+from gui.selection import Selection
+from gui.session import Session
+from gui.views.dissection import DissectionView, builtin_concepts_dir
+
+N_IMAGES, SIZE, LAYER = 40, 48, "conv3"  # RNet conv3: 64 units of 3 x 3
+
+
+def _wait(signal: object, timeout: int = 60000) -> list[object]:
+    blocker = SignalBlocker(timeout=timeout, raising=True)
+    blocker.connect(signal)
+    blocker.wait()
+    return blocker.args
+
+
+def _wait_job(handle: JobHandle) -> None:
+    blocker = SignalBlocker(timeout=60000, raising=True)
+    blocker.connect(handle.finished)
+    blocker.connect(handle.failed)
+    blocker.wait()
+    assert handle.state == "done", handle.traceback
+
+
+@pytest.fixture(scope="module")
+def ctx(qapp, demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppContext]:
+    """The demo model and images loaded in a real session; every cache in a tmp folder."""
+    spec, images = demo
+    old = os.environ.get("CONVLENS_CACHE")
+    os.environ["CONVLENS_CACHE"] = str(tmp_path_factory.mktemp("dissection-cache"))
+    selection, runner = Selection(), JobRunner()
+    session = Session(selection, runner)
+    _wait_job(session.load_model(spec))
+    _wait_job(session.open_images(str(images)))
+    yield AppContext(selection, runner, session)
+    runner.shutdown()
+    if old is None:
+        del os.environ["CONVLENS_CACHE"]
+    else:
+        os.environ["CONVLENS_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def view(ctx: AppContext) -> Iterator[DissectionView]:
+    """A shown view after one dissection of LAYER on N_IMAGES generated images of SIZE px."""
+    w = DissectionView(ctx)
+    w.resize(1200, 800)
+    w.show()
+    assert w.checked_layers() == ["conv1", "conv2", "conv3"]  # the demo's default layers
+    w.set_builtin(N_IMAGES, SIZE)
+    w.set_checked_layers([LAYER])
+    handle = w.run()
+    assert handle is not None and w.progress.isVisibleTo(w) and not w.run_button.isEnabled()
+    handle.failed.connect(lambda _e: pytest.fail(handle.traceback))
+    _wait(w.result_ready)
+    yield w
+    w.close()
+    w.deleteLater()
+
+
+def test_run_generates_the_concepts_and_fills_the_results(view: DissectionView) -> None:
+    folder = builtin_concepts_dir(N_IMAGES, SIZE)
+    assert (folder / "index.csv").is_file()
+    assert len(view.concepts) == N_IMAGES and Path(view.concepts.root) == folder
+    result = view.result
+    assert list(result.layers) == [LAYER] and result.n_images == N_IMAGES
+    assert view.model.rowCount() == 64 and view.proxy.rowCount() == 64
+    s = result.layers[LAYER].summary
+    line = f"{LAYER}: {s.n_detectors}/64 units are detectors covering {s.n_unique_concepts} concepts"
+    assert view.summary_lines() == [line] and line in view.summary_label.text()
+    bars = [it for it in view.chart.getPlotItem().items if isinstance(it, pg.BarGraphItem)]
+    assert len(bars) == 1
+    np.testing.assert_array_equal(bars[0].opts["height"], s.detectors_per_category)
+    assert not view.progress.isVisibleTo(view) and view.run_button.isEnabled() and view.report_button.isEnabled()
+    assert view.analysis_actions() == [("Run Network Dissection", view.run)]
+
+
+def test_rerun_reuses_the_generated_set_and_the_cached_result(view: DissectionView) -> None:
+    stamp = (builtin_concepts_dir(N_IMAGES, SIZE) / "index.csv").stat().st_mtime_ns
+    view.run()
+    _wait(view.result_ready)
+    assert view.result.from_cache and "from the cache" in view.status.text()
+    assert (builtin_concepts_dir(N_IMAGES, SIZE) / "index.csv").stat().st_mtime_ns == stamp
+
+
+def test_sorting_and_filtering(view: DissectionView) -> None:
+    view.table.sortByColumn(4, Qt.SortOrder.DescendingOrder)
+    ious = [r["iou"] for r in view.visible_rows()]
+    assert ious == sorted(ious, reverse=True) and ious[0] == view.result.layers[LAYER].summary.iou.max()
+    view.table.sortByColumn(4, Qt.SortOrder.AscendingOrder)
+    assert [r["iou"] for r in view.visible_rows()] == sorted(ious)
+    view.table.sortByColumn(1, Qt.SortOrder.AscendingOrder)
+    assert [r["unit"] for r in view.visible_rows()] == list(range(64))  # numeric, not 0, 1, 10, ...
+
+    view.detectors_check.setChecked(True)
+    rows = view.visible_rows()
+    assert len(rows) == view.result.layers[LAYER].summary.n_detectors and all(r["detector"] for r in rows)
+    view.detectors_check.setChecked(False)
+    label = view.visible_rows()[0]["label"]
+    view.filter_edit.setText(label.upper())
+    rows = view.visible_rows()
+    assert rows and all(label in r["label"] or label in r["category"] for r in rows)
+    view.filter_edit.clear()
+    assert view.proxy.rowCount() == 64
+    view.table.sortByColumn(4, Qt.SortOrder.DescendingOrder)
+
+
+def test_clicking_a_row_selects_the_unit_and_shows_its_concept_images(qtbot, view: DissectionView,
+                                                                      ctx: AppContext) -> None:
+    row = 2
+    expected = view.visible_rows()[row]
+    rect = view.table.visualRect(view.proxy.index(row, 0))
+    with qtbot.waitSignal(view.unit_images_ready, timeout=60000) as blocker:
+        qtbot.mouseClick(view.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    assert blocker.args == [LAYER, expected["unit"]]
+    assert (ctx.selection.layer, ctx.selection.unit) == (LAYER, expected["unit"])
+    ld = view.result.layers[LAYER]
+    top = [int(i) for i in ld.top_images[expected["unit"]] if i >= 0]
+    assert view.unit_images.ids == top and len(top) == view.result.params.top_k
+    assert expected["label"] in view.unit_title.text()
+    pixels = view.unit_images.image.convertToFormat(view.unit_images.image.Format.Format_RGB888)
+    assert not pixels.isNull() and pixels.width() > 96
+
+    # a unit chosen elsewhere (e.g. in the Heatmaps view) selects its row
+    with qtbot.waitSignal(view.unit_images_ready, timeout=60000):
+        ctx.selection.unit = 5
+    current = view.table.currentIndex()
+    assert view.model.row_data(view.proxy.mapToSource(current).row())["unit"] == 5
+
+
+def test_report_export_and_figure(tmp_path: Path, view: DissectionView) -> None:
+    handle = view.export_report(tmp_path / "report")
+    assert handle is not None
+    _wait_job(handle)
+    assert (tmp_path / "report" / "index.html").is_file()
+    assert "Report written" in view.status.text()
+    # a folder holding other files is never replaced: the report goes into a subfolder
+    keep = tmp_path / "documents"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    _wait_job(view.export_report(keep))
+    assert (keep / "notes.txt").read_text() == "mine"
+    assert (keep / "dissection-report" / "index.html").is_file()
+    _wait_job(view.export_report(tmp_path / "report"))  # an earlier report is replaced in place
+    assert not (tmp_path / "report" / "dissection-report").exists()
+
+    path = export_widget(view.export_target(), tmp_path / "figure.png", dpi=96)
+    with Image.open(path) as img:
+        assert img.size == (view.results.width(), view.results.height())
+        assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 20
+
+
+def test_state_round_trip(view: DissectionView) -> None:
+    state = view.save_state()
+    assert state["layers"] == [LAYER] and state["n_images"] == N_IMAGES and state["image_size"] == SIZE
+    other = DissectionView(view.ctx)
+    try:
+        other.restore_state({**state, "quantile": 0.01, "rule": "lite", "detectors_only": True, "filter": "red",
+                             "unknown": 3})
+        assert other.save_state() == {**state, "quantile": 0.01, "rule": "lite", "detectors_only": True,
+                                      "filter": "red"}
+        params = other.params()
+        assert (params.quantile, params.mask_rule, params.iou_threshold) == (0.01, "lite", 0.04)
+    finally:
+        other.deleteLater()

@@ -1,0 +1,191 @@
+"""The Heatmaps view on the real demo model (RNet) and its 200 face / non-face crops."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from PySide6.QtCore import Qt
+from pytestqt.wait_signal import SignalBlocker
+
+from gui import colormaps
+from gui.context import AppContext
+from gui.export import export_widget
+from gui.jobs import JobHandle, JobRunner
+from gui.selection import Selection
+from gui.session import Session
+from gui.views.heatmaps import HeatmapsView, bilinear_weights, compose_tiles, mask_outline, upsample
+
+LAYER = "conv2"  # RNet: 48 units of 9 x 9
+
+
+@pytest.fixture(scope="module")
+def ctx(qapp, demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppContext]:
+    """The demo model and images loaded in a real session (extraction cache in a tmp folder)."""
+    spec, images = demo
+    old = os.environ.get("CONVLENS_CACHE")
+    os.environ["CONVLENS_CACHE"] = str(tmp_path_factory.mktemp("heatmaps-cache"))
+    selection, runner = Selection(), JobRunner()
+    session = Session(selection, runner)
+    context = AppContext(selection, runner, session)
+    _wait(session.load_model(spec))
+    _wait(session.open_images(str(images)))
+    yield context
+    runner.shutdown()
+    if old is None:
+        del os.environ["CONVLENS_CACHE"]
+    else:
+        os.environ["CONVLENS_CACHE"] = old
+
+
+def _wait(handle: JobHandle) -> None:
+    """Block (running the event loop) until the job finishes; raise if it fails."""
+    blocker = SignalBlocker(timeout=60000, raising=True)
+    blocker.connect(handle.finished)
+    blocker.connect(handle.failed)
+    blocker.wait()
+    assert handle.state == "done", handle.traceback
+
+
+@pytest.fixture
+def view(qtbot, ctx: AppContext) -> HeatmapsView:
+    """A shown view on ``LAYER`` and image 0, activations arrived."""
+    w = HeatmapsView(ctx)
+    qtbot.addWidget(w)
+    w.resize(1100, 760)
+    w.show()
+    ctx.selection.current_image = 0
+    if w.activations(LAYER) is None:
+        with qtbot.waitSignal(w.activations_ready, timeout=60000):
+            ctx.selection.layer = LAYER
+    else:
+        ctx.selection.layer = LAYER
+    return w
+
+
+def test_bilinear_matches_torch() -> None:
+    x = np.random.default_rng(0).normal(size=(5, 9, 7)).astype(np.float32)
+    ours = upsample(x, (40, 23))
+    ref = F.interpolate(torch.from_numpy(x)[None], size=(40, 23), mode="bilinear", align_corners=False)[0]
+    np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(bilinear_weights(9, 40).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_compose_tiles_and_outline() -> None:
+    tiles = np.arange(5 * 2 * 3 * 3, dtype=np.uint8).reshape(5, 2, 3, 3)
+    canvas = compose_tiles(tiles, cols=2, gap=1, label_height=2, background=(9, 9, 9))
+    assert canvas.shape == (3 * (2 + 2 + 1) + 1, 2 * (3 + 1) + 1, 3)
+    np.testing.assert_array_equal(canvas[1 + 5:1 + 5 + 2, 1 + 4:1 + 4 + 3], tiles[3])  # row 1, col 1
+    mask = np.zeros((5, 5), bool)
+    mask[1:4, 1:4] = True
+    ring = mask.copy()
+    ring[2, 2] = False
+    np.testing.assert_array_equal(mask_outline(mask), ring)
+
+
+def test_computing_state_then_grid(qtbot, ctx: AppContext) -> None:
+    ctx.selection.layer = ""
+    w = HeatmapsView(ctx)
+    qtbot.addWidget(w)
+    w.resize(1100, 760)
+    w.show()
+    ctx.selection.current_image = 0
+    with qtbot.waitSignal(w.activations_ready, timeout=60000):
+        ctx.selection.layer = "conv3"
+        assert w.message.text().startswith("Computing activations of conv3")
+    acts = w.activations("conv3")
+    assert acts is not None and w.message.text() == ""
+    assert len(w.grid.ids) == 64 and not w.grid.image.isNull()
+    assert w.layer_combo.currentText() == "conv3"
+    assert [w.layer_combo.itemText(i) for i in range(w.layer_combo.count())] == [
+        "conv1", "prelu1", "pool1", "conv2", "prelu2", "pool2", "conv3", "prelu3"]
+
+
+def test_grid_sorted_and_clickable(qtbot, view: HeatmapsView, ctx: AppContext) -> None:
+    acts = view.activations()
+    maxima = np.asarray(acts.stats(LAYER).max[0])
+    ids = view.grid.ids
+    assert sorted(ids) == list(range(48))
+    assert np.all(np.diff(maxima[ids]) <= 0)  # "max on this image", descending
+    assert view.grid.image.width() <= view.grid_scroll.viewport().width()
+
+    position = 7
+    with qtbot.waitSignal(ctx.selection.unit_changed) as blocker:
+        qtbot.mouseClick(view.grid, Qt.MouseButton.LeftButton, pos=view.grid.tile_rect(position).center())
+    assert blocker.args == [ids[position]] and ctx.selection.unit == ids[position]
+    assert view.grid.id_at(view.grid.tile_rect(position).topLeft()) == ids[position]
+
+    view.sort_combo.setCurrentIndex(view.sort_combo.findData("unit"))
+    assert view.grid.ids == list(range(48))
+
+
+def test_overlay_is_the_upsampled_colour_mapped_map(view: HeatmapsView, ctx: AppContext) -> None:
+    unit = 5
+    ctx.selection.unit = unit
+    view.threshold_slider.setValue(30)
+    view.opacity_slider.setValue(70)
+    view.cmap_combo.setCurrentText("viridis")
+    rgba = view.heatmap_rgba()
+    assert rgba is not None and rgba.shape == (256, 256, 4)
+
+    acts = view.activations()
+    maps = torch.from_numpy(np.asarray(acts.maps(LAYER)[0, unit], dtype=np.float32))
+    up = F.interpolate(maps[None, None], size=(256, 256), mode="bilinear", align_corners=False)[0, 0].numpy()
+    vmax = float(np.nanmax(np.asarray(acts.stats(LAYER).max)[acts.valid, unit]))
+    assert view.unit_max(unit) == pytest.approx(vmax)
+    scaled = np.clip(up / vmax, 0, 1)
+    clear = np.abs(scaled - 0.3) > 1e-4  # pixels not on the threshold's edge
+    np.testing.assert_array_equal(rgba[..., 3][clear], np.where(scaled >= 0.3, round(0.7 * 255), 0)[clear])
+    assert (rgba[..., 3] == 0).any() and (rgba[..., 3] > 0).any()
+    expected = colormaps.lut("viridis")[np.rint(scaled * 255).astype(int)]
+    assert np.abs(rgba[..., :3].astype(int) - expected.astype(int)).max() <= 3  # rounding at LUT steps
+
+    over = view.overlay_rgb()
+    base = over.astype(float)  # where transparent, the overlay is the image itself
+    transparent = rgba[..., 3] == 0
+    assert np.abs(base[transparent] - base[transparent].mean()).max() > 0  # a real image
+    shown = view.overlay_label.pixmap().toImage()
+    assert (shown.width(), shown.height()) == (256, 256)
+
+
+def test_top_images_strip(qtbot, view: HeatmapsView, ctx: AppContext) -> None:
+    unit = 12
+    ctx.selection.unit = unit
+    top = np.asarray(view.activations().stats(LAYER).top_images[unit])
+    expected = [int(i) for i in top if i >= 0]
+    assert view.strip.ids == expected and len(expected) == top.shape[0]
+
+    def tile(position: int) -> np.ndarray:
+        image = view.strip.image.convertToFormat(view.strip.image.Format.Format_RGB888)
+        rgb = np.asarray(image.constBits(), np.uint8).reshape(image.height(), image.bytesPerLine())
+        r = view.strip.tile_rect(position)
+        return rgb[r.top():r.bottom() + 1, 3 * r.left():3 * (r.right() + 1)].reshape(r.height(), r.width(), 3)
+
+    # thumbnails are decoded on the light worker; grey until then
+    qtbot.waitUntil(lambda: not (tile(0) == 128).all(), timeout=10000)
+    cyan = (tile(0) == (0, 255, 255)).all(axis=2)
+    assert cyan.any() and not cyan.all()  # the unit's mask on its best image is outlined
+    with qtbot.waitSignal(ctx.selection.current_image_changed):
+        qtbot.mouseClick(view.strip, Qt.MouseButton.LeftButton, pos=view.strip.tile_rect(3).center())
+    assert ctx.selection.current_image == expected[3]
+    assert ctx.selection.unit == unit  # the unit stays
+
+
+def test_export_and_state(tmp_path: Path, view: HeatmapsView, ctx: AppContext) -> None:
+    ctx.selection.unit = 3
+    path = export_widget(view.export_target(), tmp_path / "heatmaps.png", dpi=96)
+    with Image.open(path) as img:
+        assert img.size == (view.main_splitter.width(), view.main_splitter.height())
+        assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 50
+
+    view.restore_state({"colormap": "magma", "opacity": 0.25, "threshold": 0.5, "sort": "unit",
+                        "scale": "image", "unknown": 1})
+    assert view.save_state() == {"colormap": "magma", "opacity": 0.25, "threshold": 0.5, "sort": "unit",
+                                 "scale": "image"}
+    assert view.grid.ids == list(range(48))
