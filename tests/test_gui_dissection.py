@@ -18,7 +18,8 @@ from gui.export import export_widget
 from gui.jobs import JobHandle, JobRunner
 from gui.selection import Selection
 from gui.session import Session
-from gui.views.dissection import DissectionView, builtin_concepts_dir
+from engine.concepts import builtin_dir as builtin_concepts_dir
+from gui.views.dissection import DissectionView
 
 N_IMAGES, SIZE, LAYER = 40, 48, "conv3"  # RNet conv3: 64 units of 3 x 3
 

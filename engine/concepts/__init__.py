@@ -5,13 +5,15 @@ built-in synthetic concept set (colours, shapes, textures) in that layout, offli
 """
 
 from .broden import Concept, ConceptDataset, ConceptError, ConceptSample, open_broden
-from .generate import generate_concepts
+from .generate import builtin_concepts, builtin_dir, generate_concepts
 
 __all__ = [
     "Concept",
     "ConceptDataset",
     "ConceptError",
     "ConceptSample",
+    "builtin_concepts",
+    "builtin_dir",
     "generate_concepts",
     "open_broden",
 ]

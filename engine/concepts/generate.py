@@ -24,6 +24,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -430,3 +431,19 @@ class _Stats:
             _write_csv(os.path.join(root, f"c_{cat}.csv"), header, rows)
         header = ["name", "first", "last", "count", "frequency"]
         _write_csv(os.path.join(root, "category.csv"), header, cats)
+
+
+def builtin_dir(n_images: int, image_size: int) -> Path:
+    """Where the built-in set of ``n_images`` images of ``image_size`` px lives in the user cache."""
+    from ..cache import default_cache_root
+
+    return default_cache_root() / "concepts" / f"builtin-{n_images}-{image_size}"
+
+
+def builtin_concepts(n_images: int = 2000, image_size: int = 112) -> Job[ConceptDataset]:
+    """The built-in concept set, generated on first use into the user cache (a job)."""
+    folder = builtin_dir(n_images, image_size)
+    if (folder / "index.csv").is_file():
+        yield Progress(1.0, f"built-in concepts from {folder}")
+        return open_broden(folder)
+    return (yield from generate_concepts(folder, n_images=n_images, image_size=image_size))

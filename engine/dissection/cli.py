@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from engine.types import ConvLensError
@@ -44,18 +43,6 @@ def add_parser(subparsers: Any, add_model_options: Callable[[argparse.ArgumentPa
                     help="images of the built-in concept set (default 2000)")
     sp.add_argument("--builtin-size", type=int, default=112,
                     help="image size of the built-in concept set (default 112)")
-
-
-def builtin_concepts(n_images: int, size: int, quiet: bool = False) -> Path:
-    """The built-in concept set's folder, generated on first use into the user cache."""
-    from engine.cache import default_cache_root
-    from engine.cli import run_job
-    from engine.concepts import generate_concepts
-
-    folder = default_cache_root() / "concepts" / f"builtin-{n_images}-{size}"
-    if not (folder / "index.csv").is_file():
-        run_job(generate_concepts(folder, n_images=n_images, image_size=size), "concepts", quiet)
-    return folder
 
 
 def cmd_dissect(a: argparse.Namespace) -> int:
@@ -89,8 +76,12 @@ def _dissect(a: argparse.Namespace) -> None:
     loaded, backend = open_model(spec)
     layers = parse_layers(a.layers, spec, backend)
     backend.check_capture(layers)
-    root = builtin_concepts(a.builtin_images, a.builtin_size, quiet) if a.concepts == "builtin" \
-        else Path(a.concepts)
+    if a.concepts == "builtin":
+        from engine.concepts import builtin_concepts
+
+        root = run_job(builtin_concepts(a.builtin_images, a.builtin_size), "concepts", quiet).root
+    else:
+        root = a.concepts
     concepts = open_broden(root, categories=categories)
     result = run_job(dissect(backend, loaded.sha256, concepts, layers, params), "dissect", quiet)
     out = write_report(result, concepts, a.out, backend=None if a.no_tiles else backend)

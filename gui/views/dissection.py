@@ -71,7 +71,6 @@ __all__ = [
     "DissectionFilterProxy",
     "DissectionTableModel",
     "DissectionView",
-    "builtin_concepts_dir",
     "report_target",
 ]
 
@@ -89,13 +88,6 @@ THUMB = 96
 _UNIT_OUTLINE = np.array([0, 255, 255], dtype=np.uint8)
 _CONCEPT_OUTLINE = np.array([255, 220, 0], dtype=np.uint8)
 _LAYER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-
-
-def builtin_concepts_dir(n_images: int, image_size: int) -> Path:
-    """Where the built-in concept set of ``n_images`` images of ``image_size`` px is cached."""
-    from engine.cache import default_cache_root
-
-    return default_cache_root() / "concepts" / f"builtin-{n_images}-{image_size}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,20 +515,18 @@ class DissectionView(View):
         if not builtin and not self._broden_folder:
             self.status.setText("Choose a Broden-layout folder first.")
             return None
-        source = (builtin_concepts_dir(self.n_images_spin.value(), self.size_spin.value()) if builtin
-                  else Path(self._broden_folder))
+        source = None if builtin else Path(self._broden_folder)
         n_images, size, params = self.n_images_spin.value(), self.size_spin.value(), self.params()
 
         def job(backend: Any, loaded: Any) -> Generator[Progress, None, tuple[Any, Any]]:
-            from engine.concepts import generate_concepts, open_broden
+            from engine.concepts import builtin_concepts, open_broden
             from engine.dissection.run import dissect
             from engine.jobs import subjob
 
             share = 0.0
-            if builtin and not (source / "index.csv").is_file():
+            if source is None:
                 share = 0.3
-                concepts = yield from subjob(generate_concepts(source, n_images=n_images, image_size=size),
-                                             0.0, share, "generating concepts: ")
+                concepts = yield from subjob(builtin_concepts(n_images, size), 0.0, share, "built-in concepts: ")
             else:
                 yield Progress(0.0, f"opening {source}")
                 concepts = open_broden(str(source))
