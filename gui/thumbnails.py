@@ -83,6 +83,10 @@ def _to_qimage(pil: Image.Image) -> QImage:
     return QImage(data, w, h, 3 * w, QImage.Format.Format_RGB888).convertToFormat(_THUMB_FORMAT)
 
 
+#: part of the disk-cache key: bump when :func:`_fit` changes what a thumbnail looks like
+FIT_VERSION = 2
+
+
 def _fit(pil: Image.Image, max_side: int, enlarge: bool = True) -> Image.Image:
     """``pil`` fitted in ``max_side`` x ``max_side``, aspect kept: shrunk smoothly, or enlarged
     by the largest whole factor with nearest-neighbour pixels (a 25 px crop stays legible and
@@ -298,7 +302,7 @@ def _thumbnail(path: str, size: int, disk_dir: Path | None) -> QImage | None:
             st = os.stat(path)
         except OSError:
             return None
-        key = f"{os.path.abspath(path)}\0{size}\0{st.st_mtime_ns}\0{st.st_size}"
+        key = f"{FIT_VERSION}\0{os.path.abspath(path)}\0{size}\0{st.st_mtime_ns}\0{st.st_size}"
         digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()
         cached = disk_dir / digest[:2] / f"{digest}.jpg"
         image = QImage(str(cached))

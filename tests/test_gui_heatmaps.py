@@ -101,6 +101,8 @@ def test_computing_state_then_grid(qtbot, ctx: AppContext) -> None:
         assert w.message.text().startswith("Computing activations of conv3")
     acts = w.activations("conv3")
     assert acts is not None and w.message.text() == ""
+    # no unit was chosen: the view picks the one most active on this image
+    assert ctx.selection.unit == int(np.argmax(acts.stats("conv3").max[0]))
     assert len(w.grid.ids) == 64 and not w.grid.image.isNull()
     assert w.layer_combo.currentText() == "conv3"
     assert [w.layer_combo.itemText(i) for i in range(w.layer_combo.count())] == [

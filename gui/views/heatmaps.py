@@ -736,11 +736,23 @@ class HeatmapsView(View):
 
     def _refresh(self) -> None:
         """Re-render everything for the current state (message, grid, overlay, strip)."""
+        self._pick_default_unit()
         self.threshold_value.setText(f"{self.threshold_slider.value()}%")
         self._show_status()
         self._render_grid()
         self._render_overlay()
         self._render_strip()
+
+    def _pick_default_unit(self) -> bool:
+        """With no unit chosen yet, choose the unit most active on the current image, so the
+        overlay and the unit's top images show something at once. True if it set one."""
+        sel = self.ctx.selection
+        acts = self._acts.get(sel.layer)
+        if sel.unit >= 0 or acts is None or not 0 <= sel.current_image < acts.n_images \
+                or not acts.valid[sel.current_image]:
+            return False
+        sel.unit = int(np.nanargmax(np.asarray(acts.stats(sel.layer).max[sel.current_image])))
+        return True
 
     def _show_status(self) -> None:
         text = self._status()
