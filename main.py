@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         from gui.app import run
 
         return run(args)
+    if args[0] == "figure":  # renders views: lives in gui, not in the headless engine CLI
+        from gui.figure import main as figure_main
+
+        return figure_main(args[1:])
     from engine.cli import main as cli_main
 
     return cli_main(args)

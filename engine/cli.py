@@ -271,7 +271,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convlens", description="See why your CNN decides what it decides. "
-                                "Without a command, opens the desktop app.")
+                                "Without a command, opens the desktop app.",
+                                epilog="convlens figure --view NAME ... exports any view of the app as PNG, "
+                                "SVG or PDF without a screen (see convlens figure --help).")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="command")
