@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from .types import ConvLensError
+
 CACHE_ENV = "CONVLENS_CACHE"
 
 
@@ -54,6 +56,11 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"cannot key {type(o).__name__}")
 
 
+def safe_name(name: str) -> str:
+    """A file-system-safe file or folder name for a layer or module path."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
@@ -80,19 +87,59 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+#: written into every folder :func:`atomic_dir` creates: only such folders are ever replaced
+OUTPUT_MARKER = ".convlens-output"
+
+
+class OutputFolderError(ConvLensError):
+    """An output folder that holds files ConvLens did not write (they are never deleted)."""
+
+
+def replaceable(folder: str | os.PathLike[str]) -> bool:
+    """True if ``folder`` is missing, empty, or an earlier ConvLens output (has the marker)."""
+    p = Path(folder)
+    if not p.exists():
+        return True
+    return p.is_dir() and (not any(p.iterdir()) or (p / OUTPUT_MARKER).is_file())
+
+
+def check_replaceable(folder: str | os.PathLike[str]) -> None:
+    if not replaceable(folder):
+        raise OutputFolderError(
+            f"{folder}: already exists and holds files ConvLens did not write; choose a new or empty "
+            "folder (nothing was changed)"
+        )
+
+
+def free_output_dir(folder: str | os.PathLike[str], name: str) -> Path:
+    """``folder`` if it may be replaced, else the first replaceable ``folder/name[-N]``."""
+    folder = Path(folder)
+    if replaceable(folder):
+        return folder
+    candidate, n = folder / name, 2
+    while not replaceable(candidate):
+        candidate, n = folder / f"{name}-{n}", n + 1
+    return candidate
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``final`` only if the block completes.
 
-    An existing ``final`` is replaced (the old one is moved aside first, then deleted), so a
-    re-run overwrites its earlier output only once the new one is whole.
+    ``final`` may be missing, empty, or an earlier output of this function (which marks its
+    folders with :data:`OUTPUT_MARKER`); anything else raises :class:`OutputFolderError` before
+    any work, so a user's own files are never deleted. An earlier output is replaced only once
+    the new one is whole.
     """
     final = Path(final)
+    check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by ConvLens; this folder is replaced when regenerated\n")
+        check_replaceable(final)  # the user may have put files there meanwhile
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"

@@ -6,7 +6,6 @@ Broden folder whose IoUs are computed by hand below, and the pretrained demo RNe
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -22,7 +21,6 @@ from PIL import Image
 from engine.backends import open_backend
 from engine.backends.torch_backend import TorchBackend
 from engine.cache import Cache
-from engine.cli import add_model_options
 from engine.concepts import ConceptDataset, generate_concepts, open_broden
 from engine.data.images import ImageLoader
 from engine.dissection import (
@@ -36,7 +34,6 @@ from engine.dissection import (
     write_report,
 )
 from engine.dissection import run
-from engine.dissection.cli import add_parser
 from engine.dissection.run import (
     concept_image_set,
     dissection_preprocess,
@@ -67,7 +64,7 @@ def rnet(rnet_spec):  # noqa: ANN001, ANN201
 def rnet_result(rnet, concepts: ConceptDataset, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
     loaded, backend = rnet
     cache = Cache(tmp_path_factory.mktemp("cache"))
-    return run_sync(dissect(backend, loaded.sha256, concepts, RNET_LAYERS, cache=cache)), cache
+    return run_sync(dissect(backend, loaded.cache_id, concepts, RNET_LAYERS, cache=cache)), cache
 
 
 def _model(tmp_path: Path, name: str, source: str, weights: dict[str, torch.Tensor],
@@ -79,7 +76,7 @@ def _model(tmp_path: Path, name: str, source: str, weights: dict[str, torch.Tens
     torch.save(weights, pt)
     spec = build_spec(str(pt), arch=f"{py}:Net", input_size=str(size), mean="0,0,0", std="1,1,1")
     loaded = load_model(spec)
-    return loaded.sha256, open_backend(loaded, device="cpu")  # type: ignore[return-value]
+    return loaded.cache_id, open_backend(loaded, device="cpu")  # type: ignore[return-value]
 
 
 COLOUR_NET = """
@@ -114,7 +111,7 @@ def test_colour_units_are_labelled_with_their_colour(concepts: ConceptDataset,
     assert (s.label_name[1], s.category_name[1]) == ("green", "color")
     assert s.iou[0] > 0.3 and s.iou[1] > 0.3 and s.is_detector.all()
     assert result.layers["act"].thresholds.tolist() == [np.float32(0.5), np.float32(0.5)]
-    assert result.summary_line("act") == "act: 2/2 units covering 2 concepts"
+    assert result.summary_line("act") == "act: 2/2 units are detectors covering 2 concepts"
 
 
 IDENTITY_NET = """
@@ -227,7 +224,7 @@ def test_equals_dense_tally_of_every_mask(rnet, rnet_result, concepts: ConceptDa
     union rules."""
     loaded, backend = rnet
     results = {"paper": rnet_result[0],
-               "lite": run_sync(dissect(backend, loaded.sha256, concepts, RNET_LAYERS,
+               "lite": run_sync(dissect(backend, loaded.cache_id, concepts, RNET_LAYERS,
                                         DissectionParams(mask_rule="lite"),
                                         cache=Cache(tmp_path / "c")))}
     cats = np.maximum(concepts.label_categories(), 0)
@@ -296,19 +293,19 @@ def test_repeat_comes_from_cache_and_cancel_leaves_nothing(rnet, rnet_result, co
                                                            tmp_path: Path, monkeypatch) -> None:
     loaded, backend = rnet
     first, cache = rnet_result
-    again = run_sync(dissect(backend, loaded.sha256, concepts, RNET_LAYERS, cache=cache))
+    again = run_sync(dissect(backend, loaded.cache_id, concepts, RNET_LAYERS, cache=cache))
     assert again.from_cache and not first.from_cache
     _same(first, again)
     _same(first, load_result(save_result(first, tmp_path / "saved")))
 
     # Pass 2 running the model again (activations not kept in memory) gives the same result.
     monkeypatch.setattr(run, "_KEEP_BYTES", 0)
-    rerun = run_sync(dissect(backend, loaded.sha256, concepts, RNET_LAYERS,
+    rerun = run_sync(dissect(backend, loaded.cache_id, concepts, RNET_LAYERS,
                              DissectionParams(batch_size=7), cache=Cache(tmp_path / "rerun")))
     _same(first, replace(rerun, params=first.params))
 
     fresh = Cache(tmp_path / "fresh")
-    job = dissect(backend, loaded.sha256, concepts, RNET_LAYERS,
+    job = dissect(backend, loaded.cache_id, concepts, RNET_LAYERS,
                   DissectionParams(batch_size=8), cache=fresh)
     messages = [next(job).message for _ in range(6)]
     job.close()
@@ -338,12 +335,10 @@ def test_report_files(rnet, rnet_result, concepts: ConceptDataset, tmp_path: Pat
 
 
 def _cli(argv: list[str]) -> int:
-    """The ``dissect`` command on a parser of its own, as engine.cli's main runs commands."""
-    parser = argparse.ArgumentParser(prog="convlens")
-    parser.add_argument("-q", "--quiet", action="store_true")
-    add_parser(parser.add_subparsers(dest="command"), add_model_options)
-    a = parser.parse_args(argv)
-    return a.func(a)
+    """``convlens dissect`` through the real command line."""
+    from engine.cli import main
+
+    return main(argv)
 
 
 def test_cli_dissect(rnet_spec, concepts: ConceptDataset, tmp_path: Path, monkeypatch,  # noqa: ANN001
@@ -353,12 +348,29 @@ def test_cli_dissect(rnet_spec, concepts: ConceptDataset, tmp_path: Path, monkey
     base = ["dissect", "--model", rnet_spec.path, "--concepts", concepts.root, "--out", str(out)]
     assert _cli(base + ["--layers", "conv2,conv3", "--rule", "lite"]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"conv2: \d+/48 units covering \d+ concepts", err)
+    assert re.search(r"conv2: \d+/48 units are detectors covering \d+ concepts", err)
     assert all((out / f).is_file() for f in ("dissection.csv", "summary.json", "layers.svg",
                                              "index.html", "tiles/conv3/unit_63.png"))
     assert json.loads((out / "summary.json").read_text())["params"]["mask_rule"] == "lite"
     assert _cli(base + ["--layers", "conv2,nope"]) == 1
     assert "'nope'" in capsys.readouterr().err
+
+
+def test_cli_dissect_never_replaces_a_folder_of_the_users(rnet_spec, concepts: ConceptDataset, tmp_path: Path,  # noqa: ANN001
+                                                          monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    mine = tmp_path / "Documents"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("three years of work")
+    argv = ["dissect", "--model", rnet_spec.path, "--concepts", concepts.root, "--layers", "conv3", "--no-tiles"]
+    assert _cli([*argv, "--out", str(mine)]) == 1
+    err = capsys.readouterr().err
+    assert str(mine) in err and "did not write" in err and "Traceback" not in err
+    assert (mine / "thesis.txt").read_text() == "three years of work" and len(list(mine.iterdir())) == 1
+    # its own earlier report is replaced on a re-run
+    out = tmp_path / "report"
+    assert _cli([*argv, "--out", str(out)]) == 0 and _cli([*argv, "--out", str(out)]) == 0
+    assert (out / "index.html").is_file()
 
 
 def test_float32_cut_matches_float64_comparison() -> None:

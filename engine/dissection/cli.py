@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from engine.types import ConvLensError
 
 
 def add_parser(subparsers: Any, add_model_options: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -46,14 +45,10 @@ def add_parser(subparsers: Any, add_model_options: Callable[[argparse.ArgumentPa
 
 
 def cmd_dissect(a: argparse.Namespace) -> int:
-    """Run ``convlens dissect``; ConvLensError becomes exit code 1 with its message."""
-    from engine.cli import EXIT_INPUT, EXIT_OK
+    """Run ``convlens dissect`` (engine.cli.main turns a ConvLensError into exit code 1)."""
+    from engine.cli import EXIT_OK
 
-    try:
-        _dissect(a)
-    except ConvLensError as e:
-        print(f"convlens: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
+    _dissect(a)
     return EXIT_OK
 
 
@@ -83,7 +78,7 @@ def _dissect(a: argparse.Namespace) -> None:
     else:
         root = a.concepts
     concepts = open_broden(root, categories=categories)
-    result = run_job(dissect(backend, loaded.sha256, concepts, layers, params), "dissect", quiet)
+    result = run_job(dissect(backend, loaded.cache_id, concepts, layers, params), "dissect", quiet)
     out = write_report(result, concepts, a.out, backend=None if a.no_tiles else backend)
     if not quiet:
         for name in result.layers:

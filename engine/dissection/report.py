@@ -8,7 +8,7 @@ folder, atomically (a failed run leaves the previous report, or nothing):
 
 - ``dissection.csv``: one row per unit (:meth:`DissectionResult.to_rows`);
 - ``thresholds.csv``: layer, unit, ``T_k``;
-- ``summary.json``: per layer "N/M units covering K concepts", detectors and unique concepts
+- ``summary.json``: per layer "N/M units are detectors covering K concepts", detectors and unique concepts
   per category, timings;
 - ``tiles/<layer>/unit_<k>.png`` (with a backend): the unit's top images in a row, the mask
   region bright and outlined, the rest dimmed, captioned with label and IoU;
@@ -50,9 +50,7 @@ _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#
 _OUTLINE = (255, 230, 0)
 
 
-def layer_folder(layer: str) -> str:
-    """A file-system-safe folder name for a layer."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer)
+from engine.cache import safe_name as layer_folder
 
 
 def write_report(result: DissectionResult, concepts: ConceptDataset, out_dir: str | Path, *,

@@ -530,7 +530,7 @@ class DissectionView(View):
             else:
                 yield Progress(0.0, f"opening {source}")
                 concepts = open_broden(str(source))
-            result = yield from subjob(dissect(backend, loaded.sha256, concepts, layers, params), share, 1.0)
+            result = yield from subjob(dissect(backend, loaded.cache_id, concepts, layers, params), share, 1.0)
             return result, concepts
 
         handle = session.run("Network Dissection", job, key="dissection", on_done=self._finished)
@@ -602,8 +602,7 @@ class DissectionView(View):
         """Per dissected layer: "conv3: 12/64 units are detectors covering 9 concepts"."""
         if self.result is None:
             return []
-        return [f"{name}: {ld.summary.n_detectors}/{ld.units} units are detectors covering "
-                f"{ld.summary.n_unique_concepts} concepts" for name, ld in self.result.layers.items()]
+        return [self.result.summary_line(name) for name in self.result.layers]
 
     def _draw_chart(self) -> None:
         result = self.result
@@ -754,17 +753,9 @@ class DissectionView(View):
 
 def report_target(folder: Path) -> Path:
     """``folder`` if writing a report may replace it, else a fresh subfolder of it."""
+    from engine.cache import free_output_dir
 
-    def replaceable(p: Path) -> bool:
-        return not p.exists() or (p.is_dir() and (not any(p.iterdir()) or (
-            (p / "index.html").is_file() and (p / "summary.json").is_file())))
-
-    if replaceable(folder):
-        return folder
-    candidate, n = folder / "dissection-report", 2
-    while not replaceable(candidate):
-        candidate, n = folder / f"dissection-report-{n}", n + 1
-    return candidate
+    return free_output_dir(folder, "dissection-report")
 
 
 def _masked_concept_thumbs(backend: Any, concepts: Any, indices: Sequence[int], layer: str, unit: int,
