@@ -156,7 +156,7 @@ def _extract_for(a: argparse.Namespace, layers_arg: str | None, with_layers: boo
     images = open_image_set(a.images)
     loaded, backend = open_model(spec)
     layers = parse_layers(layers_arg, spec, backend) if with_layers else []
-    acts = run_job(extract(backend, loaded.sha256, images, layers, batch_size=a.batch_size,
+    acts = run_job(extract(backend, loaded.cache_id, images, layers, batch_size=a.batch_size,
                            store_maps=not getattr(a, "no_maps", False)), "extract", a.quiet)
     return spec, loaded, backend, acts
 
@@ -229,7 +229,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     loaded = load_model(spec)
     backend = open_backend(loaded)
     images = open_image_set(image_dir)
-    acts = run_job(extract(backend, loaded.sha256, images, list(DEMO_LAYERS)), "demo", a.quiet)
+    acts = run_job(extract(backend, loaded.cache_id, images, list(DEMO_LAYERS)), "demo", a.quiet)
     preds = predictions_from(acts, spec)
     out = Path(a.out)
     preds.write_csv(out / "predictions.csv")
@@ -321,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return a.func(a)
     except ConvLensError as e:
         print(f"convlens: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as e:  # an output path that cannot be written: read-only, full, a file in the way
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"convlens: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("convlens: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ tensor on both backends. Otherwise a layer is a node's output tensor, named as i
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import os
 import re
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import numpy as np
 from ..types import LayerInfo, ModelSpec
 from .base import Backend, BackendError, ForwardResult
 
-_FLOAT = 1  # onnx.TensorProto.FLOAT
+MAX_SESSIONS = 3
 
 
 def _scope_path(node_name: str) -> str:
@@ -65,7 +66,11 @@ class OnnxBackend(Backend):
         self.spec = spec
         self.path = onnx_path
         self._ort = ort
-        model = onnx.load(onnx_path)
+        try:
+            model = onnx.load(onnx_path)
+        except Exception as e:  # noqa: BLE001 - e.g. missing external weight files
+            raise BackendError(f"{onnx_path}: cannot read the model or its external data "
+                               f"({' '.join(str(e).split())[:300]})") from e
         try:
             model = onnx.shape_inference.infer_shapes(model)
         except Exception:  # noqa: BLE001 - shapes then come from the dry run alone
@@ -109,13 +114,16 @@ class OnnxBackend(Backend):
                 if node.op_type != "Constant" and node.output and node.output[0] not in graph_outputs:
                     self._tensor_of[node.output[0]] = node.output[0]
                     self._kind_of[node.output[0]] = node.op_type
-        self._sessions: dict[tuple[str, ...], Any] = {}
+        # each session holds the weights: keep the few most recent capture sets only
+        self._sessions: OrderedDict[tuple[str, ...], Any] = OrderedDict()
 
     def layer_names(self) -> list[str]:
         return list(self._tensor_of)
 
     def _session(self, tensors: tuple[str, ...]) -> Any:
-        if tensors not in self._sessions:
+        if tensors in self._sessions:
+            self._sessions.move_to_end(tensors)
+        else:
             import onnx
 
             model = self._model
@@ -137,6 +145,8 @@ class OnnxBackend(Backend):
                 )
             except Exception as e:  # noqa: BLE001
                 raise BackendError(f"{self.path}: ONNX Runtime cannot run this model ({' '.join(str(e).split())[:300]})") from e
+            while len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
         return self._sessions[tensors]
 
     def forward(self, batch: np.ndarray, capture: Sequence[str] = (), _check: bool = True) -> ForwardResult:
