@@ -81,7 +81,7 @@ def side_convlens(concepts_dir: Path, weights: Path, size: int, out: Path) -> di
     loaded, backend = _open(weights, size)
     concepts = open_broden(concepts_dir)
     cache = Cache(out / "cache")
-    result = run_sync(dissect(backend, loaded.sha256, concepts, LAYERS, cache=cache))
+    result = run_sync(dissect(backend, loaded.cache_id, concepts, LAYERS, cache=cache))
     wall = time.perf_counter() - t0
     for name, ld in result.layers.items():
         np.save(out / f"iou_{name}.npy", ld.iou)

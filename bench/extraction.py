@@ -110,7 +110,7 @@ def main() -> None:
 
             def run_extract() -> None:
                 with tempfile.TemporaryDirectory(dir=tmp) as c:
-                    run_sync(extract(tb, loaded.sha256, images, layers, batch_size=a.batch, cache=Cache(c)))
+                    run_sync(extract(tb, loaded.cache_id, images, layers, batch_size=a.batch, cache=Cache(c)))
 
             t_ext = timed(run_extract, a.repeats)
             bare_ort(ob, images, a.batch)

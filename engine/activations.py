@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends.base import Backend, LayerSummaries
-from .cache import Cache, load_array, make_key, read_meta, write_meta
+from .cache import Cache, atomic_write_text, load_array, make_key, read_meta, safe_name, write_meta
 from .data.images import ImageLoader, ImageSet
 from .jobs import Job
 from .types import ConvLensError, LayerInfo, Progress
@@ -93,8 +93,7 @@ class Activations:
             raise ConvLensError(f"layer '{layer}' was not extracted (have: {', '.join(self.layers)})")
 
 
-def _fname(layer: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer)
+_fname = safe_name
 
 
 def extraction_key(backend: Backend, model_sha: str, image_set: ImageSet, layers: Sequence[str],
@@ -240,25 +239,22 @@ class _LayerWriter:
 def write_unit_tables(acts: Activations, out_dir: Path) -> list[Path]:
     """Per layer: ``<layer>_units.csv`` (unit, mean of max, mean, top image paths) and JSON top-k."""
     import csv
+    import io
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     records = acts.image_set.records
     for name in acts.layers:
         st = acts.stats(name)
         ok = acts.valid
-        path = out_dir / f"{_fname(name)}_units.csv"
-        with open(path, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["unit", "max_of_max", "mean_of_max", "mean_of_mean", "top_images"])
-            for u in range(st.max.shape[1]):
-                tops = [records[i].path for i in st.top_images[u] if i >= 0][:5]
-                w.writerow([u, f"{np.nanmax(st.max[ok, u]):.6g}", f"{np.nanmean(st.max[ok, u]):.6g}",
-                            f"{np.nanmean(st.mean[ok, u]):.6g}", ";".join(tops)])
-        written.append(path)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["unit", "max_of_max", "mean_of_max", "mean_of_mean", "top_images"])
+        for u in range(st.max.shape[1]):
+            tops = [records[i].path for i in st.top_images[u] if i >= 0][:5]
+            w.writerow([u, f"{np.nanmax(st.max[ok, u]):.6g}", f"{np.nanmean(st.max[ok, u]):.6g}",
+                        f"{np.nanmean(st.mean[ok, u]):.6g}", ";".join(tops)])
+        written.append(atomic_write_text(out_dir / f"{_fname(name)}_units.csv", buf.getvalue()))
         top = {str(u): [{"image": records[i].path, "max": float(v)} for i, v in zip(st.top_images[u], st.top_values[u])
                         if i >= 0] for u in range(st.top_images.shape[0])}
-        jpath = out_dir / f"{_fname(name)}_top.json"
-        jpath.write_text(json.dumps(top, indent=1))
-        written.append(jpath)
+        written.append(atomic_write_text(out_dir / f"{_fname(name)}_top.json", json.dumps(top, indent=1)))
     return written

@@ -149,29 +149,32 @@ class Session(QObject):
         def fn(backend: Any, loaded: Any) -> Generator[Progress, None, Any]:
             from engine.activations import extract
 
-            return (yield from extract(backend, loaded.sha256, images, list(layers)))
+            return (yield from extract(backend, loaded.cache_id, images, list(layers)))
 
         return self.run(title or f"Extract {', '.join(layers) or 'predictions'}", fn, key=key, on_done=on_done)
 
     def _refresh_predictions(self) -> None:
-        if self._backend is None or self.selection.images is None:
+        images = self.selection.images
+        if self._backend is None or images is None or self.model is None:
             return
-        spec = self.model.spec if self.model else None
+        spec = self.model.spec
 
-        def done(acts: Any) -> None:
+        def fn(backend: Any, loaded: Any) -> Generator[Progress, None, tuple[Any, Any]]:
+            from engine.activations import extract
             from engine.predict import predictions_from
 
-            self.predictions_from_cache = acts.from_cache
-            try:
-                self.predictions = predictions_from(acts, spec)
-            except Exception as e:  # noqa: BLE001 - e.g. class names that do not fit the outputs
-                self.status.emit(_message(e))
-                return
+            acts = yield from extract(backend, loaded.cache_id, images, [])
+            return acts.from_cache, predictions_from(acts, spec)  # softmax over (N, K) here, not on the GUI
+
+        def done(result: tuple[bool, Any]) -> None:
+            self.predictions_from_cache, self.predictions = result
             self.predictions_changed.emit(self.predictions)
             acc = self.predictions.accuracy
             self.status.emit("Predictions ready" + ("" if acc is None else f": accuracy {acc:.1%}"))
 
-        self.extract([], key="predictions", on_done=done, title="Predict")
+        handle = self.run("Predict", fn, key="predictions", on_done=done)
+        if handle is not None:
+            handle.failed.connect(lambda e: self.status.emit(_message(e)))
 
     def shutdown(self) -> None:
         """Release the model; call after the runner has stopped."""

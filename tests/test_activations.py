@@ -26,7 +26,7 @@ def rnet(demo):  # noqa: ANN001, ANN201
 def test_extraction_values_stats_and_topk_are_exact(rnet, demo_images: Path, cache) -> None:  # noqa: ANN001
     loaded, be = rnet
     images = open_image_set(demo_images)
-    acts = run_sync(extract(be, loaded.sha256, images, ["conv1", "conv3", "dense4"], batch_size=48, cache=cache))
+    acts = run_sync(extract(be, loaded.cache_id, images, ["conv1", "conv3", "dense4"], batch_size=48, cache=cache))
     assert acts.n_images == 200 and acts.valid.all() and not acts.from_cache
     # reference: a plain forward over the same preprocessed batches
     ref = {n: [] for n in ("conv1", "conv3", "dense4")}
@@ -52,18 +52,18 @@ def test_second_run_comes_from_cache_and_key_tracks_the_images(rnet, demo_images
     folder = tmp_path / "imgs"
     shutil.copytree(demo_images, folder)
     images = open_image_set(folder)
-    first = run_sync(extract(be, loaded.sha256, images, ["conv2"], cache=cache))
-    second = run_sync(extract(be, loaded.sha256, open_image_set(folder), ["conv2"], cache=cache))
+    first = run_sync(extract(be, loaded.cache_id, images, ["conv2"], cache=cache))
+    second = run_sync(extract(be, loaded.cache_id, open_image_set(folder), ["conv2"], cache=cache))
     assert second.from_cache and second.folder == first.folder
     img = folder / "face" / "000.png"
     Image.fromarray(np.zeros((25, 25), np.uint8)).save(img)  # the user edits an image
-    third = run_sync(extract(be, loaded.sha256, open_image_set(folder), ["conv2"], cache=cache))
+    third = run_sync(extract(be, loaded.cache_id, open_image_set(folder), ["conv2"], cache=cache))
     assert third.folder != first.folder
 
 
 def test_cancel_midway_leaves_no_entry(rnet, demo_images: Path, cache) -> None:  # noqa: ANN001
     loaded, be = rnet
-    job = extract(be, loaded.sha256, open_image_set(demo_images), ["conv1"], batch_size=16, cache=cache)
+    job = extract(be, loaded.cache_id, open_image_set(demo_images), ["conv1"], batch_size=16, cache=cache)
     next(job), next(job), next(job)
     job.close()
     kinds = cache.root / "activations"
@@ -80,7 +80,7 @@ def test_unreadable_files_are_skipped_and_counted(rnet, tmp_path: Path, cache, c
     (tmp_path / "face" / "notes.png").write_text("not an image")
     Image.new("RGB", (1, 1)).save(tmp_path / "face" / "tiny.png")
     images = open_image_set(tmp_path)
-    acts = run_sync(extract(be, loaded.sha256, images, ["conv1"], cache=cache))
+    acts = run_sync(extract(be, loaded.cache_id, images, ["conv1"], cache=cache))
     assert acts.valid.sum() == 5 and len(acts.skipped) == 2
     reasons = dict(acts.skipped)
     assert any("notes.png" in p for p in reasons) and any("tiny.png" in p for p in reasons)

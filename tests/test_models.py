@@ -210,3 +210,21 @@ def test_toml_model_config_round_trip_and_precedence(rnet_spec, tmp_path: Path) 
         build_spec(str(ckpt), config=str(tmp_path / "bad.toml"))
     with pytest.raises(ConfigError, match="0, 1"):
         build_spec(str(ckpt), mean="127.5")
+
+
+def test_cache_identity_follows_the_users_architecture_code(tmp_path: Path) -> None:
+    code = tmp_path / "mynet.py"
+    code.write_text("import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                    "        self.conv = torch.nn.Conv2d(3, 4, 3)\n    def forward(self, x):\n        return self.conv(x).mean((2, 3))\n")
+    weights = tmp_path / "net.pt"
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("mynet_t", code)
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)  # type: ignore[union-attr]
+    torch.save(mod.Net().state_dict(), weights)
+    spec = build_spec(str(weights), arch=f"{code}:Net", input_size="16")
+    first = load_model(spec).cache_id
+    assert load_model(spec).cache_id == first
+    code.write_text(code.read_text().replace(".mean((2, 3))", ".amax((2, 3))"))  # the user edits forward()
+    assert load_model(spec).cache_id != first

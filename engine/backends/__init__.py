@@ -131,7 +131,7 @@ def open_backend(loaded: LoadedModel, backend: str | None = None, device: str | 
         from .onnx_backend import OnnxBackend
 
         folder = Path(onnx_dir) if onnx_dir else Cache().root / "onnx"
-        target = folder / f"{make_key(loaded.sha256, spec.arch, spec.preprocess.input_size)}.onnx"
+        target = folder / f"{make_key(loaded.cache_id, spec.preprocess.input_size, spec.preprocess.n_channels)}.onnx"
         if not target.is_file():
             export_onnx(loaded, target)
         return OnnxBackend(str(target), spec, device)

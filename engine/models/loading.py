@@ -56,6 +56,20 @@ class LoadedModel:
         return Path(self.spec.path).name
 
     @property
+    def cache_id(self) -> str:
+        """What identifies this model's computations in caches: the weights' hash, and for a
+        state dict the architecture (with the contents of a user's own ``file.py``) and the
+        options that change what gets built."""
+        if self.format not in ("state_dict", "safetensors"):
+            return self.sha256
+        from ..cache import make_key
+
+        arch = self.spec.arch or ""
+        target = arch.rpartition(":")[0]
+        code = file_sha256(target) if target.endswith(".py") and Path(target).is_file() else ""
+        return make_key(self.sha256, arch, code, self.spec.num_classes, self.spec.strict)
+
+    @property
     def is_torch(self) -> bool:
         return self.format in TORCH_FORMATS
 
