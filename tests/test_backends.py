@@ -89,3 +89,16 @@ def test_unknown_layer_and_wrong_shape_are_clear(demo) -> None:  # noqa: ANN001
         be.forward(np.zeros((1, 3, 48, 48), np.float32))  # dense4 expects 576 features
     with pytest.raises(BackendError, match="CUDA is not available") if not torch.cuda.is_available() else pytest.raises(Exception):
         open_backend(load_model(demo[0]), "torch", "cuda")
+
+
+def test_layer_gradients_see_values_before_an_inplace_relu(resnet_path: Path) -> None:
+    loaded = load_model(build_spec(str(resnet_path), arch="resnet18", input_size="64"))
+    be = open_backend(loaded, "torch", "cpu")
+    x = np.random.default_rng(3).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    act, grad = be.layer_gradients(x, "bn1", 4)
+    np.testing.assert_allclose(act, be.forward(x, ["bn1"]).activations["bn1"], rtol=1e-5, atol=1e-5)
+    assert (act < 0).any()  # bn1 is followed by ReLU(inplace=True): the kept value is pre-ReLU
+    # the gradient through the ReLU is zero exactly where bn1 is negative
+    assert np.all(grad[act < 0] == 0) and np.abs(grad[act > 0]).sum() > 0
+    # and the model's output is unchanged by the capture
+    np.testing.assert_allclose(be.forward(x).outputs[0], be.forward(x, ["bn1"]).outputs[0], rtol=1e-6)

@@ -260,15 +260,25 @@ class TorchBackend(Backend):
         x = self.to_tensor(batch)
         store: dict[str, torch.Tensor] = {}
 
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            t.retain_grad()
-            return t
+        def keep(_m: torch.nn.Module, _i: Any, out: Any) -> Any:
+            if not isinstance(out, torch.Tensor):
+                raise BackendError(f"{self.spec.path}: layer '{layer}' returns {type(out).__name__}, not a tensor")
+            # keep a copy and let the network go on with a copy of that copy: a later in-place
+            # op (ReLU(inplace=True)) alters neither the value kept nor its gradient
+            kept = out.clone()
+            kept.retain_grad()
+            store[layer] = kept
+            return kept.clone()
 
-        with torch.enable_grad(), self.hooks([layer], store, keep):
-            out = flatten_outputs(self.module(x))[self.spec.output_index]
-            out = out.reshape(out.shape[0], -1)
-            idx = torch.as_tensor(np.broadcast_to(np.asarray(target), (out.shape[0],)).copy(), device=out.device)
-            out.gather(1, idx[:, None]).sum().backward()
+        handle = self._modules[layer].register_forward_hook(keep)
+        try:
+            with torch.enable_grad():
+                out = flatten_outputs(self.module(x))[self.spec.output_index]
+                out = out.reshape(out.shape[0], -1)
+                idx = torch.as_tensor(np.broadcast_to(np.asarray(target), (out.shape[0],)).copy(), device=out.device)
+                out.gather(1, idx[:, None]).sum().backward()
+        finally:
+            handle.remove()
         act = store[layer]
         if act.grad is None:
             raise BackendError(f"{self.spec.path}: layer '{layer}' does not influence output {self.spec.output_index}")
