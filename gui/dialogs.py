@@ -177,6 +177,7 @@ class OpenModelDialog(QDialog):
         if spec.classes:
             self.classes.setText(", ".join(spec.classes))
         self.backend.setCurrentText(spec.backend)
+        self.device.setCurrentText(spec.device)
         self.strict.setChecked(spec.strict)
 
     # ------------------------------------------------------------------ loading

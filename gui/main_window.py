@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (
     QInputDialog,
     QLabel,
     QMainWindow,
+    QMenu,
     QMessageBox,
     QProgressBar,
     QWidget,
@@ -172,11 +173,10 @@ class MainWindow(QMainWindow):
 
     def show_shortcuts(self) -> None:
         rows = []
-        for menu in self.menuBar().findChildren(type(self.menuBar().addMenu("x"))):
+        for menu in self.menuBar().findChildren(QMenu):
             for act in menu.actions():
                 if act.shortcut().toString():
                     rows.append(f"<tr><td>{act.text().replace('&', '')}</td><td><b>{act.shortcut().toString()}</b></td></tr>")
-        self.menuBar().actions()[-1].menu()  # keep Help last
         QMessageBox.information(self, "Keyboard shortcuts", "<table>" + "".join(dict.fromkeys(rows)) + "</table>")
 
     def show_about(self) -> None:
@@ -360,7 +360,11 @@ class MainWindow(QMainWindow):
             self.save_project(path)
 
     def save_project(self, path: str) -> None:
-        project.save(path, self.project_state())
+        try:
+            project.save(path, self.project_state())
+        except OSError as e:
+            self._error("Could not save the project", f"{path}: {e.strerror or e}")
+            return
         self.project_path = path
         self._add_recent("project", path)
         self.statusBar().showMessage(f"Saved {path}", 5000)
@@ -477,6 +481,8 @@ class MainWindow(QMainWindow):
         self.settings.setValue("window/state", self.saveState())
         for view in self.views.values():
             view.shutdown()
-        self.runner.shutdown(5000)
-        self.session.shutdown()
+        # release the model only once no job can still be using it: a job stuck in a long
+        # forward pass keeps it, and the daemon worker ends with the process
+        if self.runner.shutdown(5000):
+            self.session.shutdown()
         super().closeEvent(event)

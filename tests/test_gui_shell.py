@@ -153,3 +153,34 @@ def test_drop_of_an_unknown_file_is_explained(window: MainWindow, tmp_path: Path
     odd.write_text("x")
     window.open_path(str(odd))
     assert "notes.docx" in window.statusBar().currentMessage()
+
+
+def test_closing_with_a_running_job_cancels_it_cleanly(qtbot, window: MainWindow, demo) -> None:  # noqa: ANN001
+    import time
+
+    from engine.types import Progress
+
+    state = {"started": False, "cleaned": False, "steps": 0}
+
+    def long_job():  # noqa: ANN202
+        state["started"] = True
+        try:
+            for i in range(10_000):
+                time.sleep(0.01)
+                state["steps"] += 1
+                yield Progress(i / 10_000, "working")
+        finally:
+            state["cleaned"] = True
+
+    window.runner.submit("Long job", long_job)
+    qtbot.waitUntil(lambda: state["steps"] > 3, timeout=10_000)
+    t0 = time.perf_counter()
+    window.close()
+    assert time.perf_counter() - t0 < 2.0
+    assert state["cleaned"] and state["steps"] < 10_000
+
+
+def test_dropping_a_folder_opens_it_as_images(qtbot, window: MainWindow, demo_images: Path) -> None:
+    with qtbot.waitSignal(window.selection.images_changed, timeout=LOAD_MS):
+        window.open_path(str(demo_images))  # what dropEvent calls for each dropped URL
+    assert len(window.selection.images) == 200 and window.status_images.text() == "200 images"

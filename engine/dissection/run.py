@@ -158,10 +158,10 @@ class DissectionResult:
     from_cache: bool = False
 
     def summary_line(self, layer: str) -> str:
-        """``"layer4: 12/512 units covering 9 concepts"`` (the paper's per-layer count)."""
+        """``"layer4: 12/512 units are detectors covering 9 concepts"`` (the paper's per-layer count)."""
         s = self.layers[layer].summary
         return (
-            f"{layer}: {s.n_detectors}/{self.layers[layer].units} units covering "
+            f"{layer}: {s.n_detectors}/{self.layers[layer].units} units are detectors covering "
             f"{s.n_unique_concepts} concepts"
         )
 
