@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
-from PySide6.QtCore import QObject, QPointF, Qt, Signal, Slot
+from PySide6.QtCore import QObject, QPointF, Signal, Slot
 from PySide6.QtGui import QColor, QImage, QPainter, QPen
 
 from engine.cache import default_cache_root

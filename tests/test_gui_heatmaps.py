@@ -20,7 +20,8 @@ from gui.export import export_widget
 from gui.jobs import JobHandle, JobRunner
 from gui.selection import Selection
 from gui.session import Session
-from gui.views.heatmaps import HeatmapsView, bilinear_weights, compose_tiles, mask_outline, upsample
+from gui.tiles import bilinear_weights, compose_tiles, mask_outline, upsample
+from gui.views.heatmaps import HeatmapsView
 
 LAYER = "conv2"  # RNet: 48 units of 9 x 9
 

@@ -64,7 +64,7 @@ from engine.types import Progress
 from ..context import AppContext
 from ..jobs import JobHandle
 from .base import View
-from .heatmaps import TileMosaic, mask_outline
+from ..tiles import TileMosaic, mask_outline
 
 __all__ = [
     "COLUMNS",
