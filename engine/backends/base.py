@@ -15,6 +15,11 @@ class BackendError(ConvLensError):
     """A model that cannot run as asked (unknown layer, wrong input shape, ...)."""
 
 
+def forward_error(path: str, shape: tuple[int, ...], e: BaseException) -> BackendError:
+    """The one message for a model that fails on a batch: the file, the batch shape, the cause."""
+    return BackendError(f"{path}: the model failed on a batch of shape {tuple(shape)}: {' '.join(str(e).split())[:300]}")
+
+
 @dataclass
 class ForwardResult:
     """Every model output (a tuple output is flattened) and the captured activations."""

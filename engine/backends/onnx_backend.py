@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..types import LayerInfo, ModelSpec
-from .base import Backend, BackendError, ForwardResult
+from .base import Backend, BackendError, ForwardResult, forward_error
 
 MAX_SESSIONS = 3
 
@@ -159,10 +159,7 @@ class OnnxBackend(Backend):
         try:
             values = sess.run(names, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         except Exception as e:  # noqa: BLE001
-            raise BackendError(
-                f"{self.path}: the model failed on a batch of shape {tuple(batch.shape)} "
-                f"({' '.join(str(e).split())[:300]})"
-            ) from None
+            raise forward_error(self.path, batch.shape, e) from None
         by_name = dict(zip(names, values, strict=True))
         outs = [np.asarray(by_name[n], dtype=np.float32) for n in self.output_names]
         acts = {c: np.asarray(by_name[self._tensor_of[c]], dtype=np.float32) for c in capture}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..types import LayerInfo, ModelSpec
-from .base import Backend, BackendError, ForwardResult, LayerSummaries
+from .base import Backend, BackendError, ForwardResult, LayerSummaries, forward_error
 
 
 def resolve_device(device: str) -> torch.device:
@@ -210,8 +210,7 @@ class TorchBackend(Backend):
         try:
             outs, acts = self.forward_tensors(x, capture)
         except RuntimeError as e:
-            raise BackendError(f"{self.spec.path}: the model failed on a batch of shape {tuple(batch.shape)}: "
-                               f"{' '.join(str(e).split())[:300]}") from None
+            raise forward_error(self.spec.path, batch.shape, e) from None
         return ForwardResult(
             [o.detach().float().cpu().numpy() for o in outs],
             {k: v.detach().float().cpu().numpy() for k, v in acts.items()},
@@ -233,8 +232,7 @@ class TorchBackend(Backend):
             with torch.inference_mode(), self.hooks(capture, store, reduce):
                 outs = flatten_outputs(self.module(x))
         except RuntimeError as e:
-            raise BackendError(f"{self.spec.path}: the model failed on a batch of shape {tuple(batch.shape)}: "
-                               f"{' '.join(str(e).split())[:300]}") from None
+            raise forward_error(self.spec.path, batch.shape, e) from None
         out = outs[self.spec.output_index] if -len(outs) <= self.spec.output_index < len(outs) else None
         if out is None:
             raise BackendError(f"{self.spec.path}: output_index {self.spec.output_index} but the model returns "

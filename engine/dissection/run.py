@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.backends.base import Backend, BackendError
+from engine.backends.base import Backend, forward_error
 from engine.backends.torch_backend import TorchBackend
 from engine.cache import Cache, load_array, make_key, read_meta, write_meta
 from engine.concepts import ConceptDataset, ConceptSample, open_broden
@@ -226,10 +226,7 @@ def forward_batch(backend: Backend, batch: np.ndarray, layers: Sequence[str],
         try:
             _, acts = backend.forward_tensors(backend.to_tensor(batch), layers)
         except RuntimeError as e:
-            raise BackendError(
-                f"{backend.spec.path}: the model failed on a batch of shape {tuple(batch.shape)}: "
-                f"{' '.join(str(e).split())[:300]}"
-            ) from None
+            raise forward_error(backend.spec.path, batch.shape, e) from None
         return {n: acts[n].to(device, torch.float32) for n in layers}
     res = backend.forward(batch, capture=layers)
     return {n: torch.from_numpy(res.activations[n]).to(device, torch.float32) for n in layers}
