@@ -102,3 +102,17 @@ def test_layer_gradients_see_values_before_an_inplace_relu(resnet_path: Path) ->
     assert np.all(grad[act < 0] == 0) and np.abs(grad[act > 0]).sum() > 0
     # and the model's output is unchanged by the capture
     np.testing.assert_allclose(be.forward(x).outputs[0], be.forward(x, ["bn1"]).outputs[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fixed", [1, 2])
+def test_onnx_exported_for_a_fixed_batch_runs_any_batch(fixed: int, demo, tmp_path: Path) -> None:  # noqa: ANN001
+    loaded = load_model(demo[0])
+    path = tmp_path / f"rnet_b{fixed}.onnx"
+    torch.onnx.export(loaded.module, (torch.zeros(fixed, 3, 24, 24),), str(path), dynamo=False)  # no dynamic axes
+    be = open_backend(load_model(build_spec(str(path))), device="cpu")
+    assert be.fixed_batch == fixed  # 5 images: chunks of `fixed`, the last one padded
+    x = np.random.default_rng(4).normal(size=(5, 3, 24, 24)).astype(np.float32)
+    ref = open_backend(loaded, "torch", "cpu").forward(x, ["conv2"])
+    got = be.forward(x, ["conv2"])
+    np.testing.assert_allclose(got.outputs[0], ref.outputs[0], atol=1e-4)
+    np.testing.assert_allclose(got.activations["conv2"], ref.activations["conv2"], atol=1e-4)

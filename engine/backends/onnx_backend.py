@@ -81,6 +81,9 @@ class OnnxBackend(Backend):
         if len(inputs) != 1:
             raise BackendError(f"{onnx_path}: expected one image input, the graph has {len(inputs)}")
         self.input_name = inputs[0].name
+        dims = inputs[0].type.tensor_type.shape.dim
+        #: the batch size the graph was exported for, when it is fixed (None: any)
+        self.fixed_batch: int | None = dims[0].dim_value if dims and dims[0].dim_value > 0 else None
         self.output_names = [o.name for o in model.graph.output]
         available = ort.get_available_providers()
         want_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
@@ -156,8 +159,20 @@ class OnnxBackend(Backend):
         tensors = tuple(dict.fromkeys(self._tensor_of[c] for c in capture))
         sess = self._session(tensors)
         names = self.output_names + [t for t in tensors if t not in self.output_names]
+        x = np.ascontiguousarray(batch, dtype=np.float32)
         try:
-            values = sess.run(names, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+            if self.fixed_batch is None or len(x) == self.fixed_batch:
+                values = sess.run(names, {self.input_name: x})
+            else:  # a graph exported for one batch size: run it chunk by chunk, padding the last
+                k = self.fixed_batch
+                parts = []
+                for i in range(0, len(x), k):
+                    chunk = x[i:i + k]
+                    pad = k - len(chunk)
+                    if pad:
+                        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+                    parts.append([v[: k - pad] for v in sess.run(names, {self.input_name: chunk})])
+                values = [np.concatenate(vs) for vs in zip(*parts, strict=True)]
         except Exception as e:  # noqa: BLE001
             raise forward_error(self.path, batch.shape, e) from None
         by_name = dict(zip(names, values, strict=True))
