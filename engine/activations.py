@@ -131,7 +131,7 @@ def extract(
     info = {li.name: li for li in backend.layers()} if layers else {}
     n = len(image_set)
     t0 = time.perf_counter()
-    yield Progress(0.0, f"extracting {len(layers)} layers from {n} images")
+    yield Progress(0.0, f"extracting {', '.join(layers)} from {n} images" if layers else f"predicting {n} images")
     with cache.write("activations", key) as tmp, ImageLoader(image_set, backend.spec.preprocess,
                                                              batch_size=batch_size, workers=workers) as loader:
         writers = {name: _LayerWriter(tmp, info[name], n, store_maps, top_k) for name in layers}

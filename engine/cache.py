@@ -28,6 +28,8 @@ import numpy as np
 from .types import ConvLensError
 
 CACHE_ENV = "CONVLENS_CACHE"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def default_cache_root() -> Path:
@@ -70,6 +72,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool 
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:

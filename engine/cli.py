@@ -94,11 +94,22 @@ def spec_from_args(a: argparse.Namespace) -> ModelSpec:
 
 
 def open_model(spec: ModelSpec) -> tuple[Any, Any]:
+    """Load and open ``spec``; what the user should know about the load goes to stderr."""
     from .backends import open_backend
     from .models.loading import load_model
 
     loaded = load_model(spec)
+    for note in loaded.notes:
+        print(f"convlens: warning: {note}", file=sys.stderr)
     return loaded, open_backend(loaded)
+
+
+def check_out_dir(out: str) -> Path:
+    """An output folder that can be written into: a file in the way is an error before any work."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConvLensError(f"{p}: exists and is not a folder (--out names the output folder)")
+    return p
 
 
 def parse_layers(value: str | None, spec: ModelSpec, backend: Any) -> list[str]:
@@ -152,6 +163,7 @@ def _extract_for(a: argparse.Namespace, layers_arg: str | None, with_layers: boo
     from .activations import extract
     from .data.images import open_image_set
 
+    check_out_dir(a.out)
     spec = spec_from_args(a)
     images = open_image_set(a.images)
     loaded, backend = open_model(spec)
@@ -224,6 +236,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .models.loading import load_model
     from .predict import predictions_from
 
+    check_out_dir(a.out)
     spec, image_dir = prepare_demo()
     spec = spec.with_(device=a.device or "auto")
     loaded = load_model(spec)
@@ -272,8 +285,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convlens", description="See why your CNN decides what it decides. "
                                 "Without a command, opens the desktop app.",
-                                epilog="convlens figure --view NAME ... exports any view of the app as PNG, "
-                                "SVG or PDF without a screen (see convlens figure --help).")
+                                epilog="The app: convlens [--demo] [--open-model FILE] [--open-images DIR] "
+                                "[--open-project FILE]. convlens figure --view NAME ... exports any view of "
+                                "the app as PNG, SVG or PDF without a screen (see convlens figure --help).")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="command")
@@ -329,3 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("convlens: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `convlens info ... | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return EXIT_OK

@@ -66,3 +66,26 @@ def test_console_entry_point_runs_headless(ocr_onnx: Path) -> None:
     assert json.loads(proc.stdout)["format"] == "onnx"
     bad = subprocess.run([sys.executable, str(ROOT / "main.py"), "predict"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--model" in bad.stderr
+
+
+def test_out_that_is_a_file_fails_before_any_work(rnet_spec, demo_images: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for cmd in (["predict"], ["activations", "--layers", "conv1"]):
+        argv = [*cmd, "--model", rnet_spec.path, "--images", str(demo_images), "--out", str(notes)]
+        assert main(argv) == 1
+        assert "exists and is not a folder" in capsys.readouterr().err
+    assert notes.read_text() == "mine"
+
+
+def test_no_strict_still_refuses_weights_that_fit_nothing(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    import torch
+    import torchvision
+
+    path = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
+    assert main(["info", "--model", str(path), "--arch", "vgg11", "--no-strict"]) == 1
+    assert "none of its" in capsys.readouterr().err
+    assert main(["info", "--model", str(path), "--arch", "resnet18", "--num-classes", "5", "--no-strict"]) == 0
+    err = capsys.readouterr().err
+    assert "convlens: warning: loaded non-strictly" in err and "fc.weight" in err

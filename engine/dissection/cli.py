@@ -67,6 +67,9 @@ def _dissect(a: argparse.Namespace) -> None:
         categories=categories,
     )
     params.check()
+    from engine.cache import check_replaceable
+
+    check_replaceable(a.out)  # before any work: a folder of the user's is never replaced
     spec = spec_from_args(a)
     loaded, backend = open_model(spec)
     layers = parse_layers(a.layers, spec, backend)

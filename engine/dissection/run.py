@@ -162,7 +162,7 @@ class DissectionResult:
         s = self.layers[layer].summary
         return (
             f"{layer}: {s.n_detectors}/{self.layers[layer].units} units are detectors covering "
-            f"{s.n_unique_concepts} concepts"
+            f"{s.n_unique_concepts} concept{'' if s.n_unique_concepts == 1 else 's'}"
         )
 
     def to_rows(self) -> list[dict[str, Any]]:

@@ -358,9 +358,14 @@ def build_from_state_dict(spec: ModelSpec, sd: Mapping[str, Any], path: Path, no
             + ". Use --no-strict to load the matching keys only."
         )
     load = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not load:
+        raise ModelLoadError(
+            f"{path}: none of its {len(sd)} weights fit architecture '{spec.arch}' (even non-strictly): "
+            "is it the right architecture?"
+        )
     model.load_state_dict(load, strict=False)
     if problems:
-        notes.append("loaded non-strictly: " + " | ".join(problems))
+        notes.append(f"loaded non-strictly: {len(load)} of {len(own)} weights; " + " | ".join(problems))
     return model
 
 
