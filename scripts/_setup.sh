@@ -8,7 +8,7 @@ if [ ! -x "$PY" ]; then
   BASE="${PYTHON:-}"
   if [ -z "$BASE" ]; then
     for cand in python3.13 python3.12 python3.11 python3; do
-      if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
         BASE="$cand"; break
       fi
     done
