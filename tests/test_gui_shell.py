@@ -184,3 +184,18 @@ def test_dropping_a_folder_opens_it_as_images(qtbot, window: MainWindow, demo_im
     with qtbot.waitSignal(window.selection.images_changed, timeout=LOAD_MS):
         window.open_path(str(demo_images))  # what dropEvent calls for each dropped URL
     assert len(window.selection.images) == 200 and window.status_images.text() == "200 images"
+
+
+def test_selecting_in_the_browser_updates_the_other_views(qtbot, window: MainWindow, demo) -> None:  # noqa: ANN001
+    spec, images = demo
+    window.session.load_model(spec)
+    with qtbot.waitSignal(window.session.predictions_changed, timeout=LOAD_MS, check_params_cb=lambda p: p is not None):
+        window.session.open_images(str(images))
+    browser, heatmaps = window.views["images"], window.views["heatmaps"]
+    window.docks["heatmaps"].raise_()
+    qtbot.waitUntil(lambda: heatmaps.activations() is not None, timeout=LOAD_MS)
+    row = browser.proxy.mapFromSource(browser.model.index(150, 0))  # a non-face crop
+    browser.view.setCurrentIndex(row)  # what a click in the grid does
+    assert window.selection.current_image == 150
+    qtbot.waitUntil(lambda: "non-face/150.png" in heatmaps.unit_label.text(), timeout=10_000)
+    assert "non-face/150.png" in browser.detail.title.text() or browser.detail.title.text() == "150.png"
