@@ -143,10 +143,11 @@ def extract(
             if outputs is None:
                 outputs = np.lib.format.open_memmap(tmp / "outputs.npy", "w+", np.float32, (n, out.shape[1]))
                 outputs[:] = np.nan
-            outputs[batch.indices] = out
-            valid[batch.indices] = True
+            rows = _rows(batch.indices)
+            outputs[rows] = out
+            valid[rows] = True
             for name in layers:
-                writers[name].add(batch.indices, summaries[name])
+                writers[name].add(batch.indices, rows, summaries[name])
             done += len(batch.indices)
             yield Progress(done / max(n, 1), f"{done}/{n} images")
         if outputs is None:
@@ -191,6 +192,14 @@ def open_activations(folder: Path, image_set: ImageSet) -> Activations:
     )
 
 
+def _rows(idx: np.ndarray) -> slice | np.ndarray:
+    """A slice when the batch's images are consecutive (the usual case: a plain block copy into
+    the memory maps), else the index array."""
+    if len(idx) and idx[-1] - idx[0] + 1 == len(idx) and np.all(np.diff(idx) == 1):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
 class _LayerWriter:
     """Streams one layer's maps and summaries into the cache folder."""
 
@@ -209,12 +218,12 @@ class _LayerWriter:
         self.top_val = np.full((units, 0), -np.inf, np.float32)
         self.top_idx = np.zeros((units, 0), np.int64)
 
-    def add(self, idx: np.ndarray, s: LayerSummaries) -> None:
+    def add(self, idx: np.ndarray, rows: slice | np.ndarray, s: LayerSummaries) -> None:
         if self.maps is not None and s.maps is not None:
-            self.maps[idx] = s.maps
+            self.maps[rows] = s.maps
         mx = s.max
-        self.max[idx] = mx
-        self.mean[idx] = s.mean
+        self.max[rows] = mx
+        self.mean[rows] = s.mean
         # running top-k images per unit by max activation
         vals = np.concatenate([self.top_val, mx.T], axis=1)
         ids = np.concatenate([self.top_idx, np.broadcast_to(idx, mx.T.shape)], axis=1)
