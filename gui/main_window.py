@@ -64,7 +64,8 @@ class MainWindow(QMainWindow):
         self._build_status_bar()
         self._build_menus()
         self.default_state = self.saveState()
-        self._restore_layout()
+        if not self._restore_layout():
+            QTimer.singleShot(0, self._default_sizes)
 
         self.session.status.connect(lambda m: self.statusBar().showMessage(m, 8000))
         self.session.model_loaded.connect(self._on_model_loaded)
@@ -96,22 +97,25 @@ class MainWindow(QMainWindow):
                 self.tabifyDockWidget(docks[0], other)
             if docks:
                 docks[0].raise_()
-        jobs = self.docks["jobs"]
-        self.resizeDocks([jobs], [140], Qt.Orientation.Vertical)
+
+    def _default_sizes(self) -> None:
+        """Dock sizes of the default layout (applied once the window is laid out)."""
+        self.resizeDocks([self.docks["jobs"]], [170], Qt.Orientation.Vertical)
         left = [d for d in self.docks.values() if self.dockWidgetArea(d) == Qt.DockWidgetArea.LeftDockWidgetArea]
         if left:
-            self.resizeDocks(left[:1], [620], Qt.Orientation.Horizontal)
+            self.resizeDocks(left[:1], [560], Qt.Orientation.Horizontal)
 
-    def _restore_layout(self) -> None:
+    def _restore_layout(self) -> bool:
+        """Geometry and dock layout of the last session; False when there is none."""
         geom = self.settings.value("window/geometry")
         state = self.settings.value("window/state")
         if isinstance(geom, QByteArray):
             self.restoreGeometry(geom)
-        if isinstance(state, QByteArray):
-            self.restoreState(state)
+        restored = isinstance(state, QByteArray) and self.restoreState(state)
         screen = self.screen().availableGeometry() if self.screen() else None
         if screen is not None and (self.width() > screen.width() or self.height() > screen.height()):
             self.resize(min(self.width(), screen.width()), min(self.height(), screen.height()))
+        return bool(restored)
 
     def reset_layout(self) -> None:
         self.restoreState(self.default_state)
@@ -119,6 +123,7 @@ class MainWindow(QMainWindow):
             view = self.views.get(name)
             dock.setFloating(False)
             dock.setVisible(view.visible_by_default if view else True)
+        self._default_sizes()
 
     # ------------------------------------------------------------------ menus
 

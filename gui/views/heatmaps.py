@@ -104,6 +104,9 @@ class ColorBar(QWidget):
         painter.setPen(self.palette().color(self.foregroundRole()))
         y = bar.bottom() + 4
         text_rect = QRect(bar.left(), y, bar.width(), fm.height())
+        if self._vmax <= 0:  # no unit shown: a scale of zeros would mean nothing
+            painter.drawText(text_rect, Qt.AlignmentFlag.AlignHCenter, "activation scale of the selected unit")
+            return
         painter.drawText(text_rect, Qt.AlignmentFlag.AlignLeft, "0")
         painter.drawText(text_rect, Qt.AlignmentFlag.AlignRight, f"{self._vmax:.3g}")
         mark = f"threshold {self._threshold * self._vmax:.3g}"

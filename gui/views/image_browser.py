@@ -69,6 +69,7 @@ from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QGridLayout,
+    QHBoxLayout,
     QLabel,
     QLineEdit,
     QListView,
@@ -78,7 +79,6 @@ from PySide6.QtWidgets import (
     QStyle,
     QStyledItemDelegate,
     QStyleOptionViewItem,
-    QToolBar,
     QVBoxLayout,
     QWidget,
 )
@@ -950,11 +950,12 @@ class ImageBrowser(View):
     # -- toolbar ------------------------------------------------------------------------------
 
     def _build_toolbar(self) -> None:
-        self.toolbar = QToolBar(self)
+        """Two rows, so every control stays visible in a narrow dock: search, sort and count on
+        top; the label, prediction, correctness and confidence filters below."""
+        self.toolbar = QWidget(self)
         self.text_filter = QLineEdit(self)
         self.text_filter.setPlaceholderText("Filter file names…")
         self.text_filter.setClearButtonEnabled(True)
-        self.text_filter.setMaximumWidth(220)
         self.label_filter = QComboBox(self)
         self.label_filter.setToolTip("Show images with this label")
         self.prediction_filter = QComboBox(self)
@@ -975,16 +976,18 @@ class ImageBrowser(View):
             self.sort_combo.addItem(key.value, key)
         self.count_label = QLabel(self)
         self.count_label.setContentsMargins(6, 0, 6, 0)
-        for w in (
-            self.text_filter,
-            self.label_filter,
-            self.prediction_filter,
-            self.correctness_filter,
-            self.min_confidence,
-            self.sort_combo,
-            self.count_label,
-        ):
-            self.toolbar.addWidget(w)
+        rows = QVBoxLayout(self.toolbar)
+        rows.setContentsMargins(4, 4, 4, 4)
+        rows.setSpacing(4)
+        for widgets in ((self.text_filter, self.sort_combo, self.count_label),
+                        (self.label_filter, self.prediction_filter, self.correctness_filter, self.min_confidence)):
+            row = QHBoxLayout()
+            row.setSpacing(4)
+            for w in widgets:
+                w.setSizePolicy(QSizePolicy.Policy.Expanding if w is not self.count_label else QSizePolicy.Policy.Fixed,
+                                QSizePolicy.Policy.Fixed)
+                row.addWidget(w)
+            rows.addLayout(row)
 
         self.text_filter.textChanged.connect(self._apply_filter)
         self.label_filter.currentIndexChanged.connect(self._apply_filter)
