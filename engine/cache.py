@@ -195,6 +195,17 @@ class Cache:
     def clear(self, kind: str | None = None) -> None:
         shutil.rmtree(self.root / kind if kind else self.root, ignore_errors=True)
 
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Per kind: complete entries (folders with meta.json, or files) and bytes on disk."""
+        out: dict[str, dict[str, int]] = {}
+        if not self.root.is_dir():
+            return out
+        for kind in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            entries = sum(1 for e in kind.iterdir() if not e.name.startswith("."))
+            size = sum(f.stat().st_size for f in kind.rglob("*") if f.is_file())
+            out[kind.name] = {"entries": entries, "bytes": size}
+        return out
+
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     (folder / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=_jsonable))

@@ -271,6 +271,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cache(a: argparse.Namespace) -> int:
+    from .cache import Cache
+
+    cache = Cache()
+    if a.clear is not None:
+        kinds = list(cache.usage()) if a.clear == "all" else [a.clear]
+        for kind in kinds:
+            cache.clear(kind)
+        _say(a, f"cleared {', '.join(kinds) or 'nothing'} in {cache.root}")
+    usage = cache.usage()
+    _emit_json({"root": str(cache.root), "kinds": usage,
+                "total_bytes": sum(u["bytes"] for u in usage.values())}, None)
+    return EXIT_OK
+
+
 def _say(a: argparse.Namespace, msg: str) -> None:
     if not a.quiet:
         print(msg, file=sys.stderr)
@@ -316,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .dissection.cli import add_parser as add_dissect
 
     add_dissect(sub, add_model_options)
+
+    sp = add("cache", cmd_cache, "show what the on-disk cache holds (JSON); --clear KIND|all empties it")
+    sp.add_argument("--clear", metavar="KIND", help="activations, dissection, onnx, thumbs, concepts, assets, ... or all")
 
     sp = add("demo", cmd_demo, "RNet face classifier on real face crops: predictions and a short report")
     sp.add_argument("--out", default="convlens-demo", help="output folder (default: convlens-demo)")

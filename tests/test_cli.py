@@ -89,3 +89,15 @@ def test_no_strict_still_refuses_weights_that_fit_nothing(tmp_path: Path, capsys
     assert main(["info", "--model", str(path), "--arch", "resnet18", "--num-classes", "5", "--no-strict"]) == 0
     err = capsys.readouterr().err
     assert "convlens: warning: loaded non-strictly" in err and "fc.weight" in err
+
+
+def test_cache_command_reports_and_clears(rnet_spec, demo_images: Path, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    assert main(["-q", "activations", "--model", rnet_spec.path, "--images", str(demo_images), "--layers", "conv3",
+                 "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    assert main(["cache"]) == 0
+    usage = json.loads(capsys.readouterr().out)
+    assert usage["kinds"]["activations"]["entries"] == 1 and usage["total_bytes"] > 200 * 64 * 9 * 2
+    assert main(["-q", "cache", "--clear", "activations"]) == 0
+    assert "activations" not in json.loads(capsys.readouterr().out)["kinds"]
