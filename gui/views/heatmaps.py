@@ -405,10 +405,9 @@ class HeatmapsView(View):
         self._handle = None
         self._acts[layer] = acts
         self._maps[layer] = acts.maps(layer)
-        mx = np.asarray(acts.stats(layer).max, dtype=np.float32)
-        with np.errstate(all="ignore"):
-            unit_max = np.nanmax(np.where(acts.valid[:, None], mx, np.nan), axis=0)
-        self._unit_max[layer] = np.nan_to_num(unit_max, nan=0.0)
+        # the extraction pass keeps each unit's top images, best first: column 0 is the unit's
+        # max over the image set (no scan of the (N, C) table on the GUI thread)
+        self._unit_max[layer] = np.nan_to_num(acts.stats(layer).top_values[:, 0].astype(np.float32), nan=0.0)
         if layer == self.ctx.selection.layer:
             self._refresh()
         else:
