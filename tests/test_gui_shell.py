@@ -51,6 +51,7 @@ def test_open_demo_through_dialog_paths_and_predict(qtbot, window: MainWindow, d
     assert "rnet.pt" in window.status_model.text() and "torch" in window.status_backend.text()
     assert window.selection.model is window.session.model
     assert {li.name for li in window.session.model.layers} >= {"conv1", "conv2", "conv3"}
+    assert window.selection.layer == "conv3"  # the heatmaps start on the deepest layer of interest
 
 
 def test_corrupt_model_error_shows_in_the_dialog(qtbot, window: MainWindow, demo, tmp_path: Path) -> None:  # noqa: ANN001

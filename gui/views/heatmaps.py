@@ -345,7 +345,9 @@ class HeatmapsView(View):
         self.layer_combo.addItems(spatial)
         self.layer_combo.blockSignals(False)
         sel = self.ctx.selection
-        default = next((name for name in info.default_layers if name in spatial), spatial[0] if spatial else "")
+        # the deepest of the model's layers of interest: the most semantic units come first
+        default = next((name for name in reversed(info.default_layers) if name in spatial),
+                       spatial[-1] if spatial else "")
         if not sel.layer and default:
             sel.layer = default  # emits layer_changed -> _layer_changed
         else:
