@@ -46,3 +46,38 @@ def cache(tmp_path: Path):  # noqa: ANN201
     from engine.cache import Cache
 
     return Cache(tmp_path / "cache")
+
+
+def wait_job(handle) -> None:  # noqa: ANN001
+    """Block (running the Qt event loop) until a JobHandle finishes; fail with its traceback."""
+    from pytestqt.wait_signal import SignalBlocker
+
+    blocker = SignalBlocker(timeout=120_000, raising=True)
+    blocker.connect(handle.finished)
+    blocker.connect(handle.failed)
+    blocker.wait()
+    assert handle.state == "done", handle.traceback
+
+
+@pytest.fixture(scope="module")
+def ctx(qapp, demo, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+    """An AppContext with the demo model and images loaded in a real session (one per test
+    module), every cache in a temporary folder."""
+    from gui.context import AppContext
+    from gui.jobs import JobRunner
+    from gui.selection import Selection
+    from gui.session import Session
+
+    spec, images = demo
+    old = os.environ.get("CONVLENS_CACHE")
+    os.environ["CONVLENS_CACHE"] = str(tmp_path_factory.mktemp("gui-cache"))
+    selection, runner = Selection(), JobRunner()
+    session = Session(selection, runner)
+    wait_job(session.load_model(spec))
+    wait_job(session.open_images(str(images)))
+    yield AppContext(selection, runner, session)
+    runner.shutdown()
+    if old is None:
+        del os.environ["CONVLENS_CACHE"]
+    else:
+        os.environ["CONVLENS_CACHE"] = old

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +13,8 @@ from PySide6.QtCore import Qt
 from pytestqt.wait_signal import SignalBlocker
 
 from gui.context import AppContext
+from tests.conftest import wait_job
 from gui.export import export_widget
-from gui.jobs import JobHandle, JobRunner
-from gui.selection import Selection
-from gui.session import Session
 from engine.concepts import builtin_dir as builtin_concepts_dir
 from gui.views.dissection import DissectionView
 
@@ -29,32 +26,6 @@ def _wait(signal: object, timeout: int = 60000) -> list[object]:
     blocker.connect(signal)
     blocker.wait()
     return blocker.args
-
-
-def _wait_job(handle: JobHandle) -> None:
-    blocker = SignalBlocker(timeout=60000, raising=True)
-    blocker.connect(handle.finished)
-    blocker.connect(handle.failed)
-    blocker.wait()
-    assert handle.state == "done", handle.traceback
-
-
-@pytest.fixture(scope="module")
-def ctx(qapp, demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppContext]:
-    """The demo model and images loaded in a real session; every cache in a tmp folder."""
-    spec, images = demo
-    old = os.environ.get("CONVLENS_CACHE")
-    os.environ["CONVLENS_CACHE"] = str(tmp_path_factory.mktemp("dissection-cache"))
-    selection, runner = Selection(), JobRunner()
-    session = Session(selection, runner)
-    _wait_job(session.load_model(spec))
-    _wait_job(session.open_images(str(images)))
-    yield AppContext(selection, runner, session)
-    runner.shutdown()
-    if old is None:
-        del os.environ["CONVLENS_CACHE"]
-    else:
-        os.environ["CONVLENS_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
@@ -148,17 +119,17 @@ def test_clicking_a_row_selects_the_unit_and_shows_its_concept_images(qtbot, vie
 def test_report_export_and_figure(tmp_path: Path, view: DissectionView) -> None:
     handle = view.export_report(tmp_path / "report")
     assert handle is not None
-    _wait_job(handle)
+    wait_job(handle)
     assert (tmp_path / "report" / "index.html").is_file()
     assert "Report written" in view.status.text()
     # a folder holding other files is never replaced: the report goes into a subfolder
     keep = tmp_path / "documents"
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
-    _wait_job(view.export_report(keep))
+    wait_job(view.export_report(keep))
     assert (keep / "notes.txt").read_text() == "mine"
     assert (keep / "dissection-report" / "index.html").is_file()
-    _wait_job(view.export_report(tmp_path / "report"))  # an earlier report is replaced in place
+    wait_job(view.export_report(tmp_path / "report"))  # an earlier report is replaced in place
     assert not (tmp_path / "report" / "dissection-report").exists()
 
     path = export_widget(view.export_target(), tmp_path / "figure.png", dpi=96)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,46 +10,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from PySide6.QtCore import Qt
-from pytestqt.wait_signal import SignalBlocker
 
 from gui import colormaps
 from gui.context import AppContext
 from gui.export import export_widget
-from gui.jobs import JobHandle, JobRunner
-from gui.selection import Selection
-from gui.session import Session
 from gui.tiles import bilinear_weights, compose_tiles, mask_outline, upsample
 from gui.views.heatmaps import HeatmapsView
 
 LAYER = "conv2"  # RNet: 48 units of 9 x 9
-
-
-@pytest.fixture(scope="module")
-def ctx(qapp, demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppContext]:
-    """The demo model and images loaded in a real session (extraction cache in a tmp folder)."""
-    spec, images = demo
-    old = os.environ.get("CONVLENS_CACHE")
-    os.environ["CONVLENS_CACHE"] = str(tmp_path_factory.mktemp("heatmaps-cache"))
-    selection, runner = Selection(), JobRunner()
-    session = Session(selection, runner)
-    context = AppContext(selection, runner, session)
-    _wait(session.load_model(spec))
-    _wait(session.open_images(str(images)))
-    yield context
-    runner.shutdown()
-    if old is None:
-        del os.environ["CONVLENS_CACHE"]
-    else:
-        os.environ["CONVLENS_CACHE"] = old
-
-
-def _wait(handle: JobHandle) -> None:
-    """Block (running the event loop) until the job finishes; raise if it fails."""
-    blocker = SignalBlocker(timeout=60000, raising=True)
-    blocker.connect(handle.finished)
-    blocker.connect(handle.failed)
-    blocker.wait()
-    assert handle.state == "done", handle.traceback
 
 
 @pytest.fixture
