@@ -399,6 +399,17 @@ def test_export_target_is_the_grid(browser) -> None:
     assert browser.title == "Images"
 
 
+def test_the_view_package_is_discovered_as_one_view() -> None:
+    """The browser is a package (gui/views/image_browser/); discovery finds its one view."""
+    from gui.views.base import discover_views
+    from gui.views.image_browser import ImageBrowser
+
+    found = discover_views()
+    assert [c for c in found if c.object_name == "images"] == [ImageBrowser]
+    assert ImageBrowser.__module__ == "gui.views.image_browser.view"
+    assert len({c.object_name for c in found}) == len(found)
+
+
 def test_own_cache_uses_the_cache_root_and_closes_with_the_view(
     qtbot, tmp_path, monkeypatch, image_set
 ) -> None:

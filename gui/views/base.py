@@ -1,8 +1,9 @@
 """What every analysis view is, and how the shell finds them.
 
-A view is one module in ``gui/views/`` holding a :class:`View` subclass. The main window
-discovers every such class (:func:`discover_views`), puts each in a dock, lists it in the View
-menu, adds its :meth:`View.analysis_actions` to the Analysis menu, exports what
+A view is one module in ``gui/views/`` holding a :class:`View` subclass, or a package there
+whose ``__init__`` imports one (a view too large for one file, e.g. ``image_browser/``). The
+main window discovers every such class (:func:`discover_views`), puts each in a dock, lists it
+in the View menu, adds its :meth:`View.analysis_actions` to the Analysis menu, exports what
 :meth:`View.export_target` shows, and saves :meth:`View.save_state` in project files. Adding a
 view therefore touches no shell code. Views talk to each other only through ``ctx.selection``.
 """
@@ -59,7 +60,12 @@ class View(QWidget):
 
 
 def discover_views() -> list[type[View]]:
-    """Every concrete :class:`View` subclass defined in the modules of ``gui.views``."""
+    """Every concrete :class:`View` subclass defined in the modules of ``gui.views``.
+
+    A view may be one module (``gui/views/dissection.py``) or a package of its own
+    (``gui/views/image_browser/``): a package's classes count when they are defined in it or in
+    one of its submodules, and the package's ``__init__`` imports the module defining the view.
+    """
     from . import __path__ as views_path
 
     found: dict[str, type[View]] = {}
@@ -69,6 +75,11 @@ def discover_views() -> list[type[View]]:
         module = importlib.import_module(f"{__package__}.{mod.name}")
         for obj in vars(module).values():
             if isinstance(obj, type) and issubclass(obj, View) and obj is not View and obj.object_name \
-                    and obj.__module__ == module.__name__:
+                    and _defined_in(obj, module.__name__):
                 found[obj.object_name] = obj
     return sorted(found.values(), key=lambda c: (c.order, c.title))
+
+
+def _defined_in(cls: type, module: str) -> bool:
+    """Whether ``cls`` is defined in ``module`` or, for a package, in one of its submodules."""
+    return cls.__module__ == module or cls.__module__.startswith(module + ".")
