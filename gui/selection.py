@@ -1,4 +1,5 @@
-"""The one selection every view shares: model, image set, current image, layer, unit, class.
+"""The one selection every view shares: model, image set, current image, layer, unit, class,
+and generic items.
 
 Views receive the :class:`Selection` in their constructor, listen to its signals and call its
 setters; they never talk to each other. Each signal fires once per real change, after the whole
@@ -12,10 +13,27 @@ consistent state. Cascades:
 ``model`` and ``images`` are opaque objects (an engine ``ModelSpec``, a loaded-model handle,
 an image set) compared by identity: setting a new object, even an equal one, is a change,
 because a reloaded model or a re-scanned folder must refresh the views.
+
+Generic items
+-------------
+Besides those fields, a view can publish what it shows under a *kind* of its own choosing
+(``"graph-node"``, ``"neighbour-image"``, ...) and other views may listen, without any change
+to this module per method::
+
+    selection.set_item("graph-node", ("layer3", 12))     # publish (None clears)
+    selection.item("graph-node")                         # -> ("layer3", 12), None when unset
+    selection.item_changed.connect(slot)                 # slot(kind, value)
+
+A value is plain data: None, bool, int, float (finite), str, and tuples (lists are stored as
+tuples) and dicts with str keys of those, so that it survives a project file. Like the fields,
+``item_changed`` fires once per real change (equal values, of the same types, are no change),
+after every field signal of the same change. Setting a new model or a new image set clears every
+item, since items name things in the results of one model on one image set.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -37,6 +55,8 @@ class Selection(QObject):
     layer_changed = Signal(str)
     unit_changed = Signal(int)
     class_changed = Signal(int)
+    item_changed = Signal(str, object)
+    """``(kind, value)`` of a generic item; ``value`` is None when the item was cleared."""
 
     # Field -> its signal, in emission order: a field is announced after those it depends on.
     _SIGNALS = {
@@ -60,6 +80,7 @@ class Selection(QObject):
             "unit": _NONE,
             "class_index": _NONE,
         }
+        self._items: dict[str, Any] = {}
 
     # -- read access ----------------------------------------------------------------------
 
@@ -126,17 +147,26 @@ class Selection(QObject):
     def class_index(self, value: int) -> None:
         self.set_class_index(value)
 
+    def item(self, kind: str) -> Any:
+        """The generic item published under ``kind``, or None."""
+        return self._items.get(kind)
+
+    @property
+    def items(self) -> dict[str, Any]:
+        """Every generic item set, by kind (a copy)."""
+        return dict(self._items)
+
     # -- setters --------------------------------------------------------------------------
 
     def set_model(self, model: object | None) -> None:
         """Set the model; a new model resets layer, unit and class."""
         if model is not self.model:
-            self._apply(model=model, layer="", unit=_NONE, class_index=_NONE)
+            self._apply(model=model, layer="", unit=_NONE, class_index=_NONE, items={})
 
     def set_images(self, images: object | None) -> None:
         """Set the image set; a new set resets the current image and the image selection."""
         if images is not self.images:
-            self._apply(images=images, current_image=_NONE, selected_images=())
+            self._apply(images=images, current_image=_NONE, selected_images=(), items={})
 
     def set_current_image(self, index: int) -> None:
         """Set the current image index (-1 for none)."""
@@ -161,6 +191,19 @@ class Selection(QObject):
         """Set the class (-1 for none)."""
         self._apply(class_index=_index(class_index, "class"))
 
+    def set_item(self, kind: str, value: Any) -> None:
+        """Publish ``value`` (plain data, see the module docstring) under ``kind``; None clears it.
+
+        Raises TypeError or ValueError for a kind that is not a non-empty str or a value that is
+        not plain data, changing nothing.
+        """
+        kind = _kind(kind)
+        self._apply(items={**self._items, kind: _plain(value, f"item {kind!r}")})
+
+    def clear_item(self, kind: str) -> None:
+        """Remove the item of ``kind`` (no signal when there is none)."""
+        self.set_item(kind, None)
+
     # -- project files --------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -174,19 +217,24 @@ class Selection(QObject):
             "class": self.class_index,
             "current_image": self.current_image,
             "selected_images": list(self.selected_images),
+            "items": {kind: _json(value) for kind, value in self._items.items()},
         }
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
         """Apply a :meth:`snapshot` in one step; missing keys mean "none".
 
         Call it after setting the model and the image set (which reset these fields). Each
-        signal fires at most once. Raises ValueError or TypeError on malformed values, leaving
-        the selection unchanged.
+        signal fires at most once; items absent from ``snapshot`` are cleared. Raises ValueError
+        or TypeError on malformed values, leaving the selection unchanged.
         """
         layer = snapshot.get("layer", "")
         if not isinstance(layer, str):
             raise TypeError(f"layer must be a str, not {type(layer).__name__}")
+        items = snapshot.get("items") or {}
+        if not isinstance(items, Mapping):
+            raise TypeError(f"items must be a mapping, not {type(items).__name__}")
         self._apply(
+            items={_kind(k): _plain(v, f"item {k!r}") for k, v in items.items()},
             layer=layer,
             unit=_index(snapshot.get("unit", _NONE), "unit"),
             class_index=_index(snapshot.get("class", _NONE), "class"),
@@ -194,16 +242,23 @@ class Selection(QObject):
             selected_images=_indices(snapshot.get("selected_images", ())),
         )
 
-    def _apply(self, **changes: Any) -> None:
-        """Store ``changes``, then emit one signal per field whose value really changed."""
+    def _apply(self, *, items: Mapping[str, Any] | None = None, **changes: Any) -> None:
+        """Store ``changes`` (and ``items``: the whole new item map, None values meaning absent),
+        then emit one signal per field whose value really changed, then one per changed item."""
         changed = [
             name
             for name in self._SIGNALS
             if name in changes and not _same(name, self._state[name], changes[name])
         ]
+        new_items = self._items if items is None else {k: v for k, v in items.items() if v is not None}
+        kinds = list(self._items) + [k for k in new_items if k not in self._items]
+        changed_items = [k for k in kinds if not _same_plain(self._items.get(k), new_items.get(k))]
         self._state.update(changes)
+        self._items = new_items
         for name in changed:
             getattr(self, self._SIGNALS[name]).emit(self._state[name])
+        for kind in changed_items:
+            self.item_changed.emit(kind, self._items.get(kind))
 
 
 def _same(name: str, old: Any, new: Any) -> bool:
@@ -227,3 +282,53 @@ def _indices(values: Iterable[Any]) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)):
         raise TypeError("selected images must be a sequence of ints")
     return tuple(sorted({_index(v, "selected image", allow_none=False) for v in values}))
+
+
+def _kind(kind: Any) -> str:
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"an item kind must be a non-empty str, not {kind!r}")
+    return kind
+
+
+def _plain(value: Any, what: str) -> Any:
+    """Validate plain data; lists become tuples, numpy scalars Python scalars."""
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar
+        value = value.item()
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{what}: {value} is not a finite number")
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v, what) for v in value)
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"{what}: dict keys must be str")
+        return {k: _plain(v, what) for k, v in value.items()}
+    raise TypeError(f"{what} must be plain data (None, bool, int, float, str, tuple, dict), "
+                    f"not {type(value).__name__}")
+
+
+def _same_plain(a: Any, b: Any) -> bool:
+    """Equality that also tells 1, 1.0 and True apart, recursively."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same_plain(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_plain(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _json(value: Any) -> Any:
+    """A plain value as JSON holds it (tuples as lists)."""
+    if isinstance(value, tuple):
+        return [_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    return value

@@ -149,3 +149,109 @@ def test_snapshot_restore_round_trip(sel: Selection) -> None:
     with pytest.raises(TypeError):
         other.restore({"layer": "x", "unit": "12"})
     assert other.layer == ""  # a malformed snapshot changes nothing
+
+
+# -- generic items ----------------------------------------------------------------------------
+
+
+class ItemRecorder(Recorder):
+    """Also records ``("item", (kind, value))`` for ``item_changed``."""
+
+    def __init__(self, sel: Selection) -> None:
+        super().__init__(sel)
+        sel.item_changed.connect(lambda kind, value: self.events.append(("item", (kind, value))))
+
+
+def test_items_fire_once_per_real_change(sel: Selection) -> None:
+    rec = ItemRecorder(sel)
+    seen: list[object] = []
+    sel.item_changed.connect(lambda kind, _v: seen.append(sel.item(kind)))
+    assert sel.item("graph-node") is None and sel.items == {}
+    sel.set_item("graph-node", ["layer3", 12])  # a list is stored as a tuple
+    sel.set_item("graph-node", ("layer3", 12))
+    sel.set_item("graph-node", ("layer3", np.int64(12)))  # numpy scalars are plain ints
+    sel.set_item("neighbour-image", {"index": 4, "distance": 0.25})
+    sel.set_item("neighbour-image", {"distance": 0.25, "index": 4})
+    assert rec.take() == [
+        ("item", ("graph-node", ("layer3", 12))),
+        ("item", ("neighbour-image", {"index": 4, "distance": 0.25})),
+    ]
+    assert seen == [("layer3", 12), {"index": 4, "distance": 0.25}]  # readable from the slot
+    assert sel.item("graph-node") == ("layer3", 12) and type(sel.item("graph-node")[1]) is int
+    sel.set_item("flag", 1)
+    sel.set_item("flag", True)  # equal in Python, but a different value
+    sel.set_item("flag", 1.0)
+    assert rec.take() == [("item", ("flag", 1)), ("item", ("flag", True)), ("item", ("flag", 1.0))]
+
+    sel.clear_item("flag")
+    sel.clear_item("flag")
+    sel.set_item("never-set", None)
+    assert rec.take() == [("item", ("flag", None))]
+    assert sel.items == {"graph-node": ("layer3", 12), "neighbour-image": {"index": 4, "distance": 0.25}}
+    sel.layer, sel.unit = "conv1", 2  # the fields and the items are independent
+    assert sel.item("graph-node") == ("layer3", 12)
+
+
+def test_invalid_items_are_rejected(sel: Selection) -> None:
+    sel.set_item("node", 3)
+    for kind, value, error in (
+        ("", 1, TypeError),
+        (7, 1, TypeError),
+        ("node", object(), TypeError),
+        ("node", {1: "a"}, TypeError),
+        ("node", {"a", "b"}, TypeError),
+        ("node", ("ok", [np.zeros(2)]), TypeError),
+        ("node", float("nan"), ValueError),
+    ):
+        with pytest.raises(error):
+            sel.set_item(kind, value)  # type: ignore[arg-type]
+    assert sel.items == {"node": 3}
+
+
+def test_new_model_or_images_clear_the_items_after_the_fields(sel: Selection) -> None:
+    sel.model, sel.images = ModelSpec(path="a.pt", arch="resnet18"), object()
+    sel.layer = "layer1"
+    sel.set_item("graph-node", "n1")
+    sel.set_item("neighbour-image", 3)
+    rec = ItemRecorder(sel)
+    other = ModelSpec(path="a.pt", arch="resnet18")
+    sel.model = other
+    assert rec.take() == [("model", other), ("layer", ""),
+                          ("item", ("graph-node", None)), ("item", ("neighbour-image", None))]
+    sel.set_item("neighbour-image", 5)
+    images = object()
+    sel.images = images
+    assert rec.take() == [("item", ("neighbour-image", 5)), ("images", images),
+                          ("item", ("neighbour-image", None))]
+    sel.images = images
+    assert rec.take() == [] and sel.items == {}
+
+
+def test_items_round_trip_through_a_project_snapshot(sel: Selection) -> None:
+    sel.layer = "conv3"
+    sel.set_item("graph-node", ("conv3", 7, {"cluster": 2}))
+    sel.set_item("neighbour-image", 11)
+    text = json.dumps(sel.snapshot())
+    assert json.loads(text)["items"] == {"graph-node": ["conv3", 7, {"cluster": 2}], "neighbour-image": 11}
+
+    other = Selection()
+    other.set_item("stale", "x")
+    rec = ItemRecorder(other)
+    other.restore(json.loads(text))
+    assert other.items == sel.items and other.snapshot() == sel.snapshot()
+    assert rec.take() == [
+        ("layer", "conv3"),
+        ("item", ("stale", None)),
+        ("item", ("graph-node", ("conv3", 7, {"cluster": 2}))),
+        ("item", ("neighbour-image", 11)),
+    ]
+    other.restore(json.loads(text))
+    assert rec.take() == []
+    with pytest.raises(TypeError):
+        other.restore({"layer": "conv3", "items": {"graph-node": object()}})
+    with pytest.raises(TypeError):
+        other.restore({"items": ["graph-node"]})
+    assert other.items == sel.items  # a malformed snapshot changes nothing
+    other.restore({})
+    assert other.items == {} and rec.take()[-2:] == [("item", ("graph-node", None)),
+                                                      ("item", ("neighbour-image", None))]
