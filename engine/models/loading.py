@@ -9,28 +9,33 @@ Formats (detected from the file's bytes, not trusted from its name):
 - ``safetensors``: needs an architecture.
 - ``onnx``: runs on ONNX Runtime.
 
-Nothing in a checkpoint runs unless the user opts in: ``torch.load`` always uses
-``weights_only=True``; a pickled module is refused unless ``ModelSpec.allow_pickle`` is set.
-An architecture given as ``file.py:Class`` imports the user's own Python file, which the user
-named explicitly.
+Nothing in a checkpoint runs unless the user opts in (``ModelSpec.allow_pickle``, per file):
+``torch.load`` always uses ``weights_only=True`` and a pickled module is refused; TorchScript code,
+torch.export archives and ONNX graphs are inspected before they are read (see
+:mod:`engine.models.safety`). An architecture given as ``file.py:Class`` imports the user's own
+Python file, which the user named explicitly (a TOML file found beside a checkpoint cannot name
+one on its own, see :mod:`engine.models.config`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
+import logging
 import os
 import re
 import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..types import ConvLensError, ModelSpec
+from . import safety
 
 TORCH_FORMATS = ("torchscript", "export", "state_dict", "safetensors", "pickled_module")
 FORMATS = (*TORCH_FORMATS, "onnx")
@@ -65,9 +70,7 @@ class LoadedModel:
         from ..cache import make_key
 
         arch = self.spec.arch or ""
-        target = arch.rpartition(":")[0]
-        code = file_sha256(target) if target.endswith(".py") and Path(target).is_file() else ""
-        return make_key(self.sha256, arch, code, self.spec.num_classes, self.spec.strict)
+        return make_key(self.sha256, arch, arch_code_hash(arch), self.spec.num_classes, self.spec.strict)
 
     @property
     def is_torch(self) -> bool:
@@ -89,10 +92,10 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 def detect_format(path: str | os.PathLike[str]) -> str:
     """Work out a checkpoint's format from its content (and, for ONNX, its name)."""
     p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"{p}: no such file")
-    if p.is_dir():
-        raise ModelLoadError(f"{p}: is a folder, not a model file")
+    try:
+        safety.check_regular_file(p)
+    except ConvLensError as e:
+        raise ModelLoadError(str(e)) from None
     with open(p, "rb") as f:
         head = f.read(16)
     if not head:
@@ -101,6 +104,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         try:
             names = zipfile.ZipFile(p).namelist()
         except (zipfile.BadZipFile, OSError) as e:
+            raise ModelLoadError(f"{p}: the archive is damaged ({e})") from e
+        except ValueError as e:  # e.g. a member name that is not valid UTF-8
             raise ModelLoadError(f"{p}: the archive is damaged ({e})") from e
         rel = {n.split("/", 1)[1] for n in names if "/" in n}
         if "archive_format" in rel or any(n.endswith("serialized_exported_program.json") for n in rel):
@@ -150,8 +155,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
     notes: list[str] = []
     if fmt == "torchscript":
+        if not spec.allow_pickle:
+            _guard(path, "TorchScript archive", lambda: safety.check_torchscript_archive(path))
         module = _guard(path, "TorchScript archive", lambda: _jit_load(path))
+        if not spec.allow_pickle:
+            safety.check_script_module(module, path)
     elif fmt == "export":
+        if not spec.allow_pickle:
+            _guard(path, "torch.export archive", lambda: safety.check_export_archive(path))
         module = _guard(path, "torch.export archive", lambda: _export_load(path))
     elif fmt == "safetensors":
         from safetensors.torch import load_file
@@ -164,7 +175,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             fmt = "pickled_module"
             module = obj
         else:
-            sd = _extract_state_dict(obj, path)
+            sd = _extract_state_dict(obj, path, notes)
             module = build_from_state_dict(spec, sd, path, notes)
     module.eval()
     return LoadedModel(spec, fmt, sha, module=module, notes=notes)
@@ -184,20 +195,37 @@ def _short(e: BaseException, limit: int = 300) -> str:
     return (text[:limit] + "...") if len(text) > limit else text or type(e).__name__
 
 
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Keep torch's own warnings and log lines about a file off the user's terminal: what went
+    wrong reaches the user as one ModelLoadError instead."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch._export", "torch.export", "torch._export.serde")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
 def _jit_load(path: Path) -> Any:
     import torch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with _quiet_torch():
         return torch.jit.load(str(path), map_location="cpu")
 
 
 def _export_load(path: Path) -> Any:
     import torch
 
-    ep = torch.export.load(str(path))
-    # unflatten restores the module hierarchy, so forward hooks work on named submodules.
-    return torch.export.unflatten(ep)
+    with _quiet_torch():
+        ep = torch.export.load(str(path))  # opt-in or inspected first: see safety.check_export_archive
+        # unflatten restores the module hierarchy, so forward hooks work on named submodules.
+        return torch.export.unflatten(ep)
 
 
 PICKLE_REFUSAL = (
@@ -215,7 +243,8 @@ def _torch_load_safely(path: Path, allow_pickle: bool) -> Any:
     import torch
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with _quiet_torch():
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not allow_pickle:
             detail = _pickle_detail(str(e))
@@ -225,7 +254,8 @@ def _torch_load_safely(path: Path, allow_pickle: bool) -> Any:
             f"{path}: could not read this PyTorch checkpoint: it is damaged or truncated ({_short(e)})"
         ) from e
     try:  # explicit opt-in only
-        return torch.load(str(path), map_location="cpu", weights_only=False)  # noqa: S614
+        with _quiet_torch():
+            return torch.load(str(path), map_location="cpu", weights_only=False)  # noqa: S614
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{path}: unpickling failed ({_short(e)})") from e
 
@@ -238,25 +268,39 @@ def _pickle_detail(msg: str) -> str:
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params")
 
 
-def _extract_state_dict(obj: Any, path: Path) -> dict[str, Any]:
+def _tensors_of(obj: Any) -> tuple[dict[str, Any], list[str]]:
+    """The tensor entries of a mapping and the names of its other entries."""
     import torch
 
-    if isinstance(obj, Mapping):
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            sd = dict(obj)
-        else:
-            for key in _WRAPPER_KEYS:
-                inner = obj.get(key)
-                if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                    sd = dict(inner)
-                    break
-            else:
-                keys = ", ".join(map(str, list(obj)[:8]))
-                raise ModelLoadError(f"{path}: a dictionary without model weights (its keys: {keys})")
-        if sd and all(k.startswith("module.") for k in sd):  # saved from DataParallel
-            sd = {k[len("module."):]: v for k, v in sd.items()}
-        return sd
-    raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    if not isinstance(obj, Mapping):
+        return {}, []
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return tensors, [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+
+
+def _extract_state_dict(obj: Any, path: Path, notes: list[str] | None = None) -> dict[str, Any]:
+    """The weights in a checkpoint: a state dict, or one inside a wrapper (``{"state_dict": ...,
+    "epoch": 7}``). Entries that are not tensors (a step count, a version, ...) are left out with
+    a note, whether they sit beside the wrapper or inside the state dict."""
+    if not isinstance(obj, Mapping):
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    candidates = [(None, obj)] + [(k, obj[k]) for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+    best_key, sd, others = None, {}, []
+    for key, inner in candidates:
+        tensors, rest = _tensors_of(inner)
+        if len(tensors) > len(sd):
+            best_key, sd, others = key, tensors, rest
+    if not sd:
+        keys = ", ".join(map(str, list(obj)[:8]))
+        nested = [str(k) for k, v in obj.items() if isinstance(v, Mapping)]
+        hint = (f"; none of its dictionaries ({', '.join(nested[:5])}) holds tensors either" if nested else "")
+        raise ModelLoadError(f"{path}: a dictionary without model weights (its keys: {keys}){hint}")
+    if others and notes is not None:
+        where = f"inside '{best_key}'" if best_key else "beside the weights"
+        notes.append(f"ignored {len(others)} entries that are not tensors {where}: {', '.join(others[:6])}")
+    if all(k.startswith("module.") for k in sd):  # saved from DataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
 
 
 # ----------------------------------------------------------------------------- architectures
@@ -287,6 +331,27 @@ def resolve_arch(arch: str, num_classes: int | None = None) -> Any:
         return torchvision.models.get_model(arch, **kwargs)
     except TypeError:  # a few models take no num_classes
         return torchvision.models.get_model(arch, weights=None)
+
+
+def arch_code_hash(arch: str) -> str:
+    """A hash of the Python source behind ``file.py:Class`` (``~`` expanded) or
+    ``package.module:Class`` (the module's own file), so an edited class never reuses results;
+    empty for built-in and torchvision names."""
+    target = arch.rpartition(":")[0]
+    if not target:
+        return ""
+    if target.endswith(".py"):
+        file = Path(target).expanduser()
+        return file_sha256(file) if file.is_file() else ""
+    module = sys.modules.get(target)
+    origin = getattr(module, "__file__", None)
+    if origin is None:
+        try:
+            found = importlib.util.find_spec(target)
+        except (ImportError, ValueError):
+            found = None
+        origin = found.origin if found is not None else None
+    return file_sha256(origin) if origin and Path(origin).is_file() else ""
 
 
 def _user_class(arch: str) -> Any:
@@ -373,11 +438,26 @@ def build_from_state_dict(spec: ModelSpec, sd: Mapping[str, Any], path: Path, no
 
 
 def _check_onnx(path: Path) -> None:
-    try:
-        import onnx
+    """Read the graph (not its external data), refuse what is unsafe, and validate it the way
+    ONNX Runtime will, so a broken model fails when it is opened rather than on first use."""
+    import onnx
 
+    try:
         model = onnx.load(str(path), load_external_data=False)
-        if not model.graph.node:
-            raise ValueError("the graph has no nodes")
     except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{path}: not a valid ONNX model ({_short(e)})") from e
+    if not model.graph.node:
+        raise ModelLoadError(f"{path}: not a valid ONNX model (the graph has no nodes)")
+    safety.check_onnx_model(model, path)
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    latest = onnx.defs.onnx_opset_version()
+    core = opsets.get("ai.onnx")
+    if core is None:
+        raise ModelLoadError(f"{path}: not a valid ONNX model (it declares no ai.onnx opset)")
+    if core > latest:
+        raise ModelLoadError(f"{path}: declares ONNX opset {core}, newer than this ConvLens knows ({latest}): "
+                             "re-export it with an older opset, or update onnx and onnxruntime")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001 - the checker's message says what is wrong
         raise ModelLoadError(f"{path}: not a valid ONNX model ({_short(e)})") from e
