@@ -12,6 +12,13 @@ Memory stays bounded: a batch at a time, written straight into memory-mapped fil
 temporary cache folder that is renamed into place only when the pass completes (a cancelled or
 failed pass leaves nothing). The cache key covers the model hash, the architecture, the
 preprocessing, the image set's fingerprint, the layers and the backend.
+
+A cached entry is reused only after two checks: its files are whole and consistent (else it is
+discarded with a warning and recomputed), and every image file still has the content digest it
+had when extracted (:func:`engine.data.images.file_digest`, stored per image in the entry): a
+file whose bytes changed while its size and modification time stayed (``cp -p``, ``rsync -t``,
+a restore) makes the entry stale, so it is recomputed. A model whose output, or a captured
+layer whose summaries, are not finite (NaN weights, a NaN mean) is an error, not numbers.
 """
 
 from __future__ import annotations
@@ -26,14 +33,26 @@ from pathlib import Path
 import numpy as np
 
 from .backends.base import Backend, LayerSummaries
-from .cache import Cache, atomic_write_text, load_array, make_key, read_meta, safe_name, write_meta
-from .data.images import ImageLoader, ImageSet
+from .cache import (
+    Cache,
+    DamagedEntry,
+    atomic_write_text,
+    check_array,
+    check_meta,
+    load_array,
+    make_key,
+    safe_name,
+    write_meta,
+)
+from .data.images import DIGEST_SIZE, ImageLoader, ImageSet, digest_files
 from .jobs import Job
 from .types import ConvLensError, LayerInfo, Progress
 
 log = logging.getLogger("convlens.activations")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CACHE_KIND = "activations"
+_META_KEYS = ("layers", "layer_order", "skipped", "seconds", "n_images", "store_maps", "top_k")
 
 
 @dataclass
@@ -117,22 +136,28 @@ def extract(
 ) -> Job[Activations]:
     """Extract ``layers`` over ``image_set`` (a job: yields Progress, returns Activations).
 
-    A complete earlier pass with the same key is reused without running the model.
+    A complete earlier pass with the same key is reused without running the model, once its
+    files check out and every image file still has the content digest stored with it; else the
+    entry is discarded (with a warning) and recomputed. Raises :class:`ConvLensError` naming the
+    model, or the layer, when the model output or a captured layer is not finite.
     """
     cache = cache or Cache()
     layers = list(dict.fromkeys(layers))  # may be empty: outputs only, e.g. for predictions
     backend.check_capture(layers)
     key = extraction_key(backend, model_sha, image_set, layers, store_maps, top_k)
-    found = cache.get("activations", key)
+    found = cache.get(CACHE_KIND, key)
     if found is not None:
-        yield Progress(1.0, "activations found in cache")
-        return open_activations(found, image_set)
+        yield Progress(0.0, f"checking {len(image_set)} images against the cache")
+        reused = _reuse(cache, key, found, image_set, workers)
+        if reused is not None:
+            yield Progress(1.0, "activations found in cache")
+            return reused
 
     info = {li.name: li for li in backend.layers()} if layers else {}
     n = len(image_set)
     t0 = time.perf_counter()
     yield Progress(0.0, f"extracting {', '.join(layers)} from {n} images" if layers else f"predicting {n} images")
-    with cache.write("activations", key) as tmp, ImageLoader(image_set, backend.spec.preprocess,
+    with cache.write(CACHE_KIND, key) as tmp, ImageLoader(image_set, backend.spec.preprocess,
                                                              batch_size=batch_size, workers=workers) as loader:
         writers = {name: _LayerWriter(tmp, info[name], n, store_maps, top_k) for name in layers}
         outputs: np.ndarray | None = None
@@ -140,6 +165,7 @@ def extract(
         done = 0
         for batch in loader:
             out, summaries = backend.forward_summaries(batch.array, layers, maps=store_maps)
+            _check_finite(backend, image_set, batch.indices, out, summaries, layers)
             if outputs is None:
                 outputs = np.lib.format.open_memmap(tmp / "outputs.npy", "w+", np.float32, (n, out.shape[1]))
                 outputs[:] = np.nan
@@ -157,6 +183,7 @@ def extract(
         # no msync: the pages reach the file through the page cache; the rename below is what
         # makes the entry visible, so a crashed run never leaves a readable half entry
         np.save(tmp / "valid.npy", valid)
+        np.save(tmp / "digests.npy", loader.digests)
         seconds = time.perf_counter() - t0
         write_meta(tmp, {
             "version": FORMAT_VERSION,
@@ -165,31 +192,114 @@ def extract(
             "skipped": loader.skipped,
             "seconds": seconds,
             "n_images": n,
+            "store_maps": store_maps,
+            "top_k": top_k,
             "model_sha256": model_sha,
             "backend": backend.name,
             "device": backend.device,
         })
         del outputs, writers
-    found = cache.get("activations", key)
+    found = cache.get(CACHE_KIND, key)
     assert found is not None
     result = open_activations(found, image_set)
     result.from_cache = False
     return result
 
 
+def _reuse(cache: Cache, key: str, found: Path, image_set: ImageSet, workers: int | None) -> Activations | None:
+    """The cached entry if whole and its images unchanged (content digests), else None after
+    discarding it (with a warning saying why)."""
+    try:
+        acts = open_activations(found, image_set)
+    except DamagedEntry as e:
+        log.warning("damaged cache entry discarded, recomputing: %s", e)
+        cache.discard(CACHE_KIND, key)
+        return None
+    stored = load_array(found, "digests", mmap=False)
+    now = digest_files([r.path for r in image_set.records], workers=workers)
+    changed = np.flatnonzero((stored != now).any(axis=1))
+    if changed.size:
+        log.warning("%s: %d image%s changed since the cached extraction although size and modification "
+                    "time did not (first: %s); recomputing", image_set.source, changed.size,
+                    "s" if changed.size != 1 else "", image_set.records[int(changed[0])].path)
+        cache.discard(CACHE_KIND, key)
+        return None
+    return acts
+
+
 def open_activations(folder: Path, image_set: ImageSet) -> Activations:
-    meta = read_meta(folder)
-    layers = {k: LayerInfo(k, meta["layers"][k]["kind"], tuple(meta["layers"][k]["shape"])) for k in meta["layer_order"]}
+    """Open an extraction entry, checking first (from headers and sizes, no data read) that its
+    meta.json is whole and of this format and that every array it lists is there with the
+    expected shape and dtype; raises :class:`DamagedEntry` naming the entry otherwise."""
+    meta = check_meta(folder, FORMAT_VERSION, _META_KEYS)
+    try:
+        n = int(meta["n_images"])
+        layers = {k: LayerInfo(k, str(meta["layers"][k]["kind"]), tuple(int(d) for d in meta["layers"][k]["shape"]))
+                  for k in meta["layer_order"]}
+        skipped = [(str(p), str(c)) for p, c in meta["skipped"]]
+        seconds = float(meta["seconds"])
+        store_maps, top_k = bool(meta["store_maps"]), int(meta["top_k"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DamagedEntry(f"{folder}: meta.json is inconsistent ({type(e).__name__}: {e})") from e
+    if n != len(image_set):
+        raise DamagedEntry(f"{folder}: {n} images, expected {len(image_set)}")
+    check_array(folder, "outputs", np.float32, (n, None))
+    check_array(folder, "valid", np.bool_, (n,))
+    check_array(folder, "digests", np.uint8, (n, DIGEST_SIZE))
+    for name, li in layers.items():
+        f = _fname(name)
+        units = li.shape[0] if li.shape else 1
+        for arr in ("max", "mean"):
+            check_array(folder, f"{arr}_{f}", np.float32, (n, units))
+        check_array(folder, f"topidx_{f}", np.int64, (units, top_k))
+        check_array(folder, f"topval_{f}", np.float32, (units, top_k))
+        if store_maps:
+            check_array(folder, f"maps_{f}", np.float16, (n, *li.shape))
     return Activations(
         folder=folder,
         image_set=image_set,
         layers=layers,
         outputs=load_array(folder, "outputs"),
         valid=load_array(folder, "valid", mmap=False),
-        skipped=[tuple(s) for s in meta["skipped"]],  # type: ignore[misc]
-        seconds=float(meta["seconds"]),
+        skipped=skipped,
+        seconds=seconds,
         from_cache=True,
     )
+
+
+def _check_finite(backend: Backend, image_set: ImageSet, idx: np.ndarray, out: np.ndarray,
+                  summaries: dict[str, LayerSummaries], layers: Sequence[str]) -> None:
+    """Raise a ConvLensError naming the model (or the layer) if a batch's output (or a captured
+    layer's max / mean) holds NaN or infinite values."""
+    def bad_rows(*arrays: np.ndarray) -> np.ndarray:
+        rows = np.zeros(len(idx), dtype=bool)
+        for a in arrays:
+            a = np.asarray(a)
+            rows |= ~np.isfinite(a.reshape(len(idx), -1)).all(axis=1)
+        return rows
+
+    def example(rows: np.ndarray) -> str:
+        return image_set.records[int(idx[np.flatnonzero(rows)[0]])].path
+
+    bad_layers = [(name, bad_rows(summaries[name].max, summaries[name].mean)) for name in layers]
+    bad_layers = [(name, rows) for name, rows in bad_layers if rows.any()]
+    rows = bad_rows(out)
+    spec = backend.spec
+    if rows.any():
+        pre = spec.preprocess
+        if not (np.isfinite(pre.mean).all() and np.isfinite(pre.std).all()) or not np.all(np.asarray(pre.std) != 0):
+            hint = f"the preprocessing is not finite (mean {list(pre.mean)}, std {list(pre.std)})"
+        else:
+            hint = "check the weights for NaN or infinite values, and --mean/--std"
+        also = f"; first non-finite captured layer: '{bad_layers[0][0]}'" if bad_layers else ""
+        raise ConvLensError(f"{spec.path}: the model output is not finite (NaN or infinite) for "
+                            f"{int(rows.sum())} of {len(idx)} images in a batch (first: {example(rows)}); "
+                            f"{hint}{also}")
+    if bad_layers:
+        name, rows = bad_layers[0]
+        raise ConvLensError(f"{spec.path}: layer '{name}' has non-finite activations (NaN or infinite) for "
+                            f"{int(rows.sum())} of {len(idx)} images in a batch (first: {example(rows)}); "
+                            "check the weights of that layer and those before it")
 
 
 def _rows(idx: np.ndarray) -> slice | np.ndarray:

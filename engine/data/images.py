@@ -6,7 +6,9 @@ Three layers, each usable on its own:
   :class:`ImageSet`, an immutable, deterministically ordered list of :class:`ImageRecord`.
 * :func:`load_image` decodes one file into a ``uint8`` RGB array, with documented conversions for
   every PIL mode, and :func:`preprocess` turns that array into a normalised ``float32`` model
-  input according to a :class:`Preprocess` spec.
+  input according to a :class:`Preprocess` spec. :func:`read_image_bytes` is its first half
+  (a regular file, at most :data:`MAX_IMAGE_BYTES`, read once) and :func:`decode_image` the
+  second; :func:`file_digest` hashes a file's bytes the way the loader does.
 * :class:`ImageLoader` runs both in a thread pool with bounded prefetch and yields
   :class:`Batch` objects in record order, skipping (and reporting) files that fail to load.
 
@@ -17,11 +19,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import stat
 import threading
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -36,8 +41,23 @@ from ..types import ConvLensError, ImageRecord, Preprocess
 
 log = logging.getLogger("convlens.data")
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 """File name suffixes (compared case-insensitively) that a folder scan treats as images."""
+
+MAX_IMAGE_BYTES = 512 * 1024**2
+"""Files larger than this (512 MiB) are refused as images before anything is read."""
+
+LARGE_IMAGE_PIXELS = 100_000_000
+"""Images with more pixels than this (100 MP) are decoded with a warning naming the file."""
+
+MAX_IMAGE_PIXELS = 2 * 178_956_970
+"""Images with more pixels than this (about 358 MP, PIL's own refusal limit: twice its default
+``Image.MAX_IMAGE_PIXELS``) are refused without decoding, as possible decompression bombs.
+PIL's raw ``DecompressionBombWarning`` never escapes :func:`decode_image`: the warning above
+:data:`LARGE_IMAGE_PIXELS` names the file instead."""
+
+DIGEST_SIZE = 16
+"""Bytes of the BLAKE2b digest of an image file's content (see :func:`file_digest`)."""
 
 MIN_SIDE = 4
 """Images whose smaller side is below this many pixels are refused by :func:`load_image`."""
@@ -69,12 +89,16 @@ class ImageSet:
 
     ``source`` is the absolute folder or CSV path the set was opened from; record paths are
     absolute. ``ignored`` lists (relative to :attr:`root`) the files a folder scan saw but did
-    not take because their extension is not in :data:`IMAGE_EXTENSIONS`.
+    not take because their extension is not in :data:`IMAGE_EXTENSIONS`; ``missing`` the CSV
+    rows skipped because their file is missing.
     """
 
     source: str
     records: tuple[ImageRecord, ...]
     ignored: tuple[str, ...] = ()
+    missing: tuple[tuple[str, str], ...] = ()
+    """(path, reason) of the files a CSV lists that are not in the set: they do not exist or are
+    not regular files (a folder, a FIFO, a device). Empty for folders."""
 
     @property
     def root(self) -> str:
@@ -150,10 +174,10 @@ def open_image_set(source: str | os.PathLike[str]) -> ImageSet:
     if os.path.isfile(path):
         if Path(path).suffix.lower() != ".csv":
             raise ImageError(path, "not a folder or a .csv file")
-        records = _read_csv(path)
+        records, missing = _read_csv(path)
         if not records:
             raise ImageError(path, "the CSV lists no existing image files")
-        return ImageSet(path, records)
+        return ImageSet(path, records, missing=missing)
     raise ImageError(path, "no such folder or file")
 
 
@@ -181,8 +205,9 @@ def _scan_folder(root: str) -> tuple[tuple[ImageRecord, ...], tuple[str, ...]]:
     return tuple(ImageRecord(full, label) for label, _, full in found), tuple(sorted(ignored))
 
 
-def _read_csv(csv_path: str) -> tuple[ImageRecord, ...]:
-    """Read image records from a CSV file, in row order.
+def _read_csv(csv_path: str) -> tuple[tuple[ImageRecord, ...], tuple[tuple[str, str], ...]]:
+    """Read image records from a CSV file, in row order; also return the (path, reason) of the
+    listed files that are missing or not regular files.
 
     The first row is a header when one of its cells (case-insensitive, stripped) is a known
     column name: ``path``/``image``/``file``/``filename`` for the image path and
@@ -215,6 +240,7 @@ def _read_csv(csv_path: str) -> tuple[ImageRecord, ...]:
             first = 1
 
     records: list[ImageRecord] = []
+    missing: list[tuple[str, str]] = []
     seen: set[str] = set()
     for number, row in enumerate(rows[first:], start=first + 1):
         if not any(cell.strip() for cell in row):
@@ -225,7 +251,12 @@ def _read_csv(csv_path: str) -> tuple[ImageRecord, ...]:
             continue
         full = os.path.normpath(os.path.join(base, os.path.expanduser(cell)))
         if not os.path.isfile(full):
-            log.warning("%s: row %d: %s does not exist; skipped", csv_path, number, full)
+            if os.path.exists(full):
+                log.warning("%s: row %d: %s is not a regular file; skipped", csv_path, number, full)
+                missing.append((full, "not a regular file"))
+            else:
+                log.warning("%s: row %d: %s does not exist; skipped", csv_path, number, full)
+                missing.append((full, "does not exist"))
             continue
         if full in seen:
             log.warning("%s: row %d repeats %s; skipped", csv_path, number, full)
@@ -233,7 +264,7 @@ def _read_csv(csv_path: str) -> tuple[ImageRecord, ...]:
         seen.add(full)
         label = row[label_col].strip() if 0 <= label_col < len(row) else ""
         records.append(ImageRecord(full, label or None))
-    return tuple(records)
+    return tuple(records), tuple(missing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,8 +275,13 @@ def _read_csv(csv_path: str) -> tuple[ImageRecord, ...]:
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode an image file into a ``uint8`` array of shape (H, W, 3), RGB.
 
+    The file is read once by :func:`read_image_bytes` (a regular file of at most
+    :data:`MAX_IMAGE_BYTES`) and decoded from those bytes by :func:`decode_image`.
+
     Conversions, by PIL mode (after the EXIF orientation is applied with
-    ``ImageOps.exif_transpose``; multi-frame files such as GIF/TIFF give their first frame):
+    ``ImageOps.exif_transpose``; multi-frame files such as animated GIFs, multi-page TIFFs or
+    animated WebPs give their first frame, with a warning on ``convlens.data`` naming the file
+    and its frame count):
 
     * ``RGB``: as is. 16-bit-per-channel RGB(A) PNGs are already reduced to 8 bits by PIL,
       which keeps the high byte (``value >> 8``, at most 1 below ``round(value / 257)``).
@@ -261,13 +297,146 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
       largest is <= 1 (then multiplied by 255), else in [0, 255]; clipped and rounded.
 
     Raises :class:`ImageError` naming the file: ``"<path>: not a readable image (<cause>)"`` for
-    anything PIL cannot decode (unknown format, truncated or corrupt data, decompression bomb,
-    I/O error; truncated files are never padded), and ``"<path>: image is WxH px, too small to
-    analyse (minimum 4 px per side)"`` when the smaller side is below :data:`MIN_SIDE`.
+    anything PIL cannot decode (unknown format, truncated or corrupt data, I/O error; truncated
+    files are never padded), ``"<path>: image is WxH px, too small to analyse (minimum 4 px per
+    side)"`` when the smaller side is below :data:`MIN_SIDE`, a refusal of images over
+    :data:`MAX_IMAGE_PIXELS` (decompression bombs), and those of :func:`read_image_bytes`
+    (not a regular file, too large, unreadable). Images over :data:`LARGE_IMAGE_PIXELS` are
+    decoded with a warning naming the file.
     """
     p = os.fspath(path)
+    return decode_image(read_image_bytes(p), p)
+
+
+def _open_regular(p: str) -> tuple[int, os.stat_result]:
+    """Open ``p`` for reading without blocking on a FIFO; return (fd, fstat) of a regular file
+    of at most :data:`MAX_IMAGE_BYTES`, else raise :class:`ImageError`."""
     try:
-        with Image.open(p) as img:
+        st = os.stat(p)
+        if stat.S_ISREG(st.st_mode):
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                         | getattr(os, "O_BINARY", 0))
+            st = os.fstat(fd)  # the file opened, not the one stat-ed a moment earlier
+        else:
+            fd = -1
+    except FileNotFoundError as exc:
+        raise ImageError(p, "not a readable image (no such file)") from exc
+    except OSError as exc:
+        raise ImageError(p, f"not a readable image ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        if fd >= 0:
+            os.close(fd)
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+        raise ImageError(p, f"not a regular file ({kind})")
+    if st.st_size > MAX_IMAGE_BYTES:
+        os.close(fd)
+        raise ImageError(p, f"file is {st.st_size:,} bytes, over the {MAX_IMAGE_BYTES // 1024**2} MiB "
+                            "limit for an image")
+    return fd, st
+
+
+def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The content of an image file, read once.
+
+    Refuses, with :class:`ImageError` naming the file and before reading anything, what is
+    not a regular file (a folder, FIFO, device such as ``/dev/zero``, socket; symlinks are
+    followed) and files over :data:`MAX_IMAGE_BYTES`; a FIFO is never waited on.
+    """
+    p = os.fspath(path)
+    fd, _st = _open_regular(p)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    except OSError as exc:
+        raise ImageError(p, f"not a readable image ({exc.strerror or exc})") from exc
+    if len(data) > MAX_IMAGE_BYTES:  # it grew while being read
+        raise ImageError(p, f"file is over the {MAX_IMAGE_BYTES // 1024**2} MiB limit for an image")
+    return data
+
+
+def bytes_digest(data: bytes) -> bytes:
+    """The :data:`DIGEST_SIZE`-byte BLAKE2b digest of ``data`` (an image file's content)."""
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def file_digest(path: str | os.PathLike[str]) -> bytes:
+    """:func:`bytes_digest` of the file's content, streamed (1 MiB at a time); the same checks
+    as :func:`read_image_bytes` (raises :class:`ImageError`)."""
+    p = os.fspath(path)
+    fd, _st = _open_regular(p)
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    total = 0
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                total += n
+                if total > MAX_IMAGE_BYTES:
+                    raise ImageError(p, f"file is over the {MAX_IMAGE_BYTES // 1024**2} MiB limit for an image")
+    except OSError as exc:
+        raise ImageError(p, f"not a readable image ({exc.strerror or exc})") from exc
+    return h.digest()
+
+
+def digest_files(paths: Sequence[str], workers: int | None = None) -> np.ndarray:
+    """(len(paths), :data:`DIGEST_SIZE`) ``uint8``: each file's :func:`file_digest`, all zeros
+    for a file that cannot be read. Files are read (never decoded) by ``workers`` threads
+    (default ``min(8, os.cpu_count())``; hashing releases the GIL)."""
+    out = np.zeros((len(paths), DIGEST_SIZE), dtype=np.uint8)
+
+    def one(i: int) -> None:
+        try:
+            out[i] = np.frombuffer(file_digest(paths[i]), dtype=np.uint8)
+        except ImageError:
+            pass
+
+    n_workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+    if n_workers == 1 or len(paths) < 64:
+        for i in range(len(paths)):
+            one(i)
+    else:
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="convlens-digest") as pool:
+            list(pool.map(one, range(len(paths)), chunksize=64))
+    return out
+
+
+_BOMB_FILTER = ("ignore", None, Image.DecompressionBombWarning, None, 0)
+
+
+def _quiet_pil_bomb_warning() -> None:
+    """Keep PIL's raw DecompressionBombWarning (which names no file) from escaping; the size
+    checks in :func:`decode_image` warn or refuse by file name instead. Re-installed when
+    another filter was put in front of it (``warnings.catch_warnings`` blocks restore the list)."""
+    if warnings.filters[:1] != [_BOMB_FILTER]:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+
+
+def decode_image(data: bytes, path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode the bytes of image file ``path`` as :func:`load_image` describes (``path`` only
+    names the file in errors and warnings)."""
+    p = os.fspath(path)
+    try:
+        _quiet_pil_bomb_warning()
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            pixels = w * h
+            if pixels > MAX_IMAGE_PIXELS:
+                raise ImageError(p, f"image is {w}x{h} px ({pixels / 1e6:,.0f} MP), over the "
+                                    f"{MAX_IMAGE_PIXELS / 1e6:,.0f} MP limit; not decoded (a possible "
+                                    "decompression bomb)")
+            if pixels > LARGE_IMAGE_PIXELS:
+                log.warning("%s: large image, %dx%d px (%.0f MP); decoding it takes about %.1f GB",
+                            p, w, h, pixels / 1e6, pixels * 3 / 1e9)
+            frames = getattr(img, "n_frames", 1)
+            if isinstance(frames, int) and frames > 1:
+                log.warning("%s: %d frames (animated or multi-page image); using the first", p, frames)
+                img.seek(0)
             img.load()
             oriented = ImageOps.exif_transpose(img)
             w, h = oriented.size
@@ -278,10 +447,12 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
             return _to_rgb(oriented)
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's limit, when set below ours
+        raise ImageError(p, f"not decoded, a possible decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(p, "not a readable image (unknown or invalid image format)") from exc
     # PIL's format plugins raise many exception types on malformed data (OSError, SyntaxError,
-    # ValueError, struct.error, DecompressionBombError, ...): all mean "this file is unusable".
+    # ValueError, struct.error, ...): all mean "this file is unusable".
     except Exception as exc:
         raise ImageError(p, f"not a readable image ({_describe(exc)})") from exc
 
@@ -395,6 +566,7 @@ class Batch:
 class ImageLoader:
     """Decode and preprocess an image set in a thread pool; iterate :class:`Batch` es in order.
 
+    Each file is read once: its bytes are hashed (:attr:`digests`) and decoded from memory.
     Images are taken in record order (or in the order of ``indices``, a subset). Every batch
     holds ``batch_size`` images except the last; a file that fails to load is left out (the
     batch's ``indices`` say which images it holds), appended to :attr:`skipped` as
@@ -437,6 +609,9 @@ class ImageLoader:
         self.prefetch = prefetch
         self.indices = order
         self.skipped: list[tuple[str, str]] = []
+        self.digests = np.zeros((n, DIGEST_SIZE), dtype=np.uint8)
+        """Row ``i``: :func:`bytes_digest` of record ``i``'s file as it was read (zeros until
+        read, or when it could not be read), the same as :func:`file_digest` gives."""
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._pools: set[ThreadPoolExecutor] = set()
@@ -490,7 +665,10 @@ class ImageLoader:
             yield self._batch(got_idx, got_arr)
 
     def _load(self, i: int) -> np.ndarray:
-        return preprocess(load_image(self.image_set.records[i].path), self.spec)
+        path = self.image_set.records[i].path
+        data = read_image_bytes(path)
+        self.digests[i] = np.frombuffer(bytes_digest(data), dtype=np.uint8)
+        return preprocess(decode_image(data, path), self.spec)
 
     @staticmethod
     def _batch(indices: list[int], arrays: list[np.ndarray]) -> Batch:

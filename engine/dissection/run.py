@@ -31,6 +31,7 @@ repeat is instant; a cancelled run (``gen.close()``) writes nothing.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -45,13 +46,15 @@ import torch.nn.functional as F
 
 from engine.backends.base import Backend, forward_error
 from engine.backends.torch_backend import TorchBackend
-from engine.cache import Cache, load_array, make_key, read_meta, write_meta
+from engine.cache import Cache, DamagedEntry, check_array, load_array, make_key, read_meta, write_meta
 from engine.concepts import ConceptDataset, ConceptSample, open_broden
 from engine.data.images import ImageLoader, ImageSet
 from engine.dissection.quantile import TopQuantile
 from engine.dissection.tally import LayerSummary, summarize
 from engine.jobs import Job
 from engine.types import ConvLensError, ImageRecord, LayerInfo, Preprocess, Progress
+
+log = logging.getLogger("convlens.dissection")
 
 FORMAT_VERSION = 1
 CACHE_KIND = "dissection"
@@ -410,9 +413,14 @@ def dissect(
     key = dissection_key(backend, model_sha, concepts, layers, params)
     found = cache.get(CACHE_KIND, key)
     if found is not None:
-        yield Progress(1.0, "dissection found in cache")
-        result = load_result(found)
-        return replace(result, params=params, from_cache=True)
+        try:
+            result = load_result(found)
+        except DamagedEntry as e:
+            log.warning("damaged cache entry discarded, recomputing: %s", e)
+            cache.discard(CACHE_KIND, key)
+        else:
+            yield Progress(1.0, "dissection found in cache")
+            return replace(result, params=params, from_cache=True)
 
     if len(concepts) == 0:
         raise ConvLensError(f"{concepts.root}: the concept data set has no images.")
@@ -823,29 +831,49 @@ def save_result(result: DissectionResult, folder: str | Path) -> Path:
 
 
 def load_result(folder: str | Path) -> DissectionResult:
-    """Read a result written by :func:`save_result` (no pickle)."""
+    """Read a result written by :func:`save_result` (no pickle).
+
+    Raises :class:`engine.cache.DamagedEntry` (a ConvLensError) naming the folder when
+    meta.json is unreadable, of another format version or inconsistent, or when an array it
+    lists is missing, truncated or of the wrong shape or dtype (checked from the headers).
+    """
     folder = Path(folder)
     try:
         meta = read_meta(folder)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConvLensError(f"{folder}: not a dissection result ({e}).") from e
+    except (OSError, ValueError) as e:
+        raise DamagedEntry(f"{folder}: not a dissection result ({e}).") from e
+    if not isinstance(meta, dict):
+        raise DamagedEntry(f"{folder}: not a dissection result (meta.json is not an object).")
     if meta.get("version") != FORMAT_VERSION:
-        raise ConvLensError(f"{folder}: dissection format {meta.get('version')}, "
-                            f"expected {FORMAT_VERSION}.")
+        raise DamagedEntry(f"{folder}: dissection format {meta.get('version')}, "
+                           f"expected {FORMAT_VERSION}.")
+    try:
+        return _read_result(folder, meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DamagedEntry(f"{folder}: inconsistent dissection result ({type(e).__name__}: {e}).") from e
+
+
+def _read_result(folder: Path, meta: dict[str, Any]) -> DissectionResult:
     p = meta["params"]
     params = DissectionParams(**{**p, "categories": None if p["categories"] is None
                                  else tuple(p["categories"])})
-    names = tuple(meta["concept_names"])
+    names = tuple(str(n) for n in meta["concept_names"])
     cat_names = tuple(meta["concept_categories"])
     categories = tuple(meta["categories"])
+    if len(cat_names) != len(names):
+        raise ValueError(f"{len(names)} concept names but {len(cat_names)} categories")
     category_index = np.array([categories.index(c) if c else -1 for c in cat_names],
                               dtype=np.int64)
     layers = {}
     for entry in meta["layers"]:
-        stem = entry["stem"]
+        stem, units = str(entry["stem"]), int(entry["units"])
+        check_array(folder, f"{stem}_thresholds", np.float64, (units,))
+        check_array(folder, f"{stem}_iou", np.float64, (units, len(names)))
+        k = check_array(folder, f"{stem}_top_images", np.int64, (units, None))[1]
+        check_array(folder, f"{stem}_top_values", np.float32, (units, k))
         iou = load_array(folder, f"{stem}_iou", mmap=False)
         layers[entry["name"]] = LayerDissection(
-            layer=entry["name"], units=int(entry["units"]), shape=tuple(entry["shape"]),
+            layer=entry["name"], units=units, shape=tuple(int(d) for d in entry["shape"]),
             thresholds=load_array(folder, f"{stem}_thresholds", mmap=False), iou=iou,
             summary=summarize_layer(iou, names, category_index, categories,
                                     params.iou_threshold),
