@@ -100,20 +100,28 @@ class Predictions:
         return [(self.classes[j], float(self.probs[i, j])) for j in order]
 
     def write_csv(self, path: str | Path) -> Path:
-        from .cache import atomic_write_text
+        """One row per image: ``path, label, predicted, confidence, correct, status``.
+
+        ``status`` is ``ok`` or ``unreadable`` (then predicted, confidence and correct are
+        empty); ``correct`` is ``true``/``false``, or empty for an image without a matched
+        label. Paths that are not valid UTF-8 are written as their raw bytes (the file's real
+        name, as ``open(..., errors="surrogateescape")`` reads it back).
+        """
         import io
+
+        from .cache import atomic_write_bytes
 
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["path", "label", "predicted", "confidence", "correct"])
+        w.writerow(["path", "label", "predicted", "confidence", "correct", "status"])
         pred, conf, li = self.predicted, self.confidence, self.label_index
         for i, p in enumerate(self.paths):
             if not self.valid[i]:
-                w.writerow([p, self.labels[i] or "", "", "", "unreadable"])
+                w.writerow([p, self.labels[i] or "", "", "", "", "unreadable"])
                 continue
             corr = "" if li[i] < 0 else str(bool(pred[i] == li[i])).lower()
-            w.writerow([p, self.labels[i] or "", self.classes[pred[i]], f"{conf[i]:.6f}", corr])
-        return atomic_write_text(path, buf.getvalue())
+            w.writerow([p, self.labels[i] or "", self.classes[pred[i]], f"{conf[i]:.6f}", corr, "ok"])
+        return atomic_write_bytes(path, buf.getvalue().encode("utf-8", "surrogateescape"))
 
 
 def predictions_from(acts: Activations, spec: ModelSpec) -> Predictions:

@@ -29,7 +29,7 @@ def test_predict_writes_csv_and_accuracy(rnet_spec, demo_images: Path, tmp_path:
     out = tmp_path / "out"
     assert main(["-q", "predict", "--model", rnet_spec.path, "--images", str(demo_images), "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert len(rows) == 200 and all(r["correct"] == "true" for r in rows)
+    assert len(rows) == 200 and all(r["correct"] == "true" and r["status"] == "ok" for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accuracy"] == 1.0 and summary["classes"] == ["non-face", "face"]
 
