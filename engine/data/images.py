@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import threading
 import warnings
@@ -332,9 +333,14 @@ def _open_regular(p: str) -> tuple[int, os.stat_result]:
         raise ImageError(p, f"not a regular file ({kind})")
     if st.st_size > MAX_IMAGE_BYTES:
         os.close(fd)
-        raise ImageError(p, f"file is {st.st_size:,} bytes, over the {MAX_IMAGE_BYTES // 1024**2} MiB "
-                            "limit for an image")
+        raise ImageError(p, f"file is {st.st_size:,} bytes, over the {_byte_limit()} limit for an image; "
+                            "not read")
     return fd, st
+
+
+def _byte_limit() -> str:
+    mib = MAX_IMAGE_BYTES / 1024**2
+    return f"{mib:g} MiB" if mib >= 1 else f"{MAX_IMAGE_BYTES:,} bytes"
 
 
 def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
@@ -352,7 +358,7 @@ def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
     except OSError as exc:
         raise ImageError(p, f"not a readable image ({exc.strerror or exc})") from exc
     if len(data) > MAX_IMAGE_BYTES:  # it grew while being read
-        raise ImageError(p, f"file is over the {MAX_IMAGE_BYTES // 1024**2} MiB limit for an image")
+        raise ImageError(p, f"file is over the {_byte_limit()} limit for an image")
     return data
 
 
@@ -376,7 +382,7 @@ def file_digest(path: str | os.PathLike[str]) -> bytes:
                 h.update(view[:n])
                 total += n
                 if total > MAX_IMAGE_BYTES:
-                    raise ImageError(p, f"file is over the {MAX_IMAGE_BYTES // 1024**2} MiB limit for an image")
+                    raise ImageError(p, f"file is over the {_byte_limit()} limit for an image")
     except OSError as exc:
         raise ImageError(p, f"not a readable image ({exc.strerror or exc})") from exc
     return h.digest()
@@ -427,12 +433,11 @@ def decode_image(data: bytes, path: str | os.PathLike[str]) -> np.ndarray:
             w, h = img.size
             pixels = w * h
             if pixels > MAX_IMAGE_PIXELS:
-                raise ImageError(p, f"image is {w}x{h} px ({pixels / 1e6:,.0f} MP), over the "
-                                    f"{MAX_IMAGE_PIXELS / 1e6:,.0f} MP limit; not decoded (a possible "
-                                    "decompression bomb)")
+                raise ImageError(p, f"image is {w}x{h} = {pixels:,} pixels, over the limit of "
+                                    f"{MAX_IMAGE_PIXELS:,}; not decoded (a possible decompression bomb)")
             if pixels > LARGE_IMAGE_PIXELS:
-                log.warning("%s: large image, %dx%d px (%.0f MP); decoding it takes about %.1f GB",
-                            p, w, h, pixels / 1e6, pixels * 3 / 1e9)
+                log.warning("%s: large image, %dx%d = %s pixels (warning above %s); decoding it takes "
+                            "about %.1f GB", p, w, h, f"{pixels:,}", f"{LARGE_IMAGE_PIXELS:,}", pixels * 3 / 1e9)
             frames = getattr(img, "n_frames", 1)
             if isinstance(frames, int) and frames > 1:
                 log.warning("%s: %d frames (animated or multi-page image); using the first", p, frames)
@@ -447,7 +452,11 @@ def decode_image(data: bytes, path: str | os.PathLike[str]) -> np.ndarray:
             return _to_rgb(oriented)
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:  # PIL's limit, when set below ours
+    except Image.DecompressionBombError as exc:  # PIL refuses in Image.open, before our check
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        if m and int(m.group(1)) > MAX_IMAGE_PIXELS:
+            raise ImageError(p, f"image is {int(m.group(1)):,} pixels, over the limit of {MAX_IMAGE_PIXELS:,}; "
+                                "not decoded (a possible decompression bomb)") from exc
         raise ImageError(p, f"not decoded, a possible decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(p, "not a readable image (unknown or invalid image format)") from exc
