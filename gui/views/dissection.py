@@ -24,18 +24,8 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import (
-    QAbstractTableModel,
-    QItemSelectionModel,
-    QModelIndex,
-    QPersistentModelIndex,
-    QSortFilterProxyModel,
-    Qt,
-    Signal,
-)
-from PySide6.QtGui import QColor
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -44,9 +34,7 @@ from PySide6.QtWidgets import (
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
-    QLineEdit,
     QListWidget,
     QListWidgetItem,
     QProgressBar,
@@ -54,7 +42,6 @@ from PySide6.QtWidgets import (
     QScrollArea,
     QSpinBox,
     QSplitter,
-    QTableView,
     QVBoxLayout,
     QWidget,
 )
@@ -63,113 +50,26 @@ from engine.types import Progress
 
 from ..context import AppContext
 from ..jobs import JobHandle
-from .base import View
 from ..tiles import TileMosaic, mask_outline
+from ..widgets.result_table import Column, ResultTable
+from .base import View
 
-__all__ = [
-    "COLUMNS",
-    "DissectionFilterProxy",
-    "DissectionTableModel",
-    "DissectionView",
-    "report_target",
-]
+__all__ = ["COLUMNS", "DissectionView", "report_target"]
 
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("layer", "Layer"),
-    ("unit", "Unit"),
-    ("category", "Category"),
-    ("label", "Label"),
-    ("iou", "IoU"),
-    ("detector", "Detector"),
+COLUMNS: tuple[Column, ...] = (
+    Column("layer", "Layer"),
+    Column("unit", "Unit", "int"),
+    Column("category", "Category", searchable=True),
+    Column("label", "Label", searchable=True),
+    Column("iou", "IoU", "float", format=".4f"),
+    Column("detector", "Detector", "bool", format=lambda v: "yes" if v else ""),
 )
-"""(row key, header) of the table's columns."""
+"""The table's columns: keys of ``DissectionResult.to_rows()``."""
 THUMB = 96
 """Side of a top-concept-image thumbnail."""
 _UNIT_OUTLINE = np.array([0, 255, 255], dtype=np.uint8)
 _CONCEPT_OUTLINE = np.array([255, 220, 0], dtype=np.uint8)
 _LAYER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-
-
-# --------------------------------------------------------------------------------------------
-# table
-# --------------------------------------------------------------------------------------------
-
-
-class DissectionTableModel(QAbstractTableModel):
-    """The rows of ``DissectionResult.to_rows()``: display text, raw values under ``UserRole``."""
-
-    def __init__(self, parent: Any = None) -> None:
-        super().__init__(parent)
-        self._rows: list[dict[str, Any]] = []
-
-    def set_rows(self, rows: list[dict[str, Any]]) -> None:
-        self.beginResetModel()
-        self._rows = rows
-        self.endResetModel()
-
-    def row_data(self, row: int) -> dict[str, Any]:
-        """The dict of source row ``row``."""
-        return self._rows[row]
-
-    def find(self, layer: str, unit: int) -> int:
-        """Source row of (layer, unit), or -1."""
-        return next((i for i, r in enumerate(self._rows) if r["layer"] == layer and r["unit"] == unit), -1)
-
-    def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:  # noqa: N802, B008
-        return 0 if parent.isValid() else len(self._rows)
-
-    def columnCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:  # noqa: N802, B008
-        return 0 if parent.isValid() else len(COLUMNS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation,  # noqa: N802
-                   role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
-            return COLUMNS[section][1]
-        return None
-
-    def data(self, index: QModelIndex | QPersistentModelIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if not index.isValid():
-            return None
-        key = COLUMNS[index.column()][0]
-        value = self._rows[index.row()][key]
-        if role == Qt.ItemDataRole.UserRole:
-            return value
-        if role == Qt.ItemDataRole.DisplayRole:
-            if key == "iou":
-                return f"{value:.4f}"
-            if key == "detector":
-                return "yes" if value else ""
-            return str(value)
-        if role == Qt.ItemDataRole.TextAlignmentRole and key in ("unit", "iou"):
-            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        if role == Qt.ItemDataRole.ForegroundRole and not self._rows[index.row()]["detector"]:
-            return QColor(128, 128, 128)
-        return None
-
-
-class DissectionFilterProxy(QSortFilterProxyModel):
-    """Sorts on raw values; keeps rows whose label or category contains the filter text and,
-    optionally, detectors only."""
-
-    def __init__(self, parent: Any = None) -> None:
-        super().__init__(parent)
-        self._text = ""
-        self._detectors_only = False
-        self.setSortRole(Qt.ItemDataRole.UserRole)
-
-    def set_filter(self, text: str, detectors_only: bool) -> None:
-        self.beginFilterChange()
-        self._text, self._detectors_only = text.strip().lower(), detectors_only
-        self.endFilterChange()
-
-    def filterAcceptsRow(self, source_row: int,  # noqa: N802
-                         source_parent: QModelIndex | QPersistentModelIndex) -> bool:
-        model = self.sourceModel()
-        assert isinstance(model, DissectionTableModel)
-        row = model.row_data(source_row)
-        if self._detectors_only and not row["detector"]:
-            return False
-        return not self._text or self._text in row["label"].lower() or self._text in row["category"].lower()
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,36 +204,15 @@ class DissectionView(View):
             axis.setPen("k")
             axis.setTextPen("k")
 
-        self.filter_edit = QLineEdit()
-        self.filter_edit.setPlaceholderText("Filter by label or category…")
-        self.filter_edit.setClearButtonEnabled(True)
+        self.unit_table = ResultTable(COLUMNS, row_id=("layer", "unit"), muted_unless="detector",
+                                      placeholder="Filter by label or category…", sort=("iou", True))
         self.detectors_check = QCheckBox("Detectors only")
-        self.filter_edit.textChanged.connect(lambda _t: self._apply_filter())
         self.detectors_check.toggled.connect(lambda _b: self._apply_filter())
-        self.model = DissectionTableModel(self)
-        self.proxy = DissectionFilterProxy(self)
-        self.proxy.setSourceModel(self.model)
-        self.table = QTableView()
-        self.table.setModel(self.proxy)
-        self.table.setSortingEnabled(True)
-        self.table.sortByColumn(4, Qt.SortOrder.DescendingOrder)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 6)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.table.setAlternatingRowColors(True)
-        self.table.selectionModel().currentRowChanged.connect(self._row_changed)
-        self.table.clicked.connect(self._row_clicked)
-        filters = QHBoxLayout()
-        filters.addWidget(self.filter_edit, 1)
-        filters.addWidget(self.detectors_check)
-        table_box = QWidget()
-        table_layout = QVBoxLayout(table_box)
-        table_layout.setContentsMargins(0, 0, 0, 0)
-        table_layout.addLayout(filters)
-        table_layout.addWidget(self.table)
+        self.unit_table.add_filter_widget(self.detectors_check)
+        self.unit_table.row_selected.connect(self._row_selected)
+        self.filter_edit = self.unit_table.filter_edit
+        self.table, self.model, self.proxy = self.unit_table.view, self.unit_table.model, self.unit_table.proxy
+        table_box = self.unit_table
 
         self.results = QSplitter(Qt.Orientation.Vertical)
         summary_box = QWidget()
@@ -592,8 +471,7 @@ class DissectionView(View):
             f"<span style='color:{_LAYER_COLORS[j % len(_LAYER_COLORS)]}'>■</span> {line}"
             for j, line in enumerate(self.summary_lines())))
         self._draw_chart()
-        self.model.set_rows(result.to_rows())
-        self._apply_filter()
+        self.unit_table.set_rows(result.to_rows())
         self._update_controls()
         self._selection_changed()
         self.result_ready.emit(result)
@@ -625,47 +503,31 @@ class DissectionView(View):
         self.chart.setYRange(0, top * 1.15, padding=0)
 
     def _apply_filter(self) -> None:
-        self.proxy.set_filter(self.filter_edit.text(), self.detectors_check.isChecked())
+        self.unit_table.set_threshold("detector", 1 if self.detectors_check.isChecked() else None)
 
     def visible_rows(self) -> list[dict[str, Any]]:
         """The table's rows as shown (filtered and sorted)."""
-        return [self.model.row_data(self.proxy.mapToSource(self.proxy.index(r, 0)).row())
-                for r in range(self.proxy.rowCount())]
+        return self.unit_table.visible_rows()
 
-    def _row_clicked(self, index: QModelIndex) -> None:
-        self._row_changed(index, QModelIndex())
-
-    def _row_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
-        if self._syncing or not current.isValid():
-            return
-        row = self.model.row_data(self.proxy.mapToSource(current).row())
+    def _row_selected(self, row_id: tuple[str, int]) -> None:
+        """The user chose a row: select its layer and unit everywhere and show the unit."""
+        layer, unit = row_id
         sel = self.ctx.selection
         self._syncing = True
         try:
-            sel.layer = row["layer"]
-            sel.unit = row["unit"]
+            sel.layer = layer
+            sel.unit = unit
         finally:
             self._syncing = False
-        self._show_unit(row["layer"], row["unit"])
+        self._show_unit(layer, unit)
 
     def _selection_changed(self, *_args: object) -> None:
         """Follow the shared selection: select its row and show its unit when dissected."""
         if self._syncing or self.result is None:
             return
         layer, unit = self.ctx.selection.layer, self.ctx.selection.unit
-        source_row = self.model.find(layer, unit)
-        proxy_index = self.proxy.mapFromSource(self.model.index(source_row, 0)) if source_row >= 0 else QModelIndex()
-        self._syncing = True
-        try:
-            if proxy_index.isValid():
-                flags = QItemSelectionModel.SelectionFlag.ClearAndSelect | QItemSelectionModel.SelectionFlag.Rows
-                self.table.selectionModel().setCurrentIndex(proxy_index, flags)
-                self.table.scrollTo(proxy_index)
-            else:
-                self.table.clearSelection()
-        finally:
-            self._syncing = False
-        if source_row >= 0:
+        self.unit_table.select_id((layer, unit))
+        if self.model.find_id((layer, unit)) >= 0:
             self._show_unit(layer, unit)
 
     # ------------------------------------------------------------------ top concept images

@@ -1,0 +1,1 @@
+"""Reusable widgets that views build on (no view imports another view; they share these)."""
