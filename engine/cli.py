@@ -7,11 +7,15 @@ Exit codes: 0 success, 1 a problem with the input (the message names the file an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,6 +23,225 @@ from .jobs import Job, run_sync
 from .types import ConvLensError, ModelSpec, Progress
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# ----------------------------------------------------------------------------- option types
+# argparse ``type=`` functions: a bad value is a usage error (exit 2) naming the option, found
+# while parsing, so before any file is opened or the cache is consulted.
+
+
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A whole number ``low <= v`` (``<= high`` when given)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < low or (high is not None and v > high):
+            want = f"from {low} to {high}" if high is not None else (
+                "a positive whole number" if low == 1 else f"at least {low}")
+            raise argparse.ArgumentTypeError(f"must be {want}, got {v}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+
+
+def float_range(low: float, high: float, *, low_open: bool, high_open: bool) -> Callable[[str], float]:
+    """A finite number in the interval from ``low`` to ``high`` (open or closed ends)."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text.strip()}")
+        return v
+
+    parse.__name__ = "float"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text.strip()}")
+    return v
+
+
+# ----------------------------------------------------------------------------- messages and outputs
+
+
+def shown(path: object) -> str:
+    """``path`` for a message: a name that is not valid UTF-8 (surrogate escapes from
+    ``os.fsdecode``) shows its raw bytes as ``\\xNN`` instead of failing to print."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def error(msg: object) -> None:
+    """``convlens: error: msg`` on standard error, printable whatever the file names hold."""
+    print(f"convlens: error: {shown(msg)}", file=sys.stderr)
+
+
+def warn(msg: object) -> None:
+    print(f"convlens: warning: {shown(msg)}", file=sys.stderr)
+
+
+def _why(e: OSError) -> str:
+    return e.strerror.lower() if e.strerror else str(e)
+
+
+#: output folders this process created; removed again (only if still empty) when a command fails
+_made_dirs: list[Path] = []
+
+
+def _mkdirs(p: Path, what: str) -> None:
+    """Create folder ``p`` (and missing parents) or raise a ConvLensError naming ``p``."""
+    missing = []
+    q = p
+    try:
+        while not q.exists() and q != q.parent:
+            if q.is_symlink():  # a dangling link: mkdir would fail with a confusing "exists"
+                raise ConvLensError(f"{p}: cannot create the {what}: {q} is a broken symbolic link")
+            missing.append(q)
+            q = q.parent
+        if q.exists() and not q.is_dir():
+            raise ConvLensError(f"{p}: cannot create the {what}: {q} is a file, not a folder")
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvLensError(f"{p}: cannot create the {what} ({_why(e)})") from None
+    _made_dirs.extend(reversed(missing))
+
+
+def _probe(folder: Path, target: Path, what: str) -> None:
+    """Create and remove a file in ``folder``: the cheap, exact test that ``target`` can be written."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".convlens-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        where = "" if folder == target else f" (its folder {folder})"
+        raise ConvLensError(f"{target}: cannot write the {what}{where}: {_why(e)}") from None
+
+
+def check_out_dir(out: str, files: Sequence[str] = ()) -> Path:
+    """An output folder that can be written into, checked before any work: a file in the way,
+    a path under a file or a folder that cannot be written is an error naming ``out``, and so
+    is a folder in the place of one of the ``files`` the command writes there. A missing
+    folder is created (and removed again if the command fails before writing to it)."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConvLensError(f"{p}: exists and is not a folder (--out names the output folder)")
+    if not p.exists():
+        _mkdirs(p, "output folder")
+    _probe(p, p, "output folder")
+    for name in files:
+        if (p / name).is_dir():
+            raise ConvLensError(f"{p / name}: is a folder; the output file {name} cannot be written there")
+    return p
+
+
+def check_out_parent(out: str) -> Path:
+    """For an output folder that is built beside its place and renamed in (dissect's report):
+    ``out`` is not a file, and its parent folder can be written."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConvLensError(f"{p}: exists and is not a folder (--out names the output folder)")
+    parent = p.parent
+    if not parent.exists():
+        _mkdirs(parent, "folder for the output")
+    elif not parent.is_dir():
+        raise ConvLensError(f"{p}: cannot create the output folder: {parent} is a file, not a folder")
+    _probe(parent, p, "output folder")
+    return p
+
+
+def check_out_file(out: str, what: str = "output file") -> Path:
+    """A file output, checked before any work: not a folder, and its folder can be written."""
+    p = Path(out)
+    if p.is_dir():
+        raise ConvLensError(f"{p}: is a folder; --out names the {what} to write")
+    parent = p.parent
+    if not parent.exists():
+        _mkdirs(parent, f"folder for the {what}")
+    elif not parent.is_dir():
+        raise ConvLensError(f"{p}: cannot write the {what}: {parent} is a file, not a folder")
+    _probe(parent, p, what)
+    return p
+
+
+@contextlib.contextmanager
+def writing(target: str | os.PathLike[str]) -> Iterator[None]:
+    """Report a failure to write as a ConvLensError naming the user's ``target`` (file or
+    folder), never the temporary file the atomic write went through."""
+    try:
+        yield
+    except OSError as e:
+        # os.replace(temporary, final) fails with filename2 = the final file; other calls name the
+        # temporary file, which stands for the file beside it
+        where = _user_path(e.filename2 or e.filename) if e.filename else os.fspath(target)
+        raise ConvLensError(f"{where}: cannot write ({_why(e)})") from None
+    except UnicodeEncodeError as e:  # a name that is not valid UTF-8, should the writer not allow it
+        raise ConvLensError(f"{target}: cannot write: a file name is not valid UTF-8 ({e.reason})") from None
+
+
+def write_text_output(path: str | os.PathLike[str], text: str) -> Path:
+    """Atomically write ``text``; file names that are not valid UTF-8 keep their raw bytes."""
+    from .cache import atomic_write_bytes
+
+    with writing(path):
+        return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
+
+
+def write_json_output(path: str | os.PathLike[str], obj: Any) -> Path:
+    # ensure_ascii: a surrogate-escaped name becomes "\\udcNN", valid JSON that json.load and
+    # os.fsencode turn back into the file's real name
+    return write_text_output(path, json.dumps(obj, indent=2, ensure_ascii=True) + "\n")
+
+
+def skipped_files(acts: Any, images: Any) -> list[dict[str, str]]:
+    """Every file left out of a run: listed but missing (CSV rows; ``ImageSet.missing`` where the
+    image set records them) and unreadable (found by the extraction, kept with its cache entry)."""
+    missing = getattr(images, "missing", ()) or ()
+    out = [{"path": str(p), "reason": str(r)} for p, r in missing]
+    out += [{"path": str(p), "reason": str(r)} for p, r in getattr(acts, "skipped", ())]
+    return out
+
+
+def report_skipped(skipped: Sequence[dict[str, str]], listed_in: Path | None = None, first: int = 5) -> None:
+    """Name the skipped files on standard error, every run (a cached rerun too)."""
+    if not skipped:
+        return
+    n = len(skipped)
+    warn(f"{n} file{'s' if n != 1 else ''} skipped:")
+    for s in skipped[:first]:
+        print(f"  {shown(s['path'])}: {shown(s['reason'])}", file=sys.stderr)
+    if n > first:
+        where = f" (all in {shown(listed_in)})" if listed_in else ""
+        print(f"  ... and {n - first} more{where}", file=sys.stderr)
+
+
+class _SkipLogFilter(logging.Filter):
+    """Drop the image loader's per-file "skipped" warnings, and the CSV reader's for listed files
+    that are missing: the CLI names every skipped file itself once the pass is over (cached or
+    not), the first few and a count, instead of one line each."""
+
+    FORMATS = ("skipped %s", "%s: row %d: %s does not exist; skipped", "%s: row %d: %s is not a regular file; skipped")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "convlens.data" and record.msg in self.FORMATS)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -72,9 +295,9 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None
     g.add_argument("--classes", help="class names: a file (one per line) or a comma-separated list")
     g.add_argument("--backend", choices=["auto", "torch", "onnx"])
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--output-index", type=int, help="which output is the classifier when there are several")
+    g.add_argument("--output-index", type=non_negative_int, help="which output is the classifier when there are several")
     g.add_argument("--scores", choices=["auto", "logits", "probs"], help="what the classifier output holds")
-    g.add_argument("--num-classes", type=int, help="class count for a torchvision architecture")
+    g.add_argument("--num-classes", type=positive_int, help="class count for a torchvision architecture")
     g.add_argument("--no-strict", dest="strict", action="store_false", default=None,
                    help="load a state dict even if some keys are missing or unexpected")
     g.add_argument("--allow-pickle", action="store_true", default=None,
@@ -104,14 +327,6 @@ def open_model(spec: ModelSpec) -> tuple[Any, Any]:
     return loaded, open_backend(loaded)
 
 
-def check_out_dir(out: str) -> Path:
-    """An output folder that can be written into: a file in the way is an error before any work."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise ConvLensError(f"{p}: exists and is not a folder (--out names the output folder)")
-    return p
-
-
 def parse_layers(value: str | None, spec: ModelSpec, backend: Any) -> list[str]:
     if value:
         return [v.strip() for v in value.split(",") if v.strip()]
@@ -126,6 +341,8 @@ def parse_layers(value: str | None, spec: ModelSpec, backend: Any) -> list[str]:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
+    if a.out:
+        check_out_file(a.out, "JSON file")
     spec = spec_from_args(a)
     loaded, backend = open_model(spec)
     layers = backend.layers()
@@ -150,33 +367,31 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def _emit_json(obj: Any, out: str | None) -> None:
-    text = json.dumps(obj, indent=2)
     if out:
-        from .cache import atomic_write_text
-
-        atomic_write_text(out, text + "\n")
+        write_json_output(out, obj)
     else:
-        print(text)
+        print(json.dumps(obj, indent=2))
 
 
 def _extract_for(a: argparse.Namespace, layers_arg: str | None, with_layers: bool) -> tuple[Any, Any, Any, Any]:
     from .activations import extract
     from .data.images import open_image_set
 
-    check_out_dir(a.out)
+    check_out_dir(a.out, ["summary.json", *([] if with_layers else ["predictions.csv"])])
     spec = spec_from_args(a)
     images = open_image_set(a.images)
     loaded, backend = open_model(spec)
     layers = parse_layers(layers_arg, spec, backend) if with_layers else []
     acts = run_job(extract(backend, loaded.cache_id, images, layers, batch_size=a.batch_size,
                            store_maps=not getattr(a, "no_maps", False)), "extract", a.quiet)
-    return spec, loaded, backend, acts
+    return spec, images, backend, acts
 
 
-def _prediction_summary(preds: Any, acts: Any, spec: ModelSpec) -> dict[str, Any]:
+def _prediction_summary(preds: Any, acts: Any, images: Any, spec: ModelSpec) -> dict[str, Any]:
     return {
-        "images": len(preds.paths),
-        "skipped": [{"path": p, "reason": r} for p, r in acts.skipped],
+        "images": len(preds.paths),  # the rows of predictions.csv
+        "listed": _listed(images),
+        "skipped": skipped_files(acts, images),
         "classes": list(preds.classes),
         "score_kind": preds.score_kind,
         "scored": preds.n_scored,
@@ -186,57 +401,72 @@ def _prediction_summary(preds: Any, acts: Any, spec: ModelSpec) -> dict[str, Any
     }
 
 
+def _write_predictions(preds: Any, out: Path) -> Path:
+    with writing(out / "predictions.csv"):
+        return preds.write_csv(out / "predictions.csv")
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
-    from .cache import atomic_write_text
     from .predict import predictions_from
 
-    spec, _loaded, _backend, acts = _extract_for(a, None, with_layers=False)
+    spec, images, _backend, acts = _extract_for(a, None, with_layers=False)
     preds = predictions_from(acts, spec)
     out = Path(a.out)
-    preds.write_csv(out / "predictions.csv")
-    summary = _prediction_summary(preds, acts, spec)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _write_predictions(preds, out)
+    summary = _prediction_summary(preds, acts, images, spec)
+    write_json_output(out / "summary.json", summary)
+    report_skipped(summary["skipped"], out / "summary.json")
     _say(a, _prediction_line(summary, out / "predictions.csv"))
     return EXIT_OK
 
 
+def _listed(images: Any) -> int:
+    """Images the set names: those found, and those listed but missing."""
+    return len(images) + len(getattr(images, "missing", ()) or ())
+
+
+def _images_note(s: dict[str, Any]) -> str:
+    skipped = f", {len(s['skipped'])} skipped" if s["skipped"] else ""
+    return f"{s['listed']} images{skipped}"
+
+
 def _prediction_line(s: dict[str, Any], csv_path: Path) -> str:
     acc = "no labels" if s["accuracy"] is None else f"accuracy {s['accuracy']:.2%} on {s['scored']} labelled"
-    skip = f", {len(s['skipped'])} skipped" if s["skipped"] else ""
-    return f"{s['images']} images{skip}: {acc}; wrote {csv_path}"
+    return f"{_images_note(s)}: {acc}; wrote {csv_path}"
 
 
 def cmd_activations(a: argparse.Namespace) -> int:
     from .activations import write_unit_tables
-    from .cache import atomic_write_text
 
-    _spec, _loaded, _backend, acts = _extract_for(a, a.layers, with_layers=True)
+    _spec, images, _backend, acts = _extract_for(a, a.layers, with_layers=True)
     out = Path(a.out)
-    files = write_unit_tables(acts, out)
+    with writing(out):
+        files = write_unit_tables(acts, out)
     summary = {
         "images": acts.n_images,
+        "listed": _listed(images),
         "valid": int(acts.valid.sum()),
-        "skipped": [{"path": p, "reason": r} for p, r in acts.skipped],
+        "skipped": skipped_files(acts, images),
         "layers": {k: {"kind": v.kind, "shape": list(v.shape)} for k, v in acts.layers.items()},
         "cache": str(acts.folder),
         "seconds": acts.seconds,
         "files": [str(f) for f in files],
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _say(a, f"{acts.n_images} images, {len(acts.layers)} layers -> {out} (cache: {acts.folder})")
+    write_json_output(out / "summary.json", summary)
+    report_skipped(summary["skipped"], out / "summary.json")
+    _say(a, f"{_images_note(summary)}, {len(acts.layers)} layers -> {out} (cache: {acts.folder})")
     return EXIT_OK
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .activations import extract, write_unit_tables
     from .backends import open_backend
-    from .cache import atomic_write_text
     from .data.images import open_image_set
     from .demo import DEMO_LAYERS, prepare_demo
     from .models.loading import load_model
     from .predict import predictions_from
 
-    check_out_dir(a.out)
+    check_out_dir(a.out, ["predictions.csv", "summary.json", "report.md"])
     spec, image_dir = prepare_demo()
     spec = spec.with_(device=a.device or "auto")
     loaded = load_model(spec)
@@ -245,12 +475,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     acts = run_job(extract(backend, loaded.cache_id, images, list(DEMO_LAYERS)), "demo", a.quiet)
     preds = predictions_from(acts, spec)
     out = Path(a.out)
-    preds.write_csv(out / "predictions.csv")
-    write_unit_tables(acts, out / "units")
-    summary = _prediction_summary(preds, acts, spec)
+    _write_predictions(preds, out)
+    with writing(out / "units"):
+        write_unit_tables(acts, out / "units")
+    summary = _prediction_summary(preds, acts, images, spec)
     summary.update({"model": str(Path(spec.path)), "images_dir": str(image_dir), "backend": backend.name,
                     "device": backend.device})
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json_output(out / "summary.json", summary)
     li, pr = preds.label_index, preds.predicted
     k = len(preds.classes)
     conf = [[int(((li == i) & (pr == j)).sum()) for j in range(k)] for i in range(k)]
@@ -266,7 +497,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         *[f"| {preds.classes[i]} | " + " | ".join(map(str, conf[i])) + " |" for i in range(k)], "",
         f"Per-unit statistics of {', '.join(DEMO_LAYERS)}: `units/`.",
     ]
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    write_text_output(out / "report.md", "\n".join(lines) + "\n")
+    report_skipped(summary["skipped"], out / "summary.json")
     _say(a, _prediction_line(summary, out / "predictions.csv"))
     return EXIT_OK
 
@@ -276,9 +508,9 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
     cache = Cache()
     if a.clear is not None:
-        kinds = list(cache.usage()) if a.clear == "all" else [a.clear]
-        for kind in kinds:
-            cache.clear(kind)
+        # only a kind the cache lists, or "all": a path, "..", an unknown name is a CacheError
+        # (exit 1) and removes nothing
+        kinds = cache.clear(a.clear)
         _say(a, f"cleared {', '.join(kinds) or 'nothing'} in {cache.root}")
     usage = cache.usage()
     _emit_json({"root": str(cache.root), "kinds": usage,
@@ -288,7 +520,7 @@ def cmd_cache(a: argparse.Namespace) -> int:
 
 def _say(a: argparse.Namespace, msg: str) -> None:
     if not a.quiet:
-        print(msg, file=sys.stderr)
+        print(shown(msg), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -323,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_options(sp)
         sp.add_argument("--images", required=True, help="image folder (class subfolders = labels) or CSV list")
         sp.add_argument("--out", required=True, help="output folder")
-        sp.add_argument("--batch-size", type=int, default=64)
+        sp.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
         if name == "activations":
             sp.add_argument("--layers", help="comma-separated layer names (default: the model's conv stages)")
             sp.add_argument("--no-maps", action="store_true", help="keep per-unit statistics only, not maps")
@@ -343,24 +575,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (argparse printed it; exit 2) or --help (exit 0)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING,
                         format="convlens: %(levelname)s: %(message)s")
+    if not a.verbose:
+        for h in logging.getLogger().handlers:
+            if not any(isinstance(f, _SkipLogFilter) for f in h.filters):
+                h.addFilter(_SkipLogFilter())
     if not getattr(a, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    _made_dirs.clear()
+    code = EXIT_INPUT
     try:
-        return a.func(a)
+        code = a.func(a)
+        return code
     except ConvLensError as e:
-        print(f"convlens: error: {e}", file=sys.stderr)
+        error(e)
         return EXIT_INPUT
-    except OSError as e:  # an output path that cannot be written: read-only, full, a file in the way
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"convlens: error: {where}{e.strerror or e}", file=sys.stderr)
+    except BrokenPipeError:  # e.g. `convlens info ... | head`: the reader left, nothing to report
+        with contextlib.suppress(OSError):
+            sys.stderr.close()
+        code = EXIT_OK
+        return EXIT_OK
+    except OSError as e:  # a write that failed outside ``writing``: name the user's file, not a temporary
+        where = f"{_user_path(e.filename)}: " if e.filename else ""
+        error(f"{where}{_why(e)}")
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("convlens: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # e.g. `convlens info ... | head`: the reader left, nothing to report
-        sys.stderr.close()
-        return EXIT_OK
+    finally:
+        if code != EXIT_OK:  # folders made for outputs that never came: leave no empty folder behind
+            for d in reversed(_made_dirs):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        _made_dirs.clear()
+
+
+def _user_path(filename: object) -> str:
+    """The file a temporary name stands for: atomic writes go through ``.NAME.XXXX.tmp``
+    files and ``.NAME.tmp-XXXX`` folders beside ``NAME``."""
+    import re
+
+    p = Path(os.fsdecode(filename)) if isinstance(filename, (str, bytes, os.PathLike)) else Path(str(filename))
+    m = re.fullmatch(r"\.(.+)\.[^.]+\.tmp|\.(.+)\.tmp-[0-9a-f]+", p.name)
+    return str(p.with_name(m.group(1) or m.group(2))) if m else str(p)

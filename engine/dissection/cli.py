@@ -18,7 +18,12 @@ from typing import Any
 
 
 def add_parser(subparsers: Any, add_model_options: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add the ``dissect`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    """Add the ``dissect`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``).
+
+    Every numeric option is checked while parsing (a usage error, exit 2, before any work).
+    """
+    from engine.cli import float_range, int_range, positive_int
+
     help_ = "Network Dissection: label units with concepts by IoU; writes a report into OUT"
     sp = subparsers.add_parser("dissect", help=help_, description=help_)
     sp.set_defaults(func=cmd_dissect)
@@ -28,20 +33,20 @@ def add_parser(subparsers: Any, add_model_options: Callable[[argparse.ArgumentPa
     sp.add_argument("--layers", help="comma-separated layer names (default: the model's conv stages)")
     sp.add_argument("--out", required=True, help="report folder (replaced when complete)")
     sp.add_argument("--categories", help="comma-separated concept categories to score (default: all)")
-    sp.add_argument("--quantile", type=float, default=0.005,
+    sp.add_argument("--quantile", type=float_range(0, 1, low_open=True, high_open=True), default=0.005,
                     help="top fraction of activations in a unit's mask (default 0.005)")
-    sp.add_argument("--iou-threshold", type=float, default=0.04,
+    sp.add_argument("--iou-threshold", type=float_range(0, 1, low_open=False, high_open=False), default=0.04,
                     help="a unit is a detector above this IoU (default 0.04)")
     sp.add_argument("--rule", choices=["paper", "lite"], default="paper",
                     help="paper: Bau et al. 2017; lite: NetDissect-Lite's union rule and S > T masks")
     sp.add_argument("--strict-mask", action="store_true", help="mask S > T instead of S >= T")
-    sp.add_argument("--batch-size", type=int, default=32)
-    sp.add_argument("--top-k", type=int, default=10, help="top images per unit (default 10)")
+    sp.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
+    sp.add_argument("--top-k", type=positive_int, default=10, help="top images per unit (default 10)")
     sp.add_argument("--no-tiles", action="store_true", help="skip the per-unit image tiles")
-    sp.add_argument("--builtin-images", type=int, default=2000,
+    sp.add_argument("--builtin-images", type=positive_int, default=2000,
                     help="images of the built-in concept set (default 2000)")
-    sp.add_argument("--builtin-size", type=int, default=112,
-                    help="image size of the built-in concept set (default 112)")
+    sp.add_argument("--builtin-size", type=int_range(16, 4096), default=112,
+                    help="image size of the built-in concept set, 16 to 4096 px (default 112)")
 
 
 def cmd_dissect(a: argparse.Namespace) -> int:
@@ -53,7 +58,16 @@ def cmd_dissect(a: argparse.Namespace) -> int:
 
 
 def _dissect(a: argparse.Namespace) -> None:
-    from engine.cli import open_model, parse_layers, run_job, spec_from_args
+    from engine.cli import (
+        check_out_parent,
+        open_model,
+        parse_layers,
+        report_skipped,
+        run_job,
+        shown,
+        spec_from_args,
+        writing,
+    )
     from engine.concepts import open_broden
     from engine.dissection.report import write_report
     from engine.dissection.run import DissectionParams, dissect
@@ -69,7 +83,8 @@ def _dissect(a: argparse.Namespace) -> None:
     params.check()
     from engine.cache import check_replaceable
 
-    check_replaceable(a.out)  # before any work: a folder of the user's is never replaced
+    check_out_parent(a.out)  # before any work: the report can be built beside OUT and renamed in
+    check_replaceable(a.out)  # ... and a folder of the user's is never replaced
     spec = spec_from_args(a)
     loaded, backend = open_model(spec)
     layers = parse_layers(a.layers, spec, backend)
@@ -82,9 +97,11 @@ def _dissect(a: argparse.Namespace) -> None:
         root = a.concepts
     concepts = open_broden(root, categories=categories)
     result = run_job(dissect(backend, loaded.cache_id, concepts, layers, params), "dissect", quiet)
-    out = write_report(result, concepts, a.out, backend=None if a.no_tiles else backend)
+    with writing(a.out):
+        out = write_report(result, concepts, a.out, backend=None if a.no_tiles else backend)
+    report_skipped([{"path": str(p), "reason": str(r)} for p, r in result.skipped])
     if not quiet:
         for name in result.layers:
-            print(result.summary_line(name), file=sys.stderr)
+            print(shown(result.summary_line(name)), file=sys.stderr)
         skipped = f", {len(result.skipped)} images skipped" if result.skipped else ""
-        print(f"{result.n_images} images{skipped}; wrote {out / 'index.html'}", file=sys.stderr)
+        print(shown(f"{result.n_images} images{skipped}; wrote {out / 'index.html'}"), file=sys.stderr)
