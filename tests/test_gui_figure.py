@@ -8,6 +8,10 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
+import main as convlens_main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +27,7 @@ def test_heatmaps_figure_as_svg_and_png(rnet_spec, demo_images: Path, tmp_path: 
     svg = tmp_path / "heat.svg"
     proc = _run([*common, "--out", str(svg)], tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert "propagateSizeHints" not in proc.stderr  # the offscreen platform's noise is not shown
     root = ET.parse(svg).getroot()
     assert root.tag.endswith("svg")
     text = svg.read_text()
@@ -39,3 +44,53 @@ def test_unknown_view_and_bad_suffix_fail_clearly(rnet_spec, demo_images: Path, 
     proc = _run(["--view", "heatmaps", *base, "--out", str(tmp_path / "f.gif")], tmp_path)
     assert proc.returncode == 1 and "must be .png, .svg or .pdf" in proc.stderr
     assert not (tmp_path / "f.gif").exists()
+
+
+@pytest.mark.parametrize("opt,value,needle", [
+    ("--size", "abc", "argument --size: expected WIDTHxHEIGHT in pixels such as 1400x900, got 'abc'"),
+    ("--size", "10x900", "argument --size: width and height must be from 100 to 8000 pixels"),
+    ("--dpi", "0", "argument --dpi: must be from 1 to 1200, got 0"),
+    ("--dpi", "-300", "argument --dpi: must be from 1 to 1200"),
+    ("--unit", "-1", "argument --unit: must be at least 0, got -1"),
+    ("--image", "x", "argument --image: expected a whole number, got 'x'"),
+    ("--timeout", "0", "argument --timeout: must be a positive number"),
+])
+def test_figure_options_are_usage_errors(opt, value, needle, rnet_spec, demo_images: Path, tmp_path: Path,  # noqa: ANN001
+                                         capsys) -> None:
+    out = tmp_path / "f.png"
+    argv = ["figure", "--view", "heatmaps", "--model", rnet_spec.path, "--images", str(demo_images),
+            "--out", str(out), opt, value]
+    assert convlens_main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_figure_out_checked_before_the_window_opens(rnet_spec, demo_images: Path, tmp_path: Path,  # noqa: ANN001
+                                                    capsys) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    (tmp_path / "dir.png").mkdir()
+    for out, needle in ((tmp_path / "dir.png", "is a folder; --out names the figure to write"),
+                        (notes / "f.png", "notes.txt is a file, not a folder")):
+        argv = ["figure", "--view", "heatmaps", "--model", rnet_spec.path, "--images", str(demo_images),
+                "--out", str(out)]
+        assert convlens_main.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"convlens: error: {out}: ") and needle in err, err
+    assert notes.read_text() == "mine"
+
+
+def test_unknown_layer_unit_or_image_fails_before_export(rnet_spec, demo_images: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    base = ["--view", "heatmaps", "--model", rnet_spec.path, "--images", str(demo_images)]
+    out = tmp_path / "f.png"
+    for extra, needle in (
+        (["--layer", "conv9"], "no layer named 'conv9' (layers: conv1, prelu1, pool1, conv2"),
+        (["--layer", "conv2", "--unit", "9999"], "--unit 9999: layer 'conv2' has 48 units (0 to 47)"),
+        (["--unit", "64"], "--unit 64: layer 'conv3' has 64 units (0 to 63)"),  # the default layer
+        (["--image", "200"], f"--image 200: {demo_images} has 200 images (0 to 199)"),
+    ):
+        proc = _run([*base, *extra, "--out", str(out)], tmp_path)
+        assert proc.returncode == 1, (extra, proc.stderr)
+        assert "convlens: error: " in proc.stderr and needle in proc.stderr, (extra, proc.stderr)
+        assert "Traceback" not in proc.stderr and not out.exists()
