@@ -15,10 +15,14 @@ def main(argv: list[str] | None = None) -> int:
         from gui.app import run
 
         return run(args)
-    if args[0] == "figure":  # renders views: lives in gui, not in the headless engine CLI
+    # the command after any of the CLI's global options (``convlens -q figure ...``)
+    lead = 0
+    while lead < len(args) and args[lead] in cli_options - {"-h", "--help"}:
+        lead += 1
+    if lead < len(args) and args[lead] == "figure":  # renders views: lives in gui, not in the engine CLI
         from gui.figure import main as figure_main
 
-        return figure_main(args[1:])
+        return figure_main(args[lead + 1:], quiet=bool({"-q", "--quiet"} & set(args[:lead])))
     from engine.cli import main as cli_main
 
     return cli_main(args)

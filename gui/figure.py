@@ -103,7 +103,8 @@ def _check_selection(a: argparse.Namespace, model: object, current_layer: str, n
         raise ConvLensError(f"--image {a.image}: {a.images} has {n_images} images (0 to {n_images - 1})")
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], quiet: bool = False) -> int:
+    """``convlens figure ARGS``; ``quiet`` (``convlens -q figure``) leaves out the closing line."""
     try:
         a = build_parser().parse_args(list(argv))
     except SystemExit as e:  # a usage error (argparse printed it; exit 2) or --help
@@ -191,6 +192,7 @@ def main(argv: Sequence[str]) -> int:
         error(msg)
         win.close()
         return 1
-    print(shown(f"wrote {out}"), file=sys.stderr)
+    if not quiet:
+        print(shown(f"wrote {out}"), file=sys.stderr)
     win.close()
     return 0

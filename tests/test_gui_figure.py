@@ -33,7 +33,10 @@ def test_heatmaps_figure_as_svg_and_png(rnet_spec, demo_images: Path, tmp_path: 
     text = svg.read_text()
     assert "conv2 unit 3" in text  # the overlay's caption: the figure shows the asked-for unit
     png = tmp_path / "heat.png"
-    assert _run([*common, "--out", str(png), "--dpi", "120"], tmp_path).returncode == 0
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", CONVLENS_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "-q", "figure", *common, "--out", str(png),
+                           "--dpi", "120"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0 and "wrote" not in proc.stderr, proc.stderr  # global -q before the command
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

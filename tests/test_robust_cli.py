@@ -327,8 +327,8 @@ def test_dissect_report_into_a_non_utf8_folder(rnet_spec, tmp_path: Path, capsys
     assert os.path.isfile(os.path.join(out, "index.html")) and os.path.isfile(os.path.join(out, "dissection.csv"))
 
 
-@pytest.mark.xfail(reason="engine/dissection/report.py writes index.html, dissection.csv and thresholds.csv "
-                          "with strict UTF-8: a concept set under a non-UTF-8 folder crashes there", strict=False)
+@pytest.mark.xfail(reason="engine/dissection/report.py:78 writes index.html with strict UTF-8 and the page "
+                          "shows the concept folder (report.py:315): UnicodeEncodeError there", strict=False)
 def test_dissect_concepts_under_a_non_utf8_folder(rnet_spec, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
     monkeypatch.setenv("CONVLENS_CACHE", os.fsdecode(os.fsencode(tmp_path) + b"/cach\xe9"))
     out = tmp_path / "report"
