@@ -255,6 +255,7 @@ class ProgressBar:
         self.tty = self.stream.isatty()
         self.t0 = self.last = time.perf_counter()
         self.shown = False
+        self.open_line = False  # a terminal bar drawn without its closing newline
 
     def __call__(self, p: Progress) -> None:
         if self.quiet:
@@ -267,16 +268,29 @@ class ProgressBar:
         frac = p.fraction or 0.0
         if self.tty:
             bar = "#" * int(frac * 30)
-            self.stream.write(f"\r{self.title} [{bar:<30}] {frac:5.1%} {p.message[:60]:<60}")
+            self.stream.write(f"\r{self.title} [{bar:<30}] {frac:5.1%} {shown(p.message)[:60]:<60}")
+            self.open_line = not final
             if final:
                 self.stream.write("\n")
         else:
-            self.stream.write(f"{self.title}: {frac:5.1%} {p.message}\n")
+            self.stream.write(f"{self.title}: {frac:5.1%} {shown(p.message)}\n")
         self.stream.flush()
+
+    def close(self) -> None:
+        """End a terminal bar's line (a job may finish short of 100%, e.g. with skipped images),
+        so that what is printed next starts on a line of its own."""
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False
 
 
 def run_job(job: Job[Any], title: str, quiet: bool = False) -> Any:
-    return run_sync(job, ProgressBar(title, quiet=quiet))
+    bar = ProgressBar(title, quiet=quiet)
+    try:
+        return run_sync(job, bar)
+    finally:
+        bar.close()
 
 
 # ----------------------------------------------------------------------------- model options

@@ -337,3 +337,22 @@ def test_dissect_concepts_under_a_non_utf8_folder(rnet_spec, tmp_path: Path, mon
     _clean(err)
     assert code == 0, err
     assert b"cach\xe9" in (out / "index.html").read_bytes()
+
+
+def test_a_terminal_progress_bar_ends_its_line_when_a_job_stops_short() -> None:
+    import io
+
+    from engine.cli import ProgressBar
+    from engine.types import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for last, newlines in ((0.5, 1), (1.0, 1)):  # 0.5: an extraction with skipped images ends there
+        stream = Terminal()
+        bar = ProgressBar("extract", stream=stream)
+        bar(Progress(0.0, "starting"))
+        bar(Progress(last, "1/2 images"))
+        bar.close()
+        assert stream.getvalue().endswith("\n") and stream.getvalue().count("\n") == newlines
