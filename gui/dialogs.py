@@ -148,14 +148,23 @@ class OpenModelDialog(QDialog):
         if not path:
             return
         self._prefilled = path
+        from engine.models.config import find_config_beside, is_code_arch
+
         try:
             fmt = detect_format(path)
-            spec = build_spec(path, arch=(self.arch.currentText() or None) if keep_arch else None)
+            # building a spec runs nothing: the class file named by a TOML beside the model is
+            # shown in the architecture field, and runs only when the user presses OK
+            spec = build_spec(path, arch=(self.arch.currentText() or None) if keep_arch else None, allow_code=True)
         except Exception as e:  # noqa: BLE001 - shown in the dialog
             self.format_label.setText("")
             self.error.setText(str(e))
             return
-        self.error.setText("")
+        toml = find_config_beside(path)
+        if not keep_arch and toml is not None and is_code_arch(spec.arch):
+            self.error.setText(f"{toml.name} names Python code as the architecture ({spec.arch}); "
+                               "it is imported and run when you press OK.")
+        else:
+            self.error.setText("")
         hint = " — needs an architecture" if fmt in NEEDS_ARCH and not spec.arch else ""
         self.format_label.setText(FORMAT_NAMES.get(fmt, fmt) + hint)
         self.arch.setEnabled(fmt in NEEDS_ARCH)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -283,10 +284,17 @@ class MainWindow(QMainWindow):
     def open_model_file(self, path: str) -> None:
         """Open a model from a path; a file that needs more (an architecture) opens the dialog."""
         from engine.models import build_spec, detect_format
+        from engine.models.config import CodeOptInRequired
 
         try:
             fmt = detect_format(path)
-            spec = build_spec(path)
+            try:
+                spec = build_spec(path)
+            except CodeOptInRequired as e:
+                if not self.confirm_code(e.source, e.arch):
+                    self.statusBar().showMessage(f"Did not open {Path(path).name}: its code was not run", 8000)
+                    return
+                spec = build_spec(path, allow_code=True)
         except Exception as e:  # noqa: BLE001 - shown to the user
             self._error("Could not open the model", str(e))
             return
@@ -386,9 +394,28 @@ class MainWindow(QMainWindow):
             return QFileDialog.getExistingDirectory(self, "Locate the image folder") or None
         return QFileDialog.getOpenFileName(self, "Locate the model file")[0] or None
 
+    def confirm_code(self, source: str | os.PathLike[str], arch: str) -> bool:
+        """Ask before running Python code a file names (a model config or a project); No is the default."""
+        box = QMessageBox(QMessageBox.Icon.Warning, "Run this Python code?",
+                          f"{Path(source).name} names Python code as the model's architecture:\n\n{arch}\n\n"
+                          "Opening the model imports and runs that code with your user account's rights. "
+                          "Run it only if you trust where it came from.",
+                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, self)
+        box.setDefaultButton(QMessageBox.StandardButton.No)
+        box.setObjectName("confirm_code")
+        return box.exec() == QMessageBox.StandardButton.Yes
+
     def open_project(self, path: str) -> None:
+        from engine.models.config import CodeOptInRequired
+
         try:
-            state = project.load(path, locate=self.locate_missing)
+            try:
+                state = project.load(path, locate=self.locate_missing)
+            except CodeOptInRequired as e:
+                if not self.confirm_code(e.source, e.arch):
+                    self.statusBar().showMessage(f"Did not open {Path(path).name}: its model's code was not run", 8000)
+                    return
+                state = project.load(path, locate=self.locate_missing, allow_code=True)
         except Exception as e:  # noqa: BLE001 - shown to the user
             self._error("Could not open the project", str(e))
             return

@@ -12,6 +12,11 @@ Schema (version 1)::
 Reopening restores the session; analyses reuse the engine's on-disk caches (keyed by model hash,
 image set and parameters), so nothing is recomputed. A model or image folder that moved is
 asked for through ``locate`` instead of failing.
+
+A project never grants an opt-in: ``allow_pickle`` is neither written nor read (a project file
+that holds it is read without it), and a model whose architecture is Python code
+(``file.py:Class``) raises :class:`engine.models.config.CodeOptInRequired` naming the project
+until the caller confirms with ``allow_code=True``.
 """
 
 from __future__ import annotations
@@ -60,12 +65,18 @@ def save(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
     return atomic_write_text(path, json.dumps(out, indent=2) + "\n")
 
 
+#: the model keys a project may set: what describes the model, never an opt-in
+PROJECT_MODEL_KEYS = frozenset(ModelSpec.__dataclass_fields__) - {"preprocess", "allow_pickle"} | {
+    "input_size", "mean", "std", "channels", "grayscale", "resize", "crop_fraction"}
+
+
 def load(path: str | os.PathLike[str],
-         locate: Callable[[str, str], str | None] | None = None) -> dict[str, Any]:
+         locate: Callable[[str, str], str | None] | None = None, *, allow_code: bool = False) -> dict[str, Any]:
     """Read a project; ``model`` comes back as a ModelSpec, paths absolute.
 
     ``locate(what, old_path)`` is asked for a new path when the model ("model") or the image
-    folder ("images") is missing; returning None drops that part.
+    folder ("images") is missing; returning None drops that part. ``allow_code`` is the user's
+    confirmation that the model's architecture code (``file.py:Class``) may run.
     """
     p = Path(path)
     try:
@@ -89,11 +100,20 @@ def load(path: str | os.PathLike[str],
 
     out = dict(data)
     if data.get("model"):
-        from engine.models.config import build_spec
+        from engine.models.config import CodeOptInRequired, build_spec, is_code_arch
 
-        m = dict(data["model"])
+        if not isinstance(data["model"], dict) or not isinstance(data["model"].get("path"), str):
+            raise ProjectError(f"{p}: 'model' must be a table with a 'path'")
+        m = {k: v for k, v in data["model"].items() if k in PROJECT_MODEL_KEYS}  # allow_pickle never
+        if is_code_arch(m.get("arch")) and not allow_code:
+            raise CodeOptInRequired(p, str(m["arch"]))
         new = resolve(m.pop("path"), "model")
-        out["model"] = build_spec(new, config=None, **m) if new else None
+        try:
+            out["model"] = build_spec(new, config=None, allow_code=allow_code, **m) if new else None
+        except CodeOptInRequired:
+            raise
+        except ConvLensError as e:
+            raise ProjectError(f"{p}: its model description cannot be used: {e}") from e
     if data.get("images"):
         out["images"] = resolve(data["images"], "images")
     return out

@@ -36,13 +36,10 @@ from typing import Any
 
 from ..types import ConvLensError, ModelSpec
 from . import safety
+from .safety import ModelLoadError
 
 TORCH_FORMATS = ("torchscript", "export", "state_dict", "safetensors", "pickled_module")
 FORMATS = (*TORCH_FORMATS, "onnx")
-
-
-class ModelLoadError(ConvLensError):
-    """A checkpoint could not be loaded. The message names the file and the cause."""
 
 
 @dataclass
@@ -436,6 +433,9 @@ def build_from_state_dict(spec: ModelSpec, sd: Mapping[str, Any], path: Path, no
 
 # ----------------------------------------------------------------------------- ONNX
 
+#: the oldest ONNX opset ONNX Runtime guarantees to run
+MIN_ONNX_OPSET = 7
+
 
 def _check_onnx(path: Path) -> None:
     """Read the graph (not its external data), refuse what is unsafe, and validate it the way
@@ -454,6 +454,9 @@ def _check_onnx(path: Path) -> None:
     core = opsets.get("ai.onnx")
     if core is None:
         raise ModelLoadError(f"{path}: not a valid ONNX model (it declares no ai.onnx opset)")
+    if core < MIN_ONNX_OPSET:
+        raise ModelLoadError(f"{path}: declares ONNX opset {core}; ONNX Runtime supports opset {MIN_ONNX_OPSET} and "
+                             "newer: re-export the model with a newer opset")
     if core > latest:
         raise ModelLoadError(f"{path}: declares ONNX opset {core}, newer than this ConvLens knows ({latest}): "
                              "re-export it with an older opset, or update onnx and onnxruntime")

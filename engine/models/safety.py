@@ -52,7 +52,11 @@ DENIED_OPS = frozenset({
 OPT_IN = "If you trust where the file came from, open it with --allow-pickle (GUI: 'Allow pickled code')."
 
 
-class UnsafeModelError(ConvLensError):
+class ModelLoadError(ConvLensError):
+    """A checkpoint could not be loaded. The message names the file and the cause."""
+
+
+class UnsafeModelError(ModelLoadError):
     """A model file that would run code (or reach files) when opened; nothing of it was run."""
 
 
@@ -287,7 +291,7 @@ def check_export_archive(path: Path) -> None:
             try:
                 program = json.loads(member(mr))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ConvLensError(f"{path}: {mr} is damaged ({e})") from None
+                raise ModelLoadError(f"{path}: {mr} is damaged ({e})") from None
             if why := _restricted_readable(member(f"data/sample_inputs/{name}.pt")):
                 raise _refuse(path, "its sample inputs: ", why)
             for cfg_name, folder in ((f"data/weights/{name}_model_weights_config.json", "data/weights/"),
@@ -299,7 +303,7 @@ def check_export_archive(path: Path) -> None:
                 try:
                     cfg = json.loads(member(cfg_name)).get("config", {})
                 except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-                    raise ConvLensError(f"{path}: {cfg_name} is damaged ({e})") from None
+                    raise ModelLoadError(f"{path}: {cfg_name} is damaged ({e})") from None
                 for fqn, meta in cfg.items():
                     pname = str(meta.get("path_name", ""))
                     if pname.startswith(("custom_obj_", "opaque_obj_")):
