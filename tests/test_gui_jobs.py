@@ -221,10 +221,10 @@ def test_superseded_result_already_computed_is_dropped(qtbot, runner: JobRunner)
         computed.set()
         return "old"
 
-    old = runner.submit("map 1", quick, key="heatmap")
-    old_results = collect(old.finished)
     sent = threading.Event()  # set on the worker thread once the old result is on its way
     runner._bridge.finished.connect(lambda *_a: sent.set(), Qt.ConnectionType.DirectConnection)
+    old = runner.submit("map 1", quick, key="heatmap")
+    old_results = collect(old.finished)
     assert computed.wait(5) and sent.wait(5)  # the GUI thread does not process events meanwhile
     assert old.state in ("queued", "running")  # its signals are queued, not delivered
     new = runner.submit("map 2", lambda: slow_job(1, [], delay=0, result="new"), key="heatmap")
