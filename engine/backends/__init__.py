@@ -18,7 +18,8 @@ def export_onnx(loaded: LoadedModel, out_path: str | Path, opset: int = 17) -> P
     """Export a torch model to ONNX with a dynamic batch axis and PyTorch scope names kept.
 
     Uses the TorchScript-based exporter, whose node names carry module scopes, so the ONNX
-    backend names layers like the torch one.
+    backend names layers like the torch one. The loaded module is left as it is (device, mode):
+    the export runs on a CPU copy.
     """
     import warnings
 
@@ -32,7 +33,8 @@ def export_onnx(loaded: LoadedModel, out_path: str | Path, opset: int = 17) -> P
     pre = loaded.spec.preprocess
     x = torch.zeros(1, pre.n_channels, *pre.input_size)
     out_path = Path(out_path)
-    module = _unfused_copy(loaded.module.cpu().eval())
+    # never move or change the loaded module (others may share it): export a CPU copy
+    module = _unfused_copy(loaded.module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.no_grad():
@@ -56,14 +58,13 @@ def export_onnx(loaded: LoadedModel, out_path: str | Path, opset: int = 17) -> P
 
 
 def _unfused_copy(module: object) -> object:
-    """A copy whose eval BatchNorms are explicit per-channel affine ops.
+    """A CPU copy whose eval BatchNorms are explicit per-channel affine ops (TorchScript: the
+    module itself when on the CPU, else a CPU copy).
 
     The exporter folds BatchNorm into the preceding convolution, which would make the ONNX
     'conv1' carry the values of the torch 'bn1'. Exporting BatchNorm as y = x * scale + shift
     keeps each module's output a separate tensor under its own scope.
     """
-    import copy
-
     import torch
 
     class _AffineBN(torch.nn.Module):
@@ -79,9 +80,12 @@ def _unfused_copy(module: object) -> object:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             return x * self.scale.reshape(shape) + self.shift.reshape(shape)
 
+    from .torch_backend import copy_module, on_device
+
     if isinstance(module, torch.jit.ScriptModule):
-        return module
-    module = copy.deepcopy(module)
+        return on_device(module, torch.device("cpu"))
+
+    module = copy_module(module, "cpu").eval()
     for name, child in list(module.named_modules()):
         for cname, sub in list(child.named_children()):
             if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) and sub.track_running_stats:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,14 +42,17 @@ class Backend(ABC):
     """Runs one loaded model. Subclasses: :class:`TorchBackend`, :class:`OnnxBackend`.
 
     ``forward`` takes a float32 (N, C, H, W) batch already preprocessed and returns numpy
-    arrays. Gradients are a torch-only capability: ``supports_gradients`` says whether
-    :meth:`TorchBackend.layer_gradients` is available.
+    arrays. Gradients, splits at a layer and training copies are torch-only capabilities:
+    ``supports_gradients`` says whether :meth:`TorchBackend.layer_gradients` is available,
+    ``supports_split`` whether :meth:`split` is; the ONNX backend raises :class:`BackendError`
+    for them, saying what to load instead.
     """
 
     name: str
     device: str
     spec: ModelSpec
     supports_gradients: bool = False
+    supports_split: bool = False
 
     @abstractmethod
     def forward(self, batch: np.ndarray, capture: Sequence[str] = ()) -> ForwardResult: ...
@@ -81,6 +85,24 @@ class Backend(ABC):
 
     @abstractmethod
     def _discover_layers(self) -> list[LayerInfo]: ...
+
+    def _torch_only(self, what: str) -> BackendError:
+        return BackendError(
+            f"{self.spec.path}: {what} needs a PyTorch model, and this one runs on {self.name}; load the PyTorch "
+            "checkpoint instead (a state dict with --arch, or a torch.export .pt2 archive) with --backend torch")
+
+    def split(self, layer: str) -> Any:
+        """The model cut at ``layer`` into a feature function and a head (torch only; see
+        :meth:`TorchBackend.split`)."""
+        raise self._torch_only(f"splitting the model at layer '{layer}'")
+
+    def split_candidates(self, spatial_only: bool = False) -> list[str]:
+        """The layers where :meth:`split` works (torch only)."""
+        raise self._torch_only("splitting the model at a layer")
+
+    def trainable_copy(self) -> Any:
+        """A deep copy of the model in train mode, for fine-tuning (torch only)."""
+        raise self._torch_only("training a copy of the model")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory or sessions."""

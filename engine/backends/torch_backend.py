@@ -4,11 +4,19 @@ Eager modules (state dicts, unflattened ``torch.export`` programs, opted-in pick
 through forward hooks. TorchScript modules do not accept hooks, so capture inlines the scripted
 forward graph, finds for each requested submodule the last node that ran inside it (from the
 graph's module hierarchy), and returns those values as extra outputs of a derived function.
+
+The loaded module may be shared (by a :class:`~engine.models.loading.LoadedModel`, other
+backends, the GUI): a backend never moves it between devices in place or changes it. A backend
+on another device than the module's works on its own copy; gradients go to the captured
+activation only (``torch.autograd.grad``), never to a parameter's ``.grad``; training happens on
+:meth:`TorchBackend.trainable_copy`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -18,6 +26,7 @@ import torch
 
 from ..types import LayerInfo, ModelSpec
 from .base import Backend, BackendError, ForwardResult, LayerSummaries, forward_error
+from .split import GraphSplitter, Split, run_chunked
 
 
 def resolve_device(device: str) -> torch.device:
@@ -30,6 +39,77 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device '{device}': CUDA is not available on this machine (use cpu or auto)")
     return dev
+
+
+def _normal_device(dev: torch.device) -> torch.device:
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def module_device(module: Any) -> torch.device | None:
+    """The device of a module's first parameter or buffer (None: it holds no tensors)."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return None
+
+
+def _fake_memo(module: Any) -> dict[int, Any]:
+    """A deepcopy memo that keeps the fake tensors and symbolic sizes in fx graph metadata (an
+    unflattened torch.export module holds them; they cannot be copied) as they are."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.utils import _pytree as pytree
+
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        graph = sub.__dict__.get("graph")
+        if isinstance(graph, torch.fx.Graph):
+            for node in graph.nodes:
+                for leaf in pytree.tree_leaves(dict(node.meta)):
+                    if (isinstance(leaf, torch.Tensor) and is_fake(leaf)) or isinstance(
+                            leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                        memo[id(leaf)] = leaf
+    return memo
+
+
+def copy_module(module: Any, device: torch.device | str) -> Any:
+    """A deep copy of ``module`` on ``device``; the original is left as it is.
+
+    Parameters and buffers are copied straight onto the device (no second host copy of the
+    weights); parameters keep their ``requires_grad`` and get no ``.grad``.
+    """
+    device = torch.device(device)
+    if isinstance(module, torch.jit.ScriptModule):
+        return copy.deepcopy(module).to(device)
+    memo = _fake_memo(module)
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(device, copy=True), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to(device, copy=True)
+    return copy.deepcopy(module, memo).to(device)
+
+
+def on_device(module: Any, device: torch.device) -> Any:
+    """``module`` itself when it is already on ``device`` (or holds no tensors), else a copy there."""
+    cur = module_device(module)
+    if cur is None or _normal_device(cur) == _normal_device(device):
+        return module
+    return copy_module(module, device)
+
+
+def static_batch(module: Any) -> int | None:
+    """The batch size a ``torch.export`` program was exported for, when its batch dimension is
+    static (None: dynamic, or not an exported program)."""
+    from torch.export.unflatten import UnflattenedModule
+
+    if not isinstance(module, UnflattenedModule):
+        return None
+    for node in module.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() >= 1:
+                return val.shape[0] if isinstance(val.shape[0], int) else None
+    return None
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -119,26 +199,43 @@ class _ScriptCapture:
 
 
 class TorchBackend(Backend):
+    """Runs a torch module: eager, TorchScript or an unflattened ``torch.export`` program.
+
+    ``module`` is used as it is when it already lives on ``device``; otherwise the backend runs
+    a copy there (the caller's module is never moved). A ``torch.export`` program exported with
+    a static batch size (``fixed_batch``) runs any batch, chunk by chunk, the last chunk padded.
+    """
+
     name = "torch"
+    supports_split = True
 
     def __init__(self, module: Any, spec: ModelSpec, device: str = "auto") -> None:
+        from torch.export.unflatten import UnflattenedModule
+
         self.spec = spec
         self.torch_device = resolve_device(device)
         self.device = str(self.torch_device)
-        self.module = module.to(self.torch_device).eval()
+        module = on_device(module, self.torch_device)
+        if module.training:
+            module.eval()
+        self.module = module
         self.is_script = isinstance(module, torch.jit.ScriptModule)
+        self.is_export = isinstance(module, UnflattenedModule)
         self.supports_gradients = not self.is_script
+        self.supports_split = not self.is_script
+        #: the batch size a torch.export program was exported for, when static (None: any)
+        self.fixed_batch: int | None = static_batch(module)
         self._script = _ScriptCapture(module) if self.is_script else None
         self._modules: dict[str, torch.nn.Module] = {} if self.is_script else {
             n: m for n, m in module.named_modules() if n
         }
+        self._names = self._script.names() if self._script is not None else list(self._modules)
+        self._splitter: GraphSplitter | None = None
 
     # ------------------------------------------------------------------ layers
 
     def layer_names(self) -> list[str]:
-        if self._script is not None:
-            return self._script.names()
-        return list(self._modules)
+        return list(self._names)
 
     def _kind(self, name: str) -> str:
         if self._script is not None:
@@ -161,7 +258,12 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ forward
 
+    def _live(self) -> None:
+        if self.module is None:
+            raise BackendError(f"{self.spec.path}: this backend was closed")
+
     def to_tensor(self, batch: np.ndarray) -> torch.Tensor:
+        self._live()
         self.check_batch(batch)
         return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.torch_device)
 
@@ -188,20 +290,24 @@ class TorchBackend(Backend):
             for h in handles:
                 h.remove()
 
+    def _forward_once(self, x: torch.Tensor, capture: Sequence[str]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        if self._script is not None:
+            if capture:
+                out, acts = self._script(x, tuple(capture))
+                return flatten_outputs(out), dict(zip(capture, acts, strict=True))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return flatten_outputs(self.module(x)), {}
+        store: dict[str, torch.Tensor] = {}
+        with self.hooks(capture, store):
+            out = self.module(x)
+        return flatten_outputs(out), store
+
     def forward_tensors(self, x: torch.Tensor, capture: Sequence[str] = ()) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """Like :meth:`forward` but on device tensors (no copy to host)."""
+        self._live()
         with torch.inference_mode():
-            if self._script is not None:
-                if capture:
-                    out, acts = self._script(x, tuple(capture))
-                    return flatten_outputs(out), dict(zip(capture, acts, strict=True))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    return flatten_outputs(self.module(x)), {}
-            store: dict[str, torch.Tensor] = {}
-            with self.hooks(capture, store):
-                out = self.module(x)
-            return flatten_outputs(out), store
+            return run_chunked(lambda c: self._forward_once(c, capture), x, self.fixed_batch)
 
     def forward(self, batch: np.ndarray, capture: Sequence[str] = (), _check: bool = True) -> ForwardResult:
         if _check:
@@ -227,10 +333,15 @@ class TorchBackend(Backend):
             flat = t.detach().float().reshape(t.shape[0], t.shape[1], -1) if t.dim() > 2 else t.detach().float()[:, :, None]
             return (t.detach().half() if maps else None), flat.amax(dim=2), flat.mean(dim=2)
 
-        store: dict[str, Any] = {}
+        def once(chunk: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, Any]]:
+            store: dict[str, Any] = {}
+            with self.hooks(capture, store, reduce):
+                outs = flatten_outputs(self.module(chunk))
+            return outs, store
+
         try:
-            with torch.inference_mode(), self.hooks(capture, store, reduce):
-                outs = flatten_outputs(self.module(x))
+            with torch.inference_mode():
+                outs, store = run_chunked(once, x, self.fixed_batch)
         except RuntimeError as e:
             raise forward_error(self.spec.path, batch.shape, e) from None
         out = outs[self.spec.output_index] if -len(outs) <= self.spec.output_index < len(outs) else None
@@ -248,23 +359,49 @@ class TorchBackend(Backend):
     def layer_gradients(self, batch: np.ndarray, layer: str, target: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Activation of ``layer`` and the gradient of the target class score with respect to it.
 
-        ``target`` is one class index for the whole batch or one per image. Torch eager modules
-        only (``supports_gradients``); ONNX Runtime and TorchScript give no layer gradients here.
+        ``target`` is one class index for the whole batch or one per image. Torch eager and
+        torch.export modules only (``supports_gradients``); ONNX Runtime and TorchScript give no
+        layer gradients here. The gradient is taken with ``torch.autograd.grad`` with respect to
+        the captured activation alone: no parameter's ``.grad`` or ``requires_grad`` changes.
         """
         if not self.supports_gradients:
             raise BackendError(f"{self.spec.path}: layer gradients need an eager PyTorch model (not {self.name} "
                                "TorchScript or ONNX)")
         self.check_capture([layer])
+        with torch.inference_mode(False):  # also inside a caller's inference mode: tensors autograd can use
+            return self._layer_gradients(batch, layer, target)
+
+    def _layer_gradients(self, batch: np.ndarray, layer: str, target: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         x = self.to_tensor(batch)
+        idx = torch.as_tensor(np.broadcast_to(np.asarray(target), (len(x),)).copy(), device=x.device)
+        k = self.fixed_batch
+        try:
+            if k is None or len(x) == k:
+                act, grad = self._gradients_once(x, layer, idx)
+            else:
+                parts = []
+                for i in range(0, len(x), k):
+                    n = len(x[i:i + k])
+                    pad = k - n
+                    chunk = torch.cat([x[i:i + k], x.new_zeros((pad, *x.shape[1:]))]) if pad else x[i:i + k]
+                    tgt = torch.cat([idx[i:i + k], idx.new_zeros(pad)]) if pad else idx[i:i + k]
+                    a, g = self._gradients_once(chunk, layer, tgt)
+                    parts.append((a[:n], g[:n]))
+                act, grad = torch.cat([a for a, _ in parts]), torch.cat([g for _, g in parts])
+        except RuntimeError as e:
+            raise forward_error(self.spec.path, batch.shape, e) from None
+        return act.cpu().numpy(), grad.cpu().numpy()
+
+    def _gradients_once(self, x: torch.Tensor, layer: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         store: dict[str, torch.Tensor] = {}
 
         def keep(_m: torch.nn.Module, _i: Any, out: Any) -> Any:
             if not isinstance(out, torch.Tensor):
                 raise BackendError(f"{self.spec.path}: layer '{layer}' returns {type(out).__name__}, not a tensor")
-            # keep a copy and let the network go on with a copy of that copy: a later in-place
-            # op (ReLU(inplace=True)) alters neither the value kept nor its gradient
-            kept = out.clone()
-            kept.retain_grad()
+            # the activation becomes a leaf of its own (nothing before it is differentiated), and
+            # the network goes on with a copy of it: a later in-place op (ReLU(inplace=True))
+            # alters neither the value kept nor its gradient
+            kept = out.detach().clone().requires_grad_(True)
             store[layer] = kept
             return kept.clone()
 
@@ -273,16 +410,88 @@ class TorchBackend(Backend):
             with torch.enable_grad():
                 out = flatten_outputs(self.module(x))[self.spec.output_index]
                 out = out.reshape(out.shape[0], -1)
-                idx = torch.as_tensor(np.broadcast_to(np.asarray(target), (out.shape[0],)).copy(), device=out.device)
-                out.gather(1, idx[:, None]).sum().backward()
+                score = out.gather(1, idx[:, None]).sum()
+                act = store.get(layer)
+                grad = None
+                if act is not None and score.requires_grad:
+                    (grad,) = torch.autograd.grad(score, [act], allow_unused=True)
         finally:
             handle.remove()
-        act = store[layer]
-        if act.grad is None:
+        if act is None:
+            raise BackendError(f"{self.spec.path}: layer '{layer}' did not run in the forward pass")
+        if grad is None:
             raise BackendError(f"{self.spec.path}: layer '{layer}' does not influence output {self.spec.output_index}")
-        return act.detach().cpu().numpy(), act.grad.detach().cpu().numpy()
+        return act.detach(), grad.detach()
+
+    # ------------------------------------------------------------------ split, training copy
+
+    def _split_graph(self) -> GraphSplitter:
+        self._live()
+        if self.is_script:
+            raise BackendError(
+                f"{self.spec.path}: a TorchScript model cannot be split at a layer (its compiled graph cannot be "
+                "cut into a feature function and a head here); load the model as a state dict with --arch, or "
+                "as a torch.export (.pt2) archive")
+        if self._splitter is None:
+            pre = self.spec.preprocess
+            gen = torch.Generator().manual_seed(0)
+            n = self.fixed_batch or 1
+            example = torch.randn((n, pre.n_channels, *pre.input_size), generator=gen).to(self.torch_device)
+            self._splitter = GraphSplitter(self.module, self.spec.path, self.spec.output_index, example,
+                                           self.fixed_batch)
+        return self._splitter
+
+    def split(self, layer: str) -> Split:
+        """The model cut at ``layer``: ``split.head(split.psi(x))`` is the selected output.
+
+        ``psi`` maps an image batch (N, C, H, W) on this backend's device to the activation of
+        ``layer``; ``head`` maps that activation to output ``spec.output_index`` flattened to
+        (N, -1), without re-running the network from the input (so ``torch.func.jacrev(head)``
+        or autograd give the head's Jacobian at psi(x)). Both share the model's parameters.
+
+        Works for eager modules and torch.export programs that torch.fx can trace; raises
+        :class:`BackendError` for TorchScript models, for models fx cannot trace (forward
+        branching on tensor values), and at layers with no clean cut (a skip connection around
+        the layer, a module run more than once), naming the cause and the nearest layers where
+        a split works. See :mod:`engine.backends.split`.
+        """
+        self.check_capture([layer])
+        return self._split_graph().split(layer, self._names)
+
+    def split_candidates(self, spatial_only: bool = False) -> list[str]:
+        """The layers where :meth:`split` works, in execution order (``spatial_only``: those
+        whose output is (C, H, W))."""
+        sp = self._split_graph()
+        names = sp.candidates(self._names)
+        if spatial_only:
+            names = [n for n in names if len(sp.calls[n][0].meta["tensor_meta"].shape) == 4]  # type: ignore[union-attr]
+        return names
+
+    def trainable_copy(self) -> torch.nn.Module:
+        """A deep copy of the model on this backend's device, in train mode (BatchNorm statistics
+        update, Dropout drops), every parameter with ``requires_grad``; train it under
+        ``torch.enable_grad()``. The loaded module stays as it is, in eval mode.
+
+        A torch.export program cannot be trained this way (its graph is fixed in the eval mode
+        it was exported in): that raises :class:`BackendError`.
+        """
+        self._live()
+        if self.is_export:
+            raise BackendError(
+                f"{self.spec.path}: a torch.export program is fixed in the mode it was exported in (eval), so "
+                "BatchNorm and Dropout cannot train; load the model as a state dict with --arch to fine-tune it")
+        model = copy_module(self.module, self.torch_device)
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
 
     def close(self) -> None:
-        self.module.to("cpu")
+        """Drop this backend's references to the model (the module itself is not moved: it may
+        be shared) and release cached device memory."""
+        self.module = None
+        self._modules = {}
+        self._script = None
+        self._splitter = None
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()
