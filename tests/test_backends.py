@@ -87,8 +87,16 @@ def test_unknown_layer_and_wrong_shape_are_clear(demo) -> None:  # noqa: ANN001
         be.forward(np.zeros((1, 1, 24, 24), np.float32))
     with pytest.raises(BackendError, match="failed on a batch of shape"):
         be.forward(np.zeros((1, 3, 48, 48), np.float32))  # dense4 expects 576 features
-    with pytest.raises(BackendError, match="CUDA is not available") if not torch.cuda.is_available() else pytest.raises(Exception):
-        open_backend(load_model(demo[0]), "torch", "cuda")
+    if torch.cuda.is_available():  # then asking for CUDA simply works
+        gpu = open_backend(load_model(demo[0]), "torch", "cuda")
+        assert gpu.device.startswith("cuda")
+        np.testing.assert_allclose(gpu.forward(be.dummy_batch(2)).outputs[0], be.forward(be.dummy_batch(2)).outputs[0],
+                                   atol=1e-4)
+    else:
+        with pytest.raises(BackendError, match="CUDA is not available"):
+            open_backend(load_model(demo[0]), "torch", "cuda")
+    with pytest.raises(BackendError, match="device 'cuda:x'"):
+        open_backend(load_model(demo[0]), "torch", "cuda:x")
 
 
 def test_layer_gradients_see_values_before_an_inplace_relu(resnet_path: Path) -> None:
