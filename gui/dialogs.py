@@ -37,10 +37,10 @@ FORMAT_NAMES = {"torchscript": "TorchScript", "export": "torch.export archive (.
 
 
 def architecture_names() -> list[str]:
-    """'rnet' and torchvision's classification models (no torch import: a static list is read lazily)."""
-    import torchvision
+    """'rnet' and torchvision's classification models, from a static list (no torch import here)."""
+    from engine.models.names import architecture_names as names
 
-    return ["rnet", *sorted(torchvision.models.list_models(module=torchvision.models))]
+    return names()
 
 
 class OpenModelDialog(QDialog):

@@ -228,3 +228,11 @@ def test_cache_identity_follows_the_users_architecture_code(tmp_path: Path) -> N
     assert load_model(spec).cache_id == first
     code.write_text(code.read_text().replace(".mean((2, 3))", ".amax((2, 3))"))  # the user edits forward()
     assert load_model(spec).cache_id != first
+
+
+def test_static_architecture_list_matches_torchvision() -> None:
+    from engine.models.names import BUILTIN, TORCHVISION_CLASSIFIERS
+    from engine.models.zoo import BUILTIN_ARCHS
+
+    assert list(TORCHVISION_CLASSIFIERS) == sorted(torchvision.models.list_models(module=torchvision.models))
+    assert set(BUILTIN) == set(BUILTIN_ARCHS)
