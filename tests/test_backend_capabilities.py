@@ -197,6 +197,8 @@ def pt2_batch1(demo, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa:
 def test_torch_export_with_a_static_batch_runs_any_batch(demo, pt2_batch1: Path) -> None:  # noqa: ANN001
     be = open_backend(load_model(build_spec(str(pt2_batch1), input_size="24")), "torch", "cpu")
     assert be.fixed_batch == 1
+    kinds = {li.name: (li.kind, li.shape) for li in be.layers()}  # a dry run of one image, padded
+    assert kinds["conv1"] == ("Conv2d", (28, 22, 22)) and kinds["prelu4"] == ("PReLU", (128,))
     eager = open_backend(load_model(demo[0]), "torch", "cpu")
     x = np.random.default_rng(6).normal(size=(3, 3, 24, 24)).astype(np.float32)
     got, ref = be.forward(x, ["conv2", "dense4"]), eager.forward(x, ["conv2", "dense4"])
@@ -224,11 +226,12 @@ def test_predict_command_on_a_static_batch_pt2(demo, pt2_batch1: Path, tmp_path:
     from engine.cli import main
 
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
-    spec, images = demo
+    images = demo[1]
     out = tmp_path / "out"
     rc = main(["-q", "predict", "--model", str(pt2_batch1), "--input-size", "24", "--mean", "0.5,0.5,0.5",
                "--std", "0.50196,0.50196,0.50196", "--images", str(images), "--out", str(out),
                "--batch-size", "3"])
     assert rc == 0
-    rows = list(csv.DictReader(open(next(out.glob("*.csv")), encoding="utf-8")))
+    with open(out / "predictions.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 200

@@ -170,3 +170,23 @@ def test_models_that_cannot_be_split_say_why(demo, tmp_path: Path, ocr_onnx: Pat
         eager.split("conv9")
     with pytest.raises(BackendError, match="output 0 does not depend on 'dense5_2'"):
         eager.split("dense5_2")  # the box regression output, not the classifier
+
+
+def test_optional_forward_arguments_are_traced_at_their_defaults(tmp_path: Path) -> None:
+    class WithFlag(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor:
+            y = torch.relu(self.conv(x))
+            if features:  # Python control flow on an argument, not on a tensor
+                return y
+            return self.fc(y.mean((2, 3)))
+
+    from engine.backends.torch_backend import TorchBackend
+
+    be = TorchBackend(WithFlag().eval(), build_spec(str(tmp_path / "flag.pt"), input_size="16"), "cpu")
+    assert be.split_candidates() == ["conv", "fc"]
+    _check_split(be, "conv", _images(2, 16, 5))

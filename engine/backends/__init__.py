@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..types import ModelSpec
 from .base import Backend, BackendError, ForwardResult
@@ -11,7 +11,7 @@ from .base import Backend, BackendError, ForwardResult
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
 
-__all__ = ["Backend", "BackendError", "ForwardResult", "open_backend", "export_onnx"]
+__all__ = ["Backend", "BackendError", "ForwardResult", "export_onnx", "open_backend"]
 
 
 def export_onnx(loaded: LoadedModel, out_path: str | Path, opset: int = 17) -> Path:
@@ -21,12 +21,11 @@ def export_onnx(loaded: LoadedModel, out_path: str | Path, opset: int = 17) -> P
     backend names layers like the torch one. The loaded module is left as it is (device, mode):
     the export runs on a CPU copy.
     """
+    import os
+    import uuid
     import warnings
 
     import torch
-
-    import os
-    import uuid
 
     if not loaded.is_torch:
         raise BackendError(f"{loaded.spec.path}: already an ONNX model")
@@ -50,14 +49,14 @@ def export_onnx(loaded: LoadedModel, out_path: str | Path, opset: int = 17) -> P
             )
             _tag_modules(tmp, [n for n, _ in loaded.module.named_modules() if n])
             os.replace(tmp, out_path)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise BackendError(f"{loaded.spec.path}: ONNX export failed ({' '.join(str(e).split())[:300]})") from e
         finally:
             tmp.unlink(missing_ok=True)
     return out_path
 
 
-def _unfused_copy(module: object) -> object:
+def _unfused_copy(module: Any) -> Any:
     """A CPU copy whose eval BatchNorms are explicit per-channel affine ops (TorchScript: the
     module itself when on the CPU, else a CPU copy).
 
@@ -68,7 +67,7 @@ def _unfused_copy(module: object) -> object:
     import torch
 
     class _AffineBN(torch.nn.Module):
-        def __init__(self, bn: torch.nn.modules.batchnorm._BatchNorm) -> None:
+        def __init__(self, bn: Any) -> None:
             super().__init__()
             scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
                 1 / torch.sqrt(bn.running_var + bn.eps)
@@ -78,7 +77,8 @@ def _unfused_copy(module: object) -> object:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            return x * self.scale.reshape(shape) + self.shift.reshape(shape)
+            scale, shift = self.get_buffer("scale"), self.get_buffer("shift")
+            return x * scale.reshape(shape) + shift.reshape(shape)
 
     from .torch_backend import copy_module, on_device
 
@@ -106,7 +106,7 @@ def _tag_modules(path: Path, names: list[str]) -> None:
     onnx.save(model, str(path))
 
 
-def _flat(out: object) -> list[object]:
+def _flat(out: object) -> list[Any]:
     from .torch_backend import flatten_outputs
 
     return flatten_outputs(out)

@@ -9,10 +9,11 @@ tensor on both backends. Otherwise a layer is a node's output tensor, named as i
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections import OrderedDict
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,13 +69,11 @@ class OnnxBackend(Backend):
         self._ort = ort
         try:
             model = onnx.load(onnx_path)
-        except Exception as e:  # noqa: BLE001 - e.g. missing external weight files
+        except Exception as e:  # e.g. missing external weight files
             raise BackendError(f"{onnx_path}: cannot read the model or its external data "
                                f"({' '.join(str(e).split())[:300]})") from e
-        try:
+        with contextlib.suppress(Exception):  # shapes then come from the dry run alone
             model = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001 - shapes then come from the dry run alone
-            pass
         self._model = model
         init = {i.name for i in model.graph.initializer}
         inputs = [i for i in model.graph.input if i.name not in init]
@@ -146,7 +145,7 @@ class OnnxBackend(Backend):
                 self._sessions[tensors] = self._ort.InferenceSession(
                     model.SerializeToString(), opts, providers=self.providers
                 )
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise BackendError(f"{self.path}: ONNX Runtime cannot run this model ({' '.join(str(e).split())[:300]})") from e
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)

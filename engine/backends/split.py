@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.utils import _pytree as pytree
 
 from .base import BackendError
@@ -87,7 +87,8 @@ class _ExportRoot(torch.nn.Module):
         self.m = unflat
 
     def forward(self, x: torch.Tensor) -> Any:
-        return fx.Interpreter(self.m, graph=self.m.graph).run(x, enable_io_processing=False)
+        graph: fx.Graph = self.m.graph  # type: ignore[assignment]
+        return fx.Interpreter(self.m, graph=graph).run(x, enable_io_processing=False)
 
 
 class _Chunked(torch.nn.Module):
@@ -173,7 +174,7 @@ class GraphSplitter:
         root, prefix = (_ExportRoot(module), "m.") if exported else (module, "")
         tracer = _Tracer(prefix)
         try:
-            graph = tracer.trace(root)
+            graph = tracer.trace(root, concrete_args=_defaults(root))
             self.gm = fx.GraphModule(tracer.root, graph)
         except Exception as e:  # noqa: BLE001 - any tracing failure: the model cannot be split
             raise BackendError(
@@ -208,6 +209,7 @@ class GraphSplitter:
         inputs = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self.from_input = _descendants(inputs)
         self.needed = _ancestors([self.selected])
+        self._candidates: dict[tuple[str, ...], list[str]] = {}
         # each node that is the output of a module called once: its (outermost) layer name
         self.layer_of: dict[fx.Node, str] = {}
         for name, nodes in self.calls.items():
@@ -254,11 +256,17 @@ class GraphSplitter:
         scope = ""
         if stack:
             scope = list(stack)[-1].split("@")[0]
-            scope = scope[len(self.prefix):] if scope.startswith(self.prefix) else scope
+            scope = scope.removeprefix(self.prefix)
         return f"'{node.name}'" + (f" (in '{scope}')" if scope else "")
 
     def candidates(self, names: Iterable[str]) -> list[str]:
         """Those of ``names`` where a clean split exists, in execution order."""
+        names = tuple(names)
+        if names not in self._candidates:
+            self._candidates[names] = self._find_candidates(names)
+        return list(self._candidates[names])
+
+    def _find_candidates(self, names: tuple[str, ...]) -> list[str]:
         ok = []
         for n in names:
             node, why = self._cut(n)
@@ -273,8 +281,8 @@ class GraphSplitter:
         if why:
             raise BackendError(f"{self.path}: cannot split at '{layer}': {why}.{self._suggest(node, names)}")
         assert node is not None
-        psi = self._psi(node)
-        head = self._head(node)
+        psi: torch.nn.Module = self._psi(node)
+        head: torch.nn.Module = self._head(node)
         if self.fixed_batch is not None:
             psi, head = _Chunked(psi, self.fixed_batch), _Chunked(head, self.fixed_batch)
         with torch.no_grad():
@@ -326,6 +334,20 @@ class GraphSplitter:
             out = g.call_function(torch.flatten, (out, 1))
         g.output(out)
         return fx.GraphModule(self.gm, g, class_name="SplitHead")
+
+
+def _defaults(root: torch.nn.Module) -> dict[str, Any] | None:
+    """forward's optional arguments after the image, at their defaults (``forward(x,
+    return_features=False)`` traces as the plain classifier it is when called with ``x`` alone)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(root.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    found = {p.name: p.default for p in params
+             if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return found or None
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -145,7 +145,7 @@ class _ScriptCapture:
     def __init__(self, module: torch.jit.ScriptModule) -> None:
         self.module = module
         self._fns: dict[tuple[str, ...], Any] = {}
-        graph = module.forward.graph.copy()
+        graph = module.forward.graph.copy()  # type: ignore[attr-defined]
         torch._C._jit_pass_inline(graph)
         self._graph = graph
         # last tensor-producing node inside each module path (and its ancestors)
@@ -243,7 +243,9 @@ class TorchBackend(Backend):
             for part in name.split("."):
                 sub = getattr(sub, part)
             return getattr(sub, "original_name", type(sub).__name__)
-        return type(self._modules[name]).__name__
+        mod = self._modules[name]
+        ty = getattr(mod, "_ty", None)  # an unflattened torch.export module: the type it was exported from
+        return ty.rsplit(".", 1)[-1] if self.is_export and isinstance(ty, str) and ty else type(mod).__name__
 
     def _discover_layers(self) -> list[LayerInfo]:
         names = self.layer_names()
