@@ -132,6 +132,11 @@ def test_torch_export_archive_with_a_static_batch_splits_and_runs_any_batch(demo
         got = sp.head(sp.psi(torch.from_numpy(x)))
     np.testing.assert_allclose(got.numpy(), eager.forward(x).outputs[0], atol=1e-5, rtol=0)
     assert "conv3" in be.split_candidates(spatial_only=True)
+    # the head's Jacobian on a batch of 3, one chunk at a time, is the eager head's
+    a = sp.psi(torch.from_numpy(x)).detach()
+    ref = eager.split("conv3")
+    np.testing.assert_allclose(torch.func.jacrev(sp.head)(a).detach().numpy(),
+                               torch.func.jacrev(ref.head)(a).detach().numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_models_that_cannot_be_split_say_why(demo, tmp_path: Path, ocr_onnx: Path) -> None:  # noqa: ANN001

@@ -20,7 +20,8 @@ A model cannot be split at L when:
   torch.fx keeps as one op), or the selected output does not depend on it;
 * torch.fx cannot trace the forward: Python control flow on tensor values (``if x.sum() > 0``),
   loops over tensor sizes, calls into non-torch code on tensors. Such a model cannot be split at
-  any layer;
+  any layer. (Optional forward arguments after the image are traced at their defaults, as the
+  backend calls the model: ``forward(x, return_features=False)`` is fine);
 * the model is TorchScript (its graph cannot be cut into two runnable functions here) or runs on
   ONNX Runtime (splits are a PyTorch capability).
 
@@ -180,8 +181,8 @@ class GraphSplitter:
             raise BackendError(
                 f"{path}: this model cannot be split at a layer: torch.fx cannot trace its forward "
                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]}). Models whose forward branches or loops "
-                "on tensor values, or calls non-torch code on tensors, cannot be split; a torch.export "
-                "(.pt2) archive of the model can be") from None
+                "on tensor values, or calls non-torch code on tensors, cannot be split (a branch written "
+                "with torch.where can be)") from None
         self.prefix = prefix
         with torch.no_grad():
             try:
