@@ -254,3 +254,14 @@ def test_bad_declarations_and_data_are_clear_errors(qtbot) -> None:
                                    | QItemSelectionModel.SelectionFlag.Rows)
     t.model.clear()
     assert t.model.rowCount() == 0 and t.selected_ids() == [] and t.selection_csv() == "a,n\n"
+
+
+def test_view_filter_widgets_sit_between_the_text_filter_and_the_threshold(qtbot, table: ResultTable) -> None:
+    from PySide6.QtWidgets import QCheckBox
+
+    first, second = QCheckBox("first"), QCheckBox("second")
+    table.add_filter_widget(first)
+    table.add_filter_widget(second)
+    bar = table.filter_bar
+    order = [bar.itemAt(i).widget() for i in range(bar.count())]
+    assert order == [table.filter_edit, first, second, table.threshold_column, table.threshold_value]

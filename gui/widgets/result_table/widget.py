@@ -30,21 +30,20 @@ __all__ = ["ResultTable"]
 
 
 class _TableView(QTableView):
-    """Ctrl+C copies the selected rows as CSV; a mouse press starts a new user choice."""
+    """A table view that reports Ctrl+C (instead of copying one cell) and mouse presses."""
 
-    def __init__(self, owner: ResultTable) -> None:
-        super().__init__(owner)
-        self._owner = owner
+    copy_requested = Signal()
+    press_started = Signal()  # before the press changes the current row
 
     def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802
         if event.matches(QKeySequence.StandardKey.Copy):
-            self._owner.copy_selection()
+            self.copy_requested.emit()
             event.accept()
             return
         super().keyPressEvent(event)
 
     def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802
-        self._owner._pressed()
+        self.press_started.emit()
         super().mousePressEvent(event)
 
 
@@ -53,7 +52,8 @@ class ResultTable(QWidget):
 
     ``placeholder``: the text filter's hint. ``threshold_filter``: show a column chooser and a
     "≥" field for one numeric threshold (the API takes any number). ``sort``: the initial
-    order, ``(key, descending)``; None keeps the rows' order until a header is clicked. ``multi_select``: extended row selection (default: one row).
+    order, ``(key, descending)``; None keeps the rows' order until a header is clicked.
+    ``multi_select``: extended row selection (default: one row).
     """
 
     row_selected = Signal(object)
@@ -109,6 +109,8 @@ class ResultTable(QWidget):
         self.view.setAlternatingRowColors(True)
         self.view.selectionModel().currentRowChanged.connect(self._current_row_changed)
         self.view.clicked.connect(self._clicked)
+        self.view.copy_requested.connect(self.copy_selection)
+        self.view.press_started.connect(self._pressed)
         self.model.modelReset.connect(self._update_threshold_range)
 
         layout = QVBoxLayout(self)
@@ -126,7 +128,7 @@ class ResultTable(QWidget):
 
     def add_filter_widget(self, widget: QWidget) -> None:
         """Put a view's own filter control (a check box, ...) beside the text filter."""
-        self.filter_bar.insertWidget(1, widget)
+        self.filter_bar.insertWidget(self.filter_bar.indexOf(self.threshold_column), widget)
 
     def set_threshold(self, key: str, minimum: float | None = None, maximum: float | None = None) -> None:
         """See :meth:`ResultFilterProxy.set_threshold`."""
