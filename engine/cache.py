@@ -470,7 +470,8 @@ def _take_ownership(tmp: Path) -> Any:
     f = open(partial, "w+", encoding="utf-8")  # noqa: SIM115 - held open for the lock
     try:
         if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with contextlib.suppress(OSError):  # a file system without locks: the age rule protects it
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}))
         f.flush()
         os.rename(partial, tmp / _OWNER)
@@ -510,11 +511,15 @@ def _claim_abandoned(p: Path) -> Iterator[bool]:
             if f is not None:
                 try:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:  # held: a live writer
+                except BlockingIOError:  # held: a live writer
                     yield False
                     return
-                yield True
-                return
+                except OSError:  # no locks on this file system: fall back to the age rule
+                    f.close()
+                    f = None
+                else:
+                    yield True
+                    return
         yield time.time() - _newest_mtime(p) > TEMP_MAX_AGE
     finally:
         if f is not None:

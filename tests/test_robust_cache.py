@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -328,7 +329,7 @@ class Net(nn.Module):
 """
 
 
-def _tiny(tmp_path: Path, nan_in: str | None, **spec: str):  # noqa: ANN202
+def _tiny(tmp_path: Path, nan_in: str | None):  # noqa: ANN202
     py = tmp_path / "tiny.py"
     py.write_text(TINY_NET)
     ns: dict = {}
@@ -340,7 +341,7 @@ def _tiny(tmp_path: Path, nan_in: str | None, **spec: str):  # noqa: ANN202
             getattr(net, nan_in).weight[0, 0, 0, 0] = float("nan")
     pt = tmp_path / f"tiny-{nan_in}.pt"
     torch.save(net.state_dict(), pt)
-    loaded = load_model(build_spec(str(pt), arch=f"{py}:Net", input_size="16", **spec))
+    loaded = load_model(build_spec(str(pt), arch=f"{py}:Net", input_size="16"))
     return loaded, open_backend(loaded, device="cpu")
 
 
@@ -374,8 +375,13 @@ def test_nan_weights_are_an_error_naming_the_model(tmp_path: Path) -> None:
 
 
 def test_a_nan_mean_is_an_error_naming_the_preprocessing(tmp_path: Path) -> None:
+    """Options and configs refuse a NaN mean early; a spec that gets one anyway (a project file,
+    code) still cannot produce made-up predictions."""
     images = open_image_set(_few_images(tmp_path, 3))
-    loaded, be = _tiny(tmp_path, None, mean="nan,0.5,0.5")
+    loaded, _ = _tiny(tmp_path, None)
+    nan_mean = replace(loaded.spec.preprocess, mean=(float("nan"), 0.5, 0.5))
+    loaded = replace(loaded, spec=loaded.spec.with_(preprocess=nan_mean))
+    be = open_backend(loaded, device="cpu")
     with pytest.raises(ConvLensError, match=r"not finite .* for 3 of 3 images.*preprocessing is not finite"):
         run_sync(extract(be, loaded.cache_id, images, [], cache=Cache(tmp_path / "c")))
 

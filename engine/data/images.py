@@ -367,24 +367,37 @@ def bytes_digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 
 
+_CHUNK = 1 << 20
+_buffers = threading.local()
+
+
 def file_digest(path: str | os.PathLike[str]) -> bytes:
-    """:func:`bytes_digest` of the file's content, streamed (1 MiB at a time); the same checks
-    as :func:`read_image_bytes` (raises :class:`ImageError`)."""
+    """:func:`bytes_digest` of the file's content (files over 1 MiB streamed, 1 MiB at a
+    time); the same checks as :func:`read_image_bytes` (raises :class:`ImageError`)."""
     p = os.fspath(path)
-    fd, _st = _open_regular(p)
+    fd, st = _open_regular(p)
     h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
     total = 0
     try:
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
-                total += n
-                if total > MAX_IMAGE_BYTES:
-                    raise ImageError(p, f"file is over the {_byte_limit()} limit for an image")
+        if st.st_size < _CHUNK:  # the usual small image: one read
+            data = os.read(fd, _CHUNK)
+            h.update(data)
+            total = len(data)
+        if total == _CHUNK or st.st_size >= _CHUNK:
+            buf = getattr(_buffers, "buf", None)
+            if buf is None:
+                buf = _buffers.buf = bytearray(_CHUNK)
+            view = memoryview(buf)
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                while n := f.readinto(buf):
+                    h.update(view[:n])
+                    total += n
+                    if total > MAX_IMAGE_BYTES:
+                        raise ImageError(p, f"file is over the {_byte_limit()} limit for an image")
     except OSError as exc:
         raise ImageError(p, f"not a readable image ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
     return h.digest()
 
 
@@ -400,13 +413,18 @@ def digest_files(paths: Sequence[str], workers: int | None = None) -> np.ndarray
         except ImageError:
             pass
 
+    def some(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            one(i)
+
     n_workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
     if n_workers == 1 or len(paths) < 64:
-        for i in range(len(paths)):
-            one(i)
+        some(0, len(paths))
     else:
+        step = 256
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="convlens-digest") as pool:
-            list(pool.map(one, range(len(paths)), chunksize=64))
+            for f in [pool.submit(some, lo, min(lo + step, len(paths))) for lo in range(0, len(paths), step)]:
+                f.result()
     return out
 
 
