@@ -181,6 +181,20 @@ def test_torchvision_families_trace_and_name_every_stage() -> None:
             assert any("squeeze-excitation" in n for n in got.notes), arch
 
 
+def test_channels_last_blocks_keep_the_field() -> None:
+    rf = receptive_fields(torchvision.models.convnext_tiny().eval(), (64, 64))  # permute, LayerNorm, Linear
+    assert rf["features.1.0.block.5"] == rf["features.1.0.block.3"] == rf["features.1.0.block.0"]
+    assert rf["features.1.0.block.0"].size == (4 + 6 * 4,) * 2  # stem 4/4, then a 7x7 depthwise conv
+
+
+def test_a_model_in_train_mode_is_left_as_it_is() -> None:
+    model = torchvision.models.resnet18().train()
+    before = model.bn1.running_mean.clone(), model.bn1.num_batches_tracked.clone()
+    assert receptive_field(model, "layer2", (64, 64)).size == (99, 99)
+    assert model.training and torch.equal(model.bn1.running_mean, before[0])
+    assert torch.equal(model.bn1.num_batches_tracked, before[1])
+
+
 def test_global_pool_sees_the_whole_input() -> None:
     rf = receptive_field(torchvision.models.resnet18().eval(), "avgpool", (96, 80))
     assert rf.is_global and rf.clipped_box(0, 0, (96, 80)) == (0, 0, 96, 80)
@@ -293,7 +307,10 @@ def test_backends_agree_on_the_demo_and_a_user_class(rnet_spec, tmp_path: Path) 
 
     torch.save(Odd().state_dict(), tmp_path / "odd.pt")
     odd = build_spec(str(tmp_path / "odd.pt"), arch="tests.test_receptive:Odd", input_size="40x32")
-    for spec in (rnet_spec, odd):
+    torch.export.save(torch.export.export(Odd().eval(), (torch.zeros(1, 3, 40, 32),)), tmp_path / "odd.pt2")
+    exported = build_spec(str(tmp_path / "odd.pt2"), input_size="40x32")
+    assert load_model(exported).format == "export"
+    for spec in (rnet_spec, odd, exported):
         loaded = load_model(spec)
         eager = open_backend(loaded, "torch", "cpu")
         onnx_be = open_backend(loaded, "onnx", "cpu", onnx_dir=tmp_path)
