@@ -209,15 +209,21 @@ def _apply(kind: str, arg: Any, srcs: list[tuple[Value, Any]], v: Value, hw: Pai
 
 # ---------------------------------------------------------------------------- eager torch
 
-_POINT = set("""relu relu6 leaky_relu rrelu elu selu celu gelu silu mish hardswish hardsigmoid
-hardtanh sigmoid tanh softplus softsign prelu threshold dropout dropout2d feature_dropout
-alpha_dropout batch_norm native_batch_norm _native_batch_norm_legit_no_training
-local_response_norm clamp clip clamp_min clamp_max abs neg exp log sqrt rsqrt square reciprocal
-sign erf pow float double half to type_as clone detach contiguous _to_copy alias masked_fill
-stochastic_depth drop_path add sub rsub mul div truediv iadd isub imul itruediv maximum minimum
-where lift_fresh_copy""".split())
-_LAYOUT = set("""flatten reshape view _unsafe_view squeeze unsqueeze chunk split split_with_sizes
-unbind expand expand_as view_as reshape_as unflatten slice select narrow getitem""".split())
+_POINT = frozenset((
+    "relu", "relu6", "leaky_relu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish",
+    "hardsigmoid", "hardtanh", "sigmoid", "tanh", "softplus", "softsign", "prelu", "threshold",
+    "dropout", "dropout2d", "feature_dropout", "alpha_dropout", "batch_norm", "native_batch_norm",
+    "_native_batch_norm_legit_no_training", "local_response_norm", "clamp", "clip", "clamp_min",
+    "clamp_max", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "square", "reciprocal", "sign", "erf",
+    "pow", "float", "double", "half", "to", "type_as", "clone", "detach", "contiguous", "_to_copy",
+    "alias", "masked_fill", "stochastic_depth", "drop_path", "add", "sub", "rsub", "mul", "div",
+    "truediv", "iadd", "isub", "imul", "itruediv", "maximum", "minimum", "where", "lift_fresh_copy",
+))
+_LAYOUT = frozenset((
+    "flatten", "reshape", "view", "_unsafe_view", "squeeze", "unsqueeze", "chunk", "split",
+    "split_with_sizes", "unbind", "expand", "expand_as", "view_as", "reshape_as", "unflatten", "slice",
+    "select", "narrow", "getitem",
+))
 _POOLS = {"max_pool2d": ("kernel_size", "stride", "padding", "dilation"),
           "max_pool2d_with_indices": ("kernel_size", "stride", "padding", "dilation"),
           "avg_pool2d": ("kernel_size", "stride", "padding")}
@@ -353,7 +359,8 @@ def _fx_values(module: Any, x: Any) -> dict[str, Value]:
                 name = self.path_of_module(m)
             except NameError:
                 return out
-            first = next((o for o in (out if isinstance(out, list | tuple) else [out]) if isinstance(o, fx.Proxy)), None)
+            outs = out if isinstance(out, list | tuple) else [out]
+            first = next((o for o in outs if isinstance(o, fx.Proxy)), None)
             if name.startswith(prefix) and first is not None:
                 module_out[name[len(prefix):]] = first.node
             return out
@@ -443,7 +450,8 @@ def _hook_values(module: Any, x: Any, reason: str) -> dict[str, Value]:
             else:
                 v = lookup(o)
                 values[name] = v if v is not None else _Bad(
-                    f"{name}: its output is not that of one of its modules, and fx could not trace the model ({reason})")
+                    f"{name}: its output is not that of one of its modules, and fx could not trace "
+                    f"the model ({reason})")
             if o is not None:
                 known[id(o)] = (values[name], o._version)
                 keep.append(o)
@@ -503,12 +511,14 @@ def _pick(values: Mapping[str, Value], layer: str, what: str) -> ReceptiveField:
     return v
 
 
-def receptive_fields(module: Any, input_size: Any = (224, 224), in_channels: int | None = None) -> dict[str, ReceptiveField]:
+def receptive_fields(module: Any, input_size: Any = (224, 224),
+                     in_channels: int | None = None) -> dict[str, ReceptiveField]:
     """Field of every named module of an eager model whose output has one, by module name."""
     return {k: v for k, v in _torch_values(module, input_size, in_channels).items() if isinstance(v, ReceptiveField)}
 
 
-def receptive_field(module: Any, layer: str, input_size: Any = (224, 224), in_channels: int | None = None) -> ReceptiveField:
+def receptive_field(module: Any, layer: str, input_size: Any = (224, 224),
+                    in_channels: int | None = None) -> ReceptiveField:
     """Field of the output of module ``layer`` for an ``(H, W)`` input (``in_channels``: default
     that of the first Conv2d)."""
     return _pick(_torch_values(module, input_size, in_channels), layer, type(module).__name__)
@@ -523,7 +533,7 @@ def onnx_layer_tensors(model: Any) -> dict[str, str]:
 
     from ..backends.onnx_backend import _normalise_repeats, _scope_path
 
-    graph, out = model.graph, {}
+    graph, out = model.graph, dict[str, str]()
     meta = {p.key: p.value for p in model.metadata_props}
     scopes = {n.name: _scope_path(n.name) for n in graph.node}
     known = set(json.loads(meta["convlens.modules"])) if "convlens.modules" in meta else set()
@@ -536,14 +546,18 @@ def onnx_layer_tensors(model: Any) -> dict[str, str]:
             out[".".join(parts[:j])] = node.output[0]
     if not out:
         outs = {o.name for o in graph.output}
-        out = {n.output[0]: n.output[0] for n in graph.node if n.op_type != "Constant" and n.output and n.output[0] not in outs}
+        out = {n.output[0]: n.output[0] for n in graph.node
+               if n.op_type != "Constant" and n.output and n.output[0] not in outs}
     return out
 
 
-_ONNX_POINT = set("""Relu PRelu LeakyRelu Elu Selu Celu Clip Sigmoid HardSigmoid HardSwish Tanh Softplus
-Softsign Gelu Mish Erf Exp Log Abs Neg Sqrt Reciprocal Pow Floor Ceil Round Sign Cast Identity Dropout
-BatchNormalization LRN Add Sub Mul Div Max Min Sum Mean Where Equal Greater Less And Or Not
-ThresholdedRelu""".split())
+_ONNX_POINT = frozenset((
+    "Relu", "PRelu", "LeakyRelu", "Elu", "Selu", "Celu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish",
+    "Tanh", "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt",
+    "Reciprocal", "Pow", "Floor", "Ceil", "Round", "Sign", "Cast", "Identity", "Dropout",
+    "BatchNormalization", "LRN", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Where",
+    "Equal", "Greater", "Less", "And", "Or", "Not", "ThresholdedRelu",
+))
 _ONNX_KINDS = {**dict.fromkeys(("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Expand", "Split"), "layout"),
                **dict.fromkeys(("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"), "global"),
                **dict.fromkeys(("InstanceNormalization", "GroupNormalization", "MeanVarianceNormalization"), "norm"),
@@ -566,7 +580,8 @@ def _onnx_op(node: Any, attrs: dict[str, Any], consts: dict[str, Any], in_shape:
             elif in_sp is None:
                 raise ReceptiveFieldError("auto_pad SAME on a map of unknown size (pass input_size)")
             else:
-                tot = [max((math.ceil(in_sp[a] / s[a]) - 1) * s[a] + (k[a] - 1) * d[a] + 1 - in_sp[a], 0) for a in (0, 1)]
+                tot = [max((math.ceil(in_sp[a] / s[a]) - 1) * s[a] + (k[a] - 1) * d[a] + 1 - in_sp[a], 0)
+                       for a in (0, 1)]
             p = tuple(t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in tot)
         else:
             p = (0, 0) if auto == "VALID" else _pair(attrs.get("pads", [0, 0])[:2])
@@ -624,8 +639,8 @@ def _onnx_values(model: Any, input_size: Any) -> dict[str, Value]:
         elif node.input and all(i in consts for i in node.input if i) and \
                 sum(consts[i].size for i in node.input if i) < 4096:  # fold small constant subgraphs (pads)
             try:
-                consts.update(zip(node.output, ReferenceEvaluator(node).run(None, {i: consts[i] for i in node.input if i}),
-                                  strict=False))
+                folded: Any = ReferenceEvaluator(node).run(None, {i: consts[i] for i in node.input if i})
+                consts.update(zip(node.output, folded, strict=False))
             except Exception:  # noqa: BLE001, S110 - an op the reference runtime lacks: left unfolded
                 pass
         where = f"{node.op_type} node '{node.name or node.output[0]}'"
@@ -652,11 +667,12 @@ def _onnx_proto(model: Any) -> tuple[Any, str]:
         return model, "the ONNX model"
     try:
         return onnx.load(str(model), load_external_data=False), str(model)
-    except Exception as e:  # noqa: BLE001 - any reader error: one clear message
+    except Exception as e:  # any reader error: one clear message
         raise ReceptiveFieldError(f"{model}: cannot read the ONNX model ({' '.join(str(e).split())[:200]})") from e
 
 
-def receptive_fields_onnx(model: Any, input_size: Any = None, tensor_of: Mapping[str, str] | None = None) -> dict[str, ReceptiveField]:
+def receptive_fields_onnx(model: Any, input_size: Any = None,
+                          tensor_of: Mapping[str, str] | None = None) -> dict[str, ReceptiveField]:
     """Field of every layer of an ONNX model that has one, by layer name (``tensor_of``, default
     :func:`onnx_layer_tensors`)."""
     proto, _ = _onnx_proto(model)
