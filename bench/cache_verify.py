@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.data.images import digest_files, load_image, open_image_set  # noqa: E402
+from engine.data.images import digest_files, load_image, open_image_set
 
 
 def make_set(folder: Path, n: int, size: tuple[int, int], ext: str, noise: float) -> Path:
@@ -59,7 +59,7 @@ def make_set(folder: Path, n: int, size: tuple[int, int], ext: str, noise: float
     return folder
 
 
-def best(fn, repeats: int) -> float:  # noqa: ANN001
+def best(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

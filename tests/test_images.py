@@ -30,6 +30,25 @@ skimage_data = pytest.importorskip("skimage.data")
 PLAIN = Preprocess(input_size=(8, 8), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
+
+@pytest.fixture()
+def engine_log():
+    """Records the engine logs under ``convlens`` (WARNING and up), captured by a handler of its
+    own: unaffected by filters a CLI run put on the root logger's handlers."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("convlens")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
 def save_rgb(
     path: Path, color: tuple[int, int, int] = (10, 20, 30), size: tuple[int, int] = (8, 8)
 ) -> Path:
@@ -143,9 +162,7 @@ def test_empty_folder_missing_path_and_no_images_raise(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_csv_with_header_relative_paths_and_missing_rows(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_csv_with_header_relative_paths_and_missing_rows(tmp_path: Path, engine_log) -> None:
     save_rgb(tmp_path / "imgs" / "one.png")
     save_rgb(tmp_path / "imgs" / "two.png")
     outside = save_rgb(tmp_path / "elsewhere" / "three.png")
@@ -162,8 +179,7 @@ def test_csv_with_header_relative_paths_and_missing_rows(
         "zebra,../imgs/two.png,5\n",
         encoding="utf-8",
     )
-    with caplog.at_level(logging.WARNING, logger="convlens.data"):
-        s = open_image_set(csv_path)
+    s = open_image_set(csv_path)
     assert s.source == str(csv_path.resolve())
     assert s.records == (
         ImageRecord(str(tmp_path / "imgs" / "two.png"), "zebra"),
@@ -172,7 +188,8 @@ def test_csv_with_header_relative_paths_and_missing_rows(
     )
     assert s.labels == ("horse", "zebra")
     assert s.relative_path(s.records[0]) == "../imgs/two.png"
-    messages = [r.getMessage() for r in caplog.records]
+    assert s.missing == ((str(tmp_path / "imgs" / "ghost.png"), "does not exist"),)
+    messages = [r.getMessage() for r in engine_log]
     assert any(str(csv_path) in m and "row 5" in m and "ghost.png" in m for m in messages)
     assert any("row 7" in m and "repeats" in m for m in messages)
 
@@ -528,15 +545,12 @@ def make_loader_folder(tmp_path: Path) -> tuple[ImageSet, set[str]]:
     return open_image_set(root), bad
 
 
-def test_loader_covers_good_images_in_order_and_skips_bad(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_loader_covers_good_images_in_order_and_skips_bad(tmp_path: Path, engine_log) -> None:
     s, bad = make_loader_folder(tmp_path)
     assert len(s) == 13
     loader = ImageLoader(s, PLAIN, batch_size=3, workers=2, prefetch=1)
     assert len(loader) == 5
-    with caplog.at_level(logging.WARNING, logger="convlens.data"):
-        batches = list(loader)
+    batches = list(loader)
     assert all(isinstance(b, Batch) for b in batches)
     assert [len(b) for b in batches] == [3, 3, 3, 1]
     got = np.concatenate([b.indices for b in batches])
@@ -552,7 +566,7 @@ def test_loader_covers_good_images_in_order_and_skips_bad(
     reasons = dict(loader.skipped)
     assert "too small" in reasons[str(tmp_path / "set" / "img08b.png")]
     for path in bad:
-        assert any(path in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+        assert any(path in r.getMessage() for r in engine_log if r.levelno == logging.WARNING)
     assert wait_no_loader_threads()
 
 

@@ -41,6 +41,30 @@ from engine.types import ConvLensError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture()
+def engine_log():
+    """Messages the engine logs under ``convlens`` (WARNING and up), captured by a handler of
+    its own: unaffected by filters a CLI run put on the root logger's handlers."""
+    class Lines(list):
+        @property
+        def text(self) -> str:
+            return "\n".join(self)
+
+    lines = Lines()
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("convlens")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
 # ----------------------------------------------------------------------------- clear
 
 
@@ -181,7 +205,7 @@ def test_ownerless_temporaries_go_only_once_old(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def rnet(demo):  # noqa: ANN001, ANN201
+def rnet(demo):
     loaded = load_model(demo[0])
     return loaded, open_backend(loaded, device="cpu")
 
@@ -231,8 +255,8 @@ def _wrong_shape(entry: Path) -> None:
 
 @pytest.mark.parametrize("damage", [_truncate, _garbage_meta, _partial_meta, _wrong_meta, _delete_array,
                                     _delete_meta, _wrong_shape])
-def test_a_damaged_entry_is_discarded_with_a_warning_and_recomputed(rnet, faces: Path, tmp_path: Path,  # noqa: ANN001
-                                                                     caplog, damage) -> None:  # noqa: ANN001
+def test_a_damaged_entry_is_discarded_with_a_warning_and_recomputed(rnet, faces: Path, tmp_path: Path,
+                                                                     engine_log, damage) -> None:
     loaded, be = rnet
     cache = Cache(tmp_path / "cache")
     images = open_image_set(faces)
@@ -242,11 +266,10 @@ def test_a_damaged_entry_is_discarded_with_a_warning_and_recomputed(rnet, faces:
     entry = first.folder
     del first
     damage(entry)
-    with caplog.at_level(logging.WARNING, logger="convlens"):
-        again = run_sync(extract(be, loaded.cache_id, open_image_set(faces), ["conv2"], batch_size=10, cache=cache))
+    again = run_sync(extract(be, loaded.cache_id, open_image_set(faces), ["conv2"], batch_size=10, cache=cache))
     assert not again.from_cache and again.folder == entry
     if damage is not _delete_meta:  # a folder without meta.json is no entry at all: replaced silently
-        assert "damaged cache entry" in caplog.text and str(entry) in caplog.text
+        assert "damaged cache entry" in engine_log.text and str(entry) in engine_log.text
     np.testing.assert_array_equal(again.outputs, want_out)
     np.testing.assert_array_equal(again.stats("conv2").max, want_max)
     np.testing.assert_array_equal(again.maps("conv2"), want_maps)
@@ -254,7 +277,7 @@ def test_a_damaged_entry_is_discarded_with_a_warning_and_recomputed(rnet, faces:
     assert [p.name for p in (cache.root / "activations").iterdir()] == [entry.name]  # nothing left aside
 
 
-def test_a_damaged_dissection_entry_is_recomputed(rnet, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+def test_a_damaged_dissection_entry_is_recomputed(rnet, tmp_path: Path, engine_log) -> None:
     from engine.concepts import generate_concepts
     from engine.dissection import dissect, load_result
 
@@ -267,9 +290,8 @@ def test_a_damaged_dissection_entry_is_recomputed(rnet, tmp_path: Path, caplog) 
     iou.write_bytes(iou.read_bytes()[:-8])
     with pytest.raises(DamagedEntry, match="layer0_iou"):
         load_result(entry)
-    with caplog.at_level(logging.WARNING, logger="convlens"):
-        again = run_sync(dissect(be, loaded.cache_id, concepts, ["conv1"], cache=cache))
-    assert not again.from_cache and "damaged cache entry" in caplog.text
+    again = run_sync(dissect(be, loaded.cache_id, concepts, ["conv1"], cache=cache))
+    assert not again.from_cache and "damaged cache entry" in engine_log.text
     np.testing.assert_array_equal(again.layers["conv1"].iou, first.layers["conv1"].iou)
     (entry / "meta.json").write_text('{"version": ')
     again = run_sync(dissect(be, loaded.cache_id, concepts, ["conv1"], cache=cache))
@@ -281,8 +303,8 @@ def test_a_damaged_dissection_entry_is_recomputed(rnet, tmp_path: Path, caplog) 
 # ----------------------------------------------------------------------------- stale pixels
 
 
-def test_changed_pixels_with_the_same_size_and_mtime_are_recomputed(rnet, faces: Path, tmp_path: Path,  # noqa: ANN001
-                                                                     caplog) -> None:  # noqa: ANN001
+def test_changed_pixels_with_the_same_size_and_mtime_are_recomputed(rnet, faces: Path, tmp_path: Path,
+                                                                     engine_log) -> None:
     loaded, be = rnet
     cache = Cache(tmp_path / "cache")
     images = open_image_set(faces)
@@ -299,9 +321,8 @@ def test_changed_pixels_with_the_same_size_and_mtime_are_recomputed(rnet, faces:
     assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     assert open_image_set(faces).fingerprint() == images.fingerprint()
 
-    with caplog.at_level(logging.WARNING, logger="convlens"):
-        again = run_sync(extract(be, loaded.cache_id, open_image_set(faces), ["conv3"], cache=cache))
-    assert not again.from_cache and "1 image changed" in caplog.text and str(victim) in caplog.text
+    again = run_sync(extract(be, loaded.cache_id, open_image_set(faces), ["conv3"], cache=cache))
+    assert not again.from_cache and "1 image changed" in engine_log.text and str(victim) in engine_log.text
     others = np.arange(len(images)) != 5
     assert not np.allclose(again.outputs[5], out1[5]) and not np.allclose(again.stats("conv3").max[5], max1[5])
     np.testing.assert_array_equal(again.outputs[others], out1[others])
@@ -329,7 +350,7 @@ class Net(nn.Module):
 """
 
 
-def _tiny(tmp_path: Path, nan_in: str | None):  # noqa: ANN202
+def _tiny(tmp_path: Path, nan_in: str | None):
     py = tmp_path / "tiny.py"
     py.write_text(TINY_NET)
     ns: dict = {}
@@ -401,7 +422,7 @@ def test_text_and_meta_with_non_utf8_file_names(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "meta.json").read_text(encoding="ascii"))["skipped"][0][0] == name
 
 
-def test_extraction_and_unit_tables_of_a_folder_with_non_utf8_names(rnet, faces: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_extraction_and_unit_tables_of_a_folder_with_non_utf8_names(rnet, faces: Path, tmp_path: Path) -> None:
     loaded, be = rnet
     folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
     shutil.copytree(faces, folder)

@@ -439,8 +439,6 @@ def _quiet_pil_bomb_warning() -> None:
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-
-
 def decode_image(data: bytes, path: str | os.PathLike[str]) -> np.ndarray:
     """Decode the bytes of image file ``path`` as :func:`load_image` describes (``path`` only
     names the file in errors and warnings)."""

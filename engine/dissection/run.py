@@ -30,7 +30,6 @@ repeat is instant; a cancelled run (``gen.close()``) writes nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
@@ -46,7 +45,15 @@ import torch.nn.functional as F
 
 from engine.backends.base import Backend, forward_error
 from engine.backends.torch_backend import TorchBackend
-from engine.cache import Cache, DamagedEntry, check_array, load_array, make_key, read_meta, write_meta
+from engine.cache import (
+    Cache,
+    DamagedEntry,
+    check_array,
+    load_array,
+    make_key,
+    read_meta,
+    write_meta,
+)
 from engine.concepts import ConceptDataset, ConceptSample, open_broden
 from engine.data.images import ImageLoader, ImageSet
 from engine.dissection.quantile import TopQuantile
