@@ -234,9 +234,10 @@ def report_skipped(skipped: Sequence[dict[str, str]], listed_in: Path | None = N
 
 
 class _SkipLogFilter(logging.Filter):
-    """Drop the image loader's per-file "skipped" warnings, and the CSV reader's for listed files
-    that are missing: the CLI names every skipped file itself once the pass is over (cached or
-    not), the first few and a count, instead of one line each."""
+    """On the ``convlens.data`` logger while a command runs: drop the image loader's per-file
+    "skipped" warnings, and the CSV reader's for listed files that are missing. The CLI names
+    every skipped file itself once the pass is over (cached or not), the first few and a count,
+    instead of one line each."""
 
     FORMATS = ("skipped %s", "%s: row %d: %s does not exist; skipped", "%s: row %d: %s is not a regular file; skipped")
 
@@ -595,15 +596,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING,
                         format="convlens: %(levelname)s: %(message)s")
-    if not a.verbose:
-        for h in logging.getLogger().handlers:
-            if not any(isinstance(f, _SkipLogFilter) for f in h.filters):
-                h.addFilter(_SkipLogFilter())
     if not getattr(a, "func", None):
         parser.print_help()
         return EXIT_USAGE
     _made_dirs.clear()
     code = EXIT_INPUT
+    data_log, skip_filter = logging.getLogger("convlens.data"), _SkipLogFilter()
+    if not a.verbose:  # for this command only: the logger outlives it when main is called in-process
+        data_log.addFilter(skip_filter)
     try:
         code = a.func(a)
         return code
@@ -623,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("convlens: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        data_log.removeFilter(skip_filter)
         if code != EXIT_OK:  # folders made for outputs that never came: leave no empty folder behind
             for d in reversed(_made_dirs):
                 with contextlib.suppress(OSError):

@@ -109,6 +109,18 @@ def main(argv: Sequence[str], quiet: bool = False) -> int:
         a = build_parser().parse_args(list(argv))
     except SystemExit as e:  # a usage error (argparse printed it; exit 2) or --help
         return e.code if isinstance(e.code, int) else 2
+    logging.basicConfig(level=logging.WARNING, format="convlens: %(levelname)s: %(message)s")
+    once, handlers = _Once(), list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(once)
+    try:
+        return _figure(a, quiet)
+    finally:  # handlers outlive the command when main is called in-process
+        for h in handlers:
+            h.removeFilter(once)
+
+
+def _figure(a: argparse.Namespace, quiet: bool) -> int:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from PySide6.QtCore import QSettings, QTemporaryDir
     from PySide6.QtWidgets import QApplication
@@ -119,9 +131,6 @@ def main(argv: Sequence[str], quiet: bool = False) -> int:
     from .export import FORMATS, export_widget
     from .main_window import MainWindow
 
-    logging.basicConfig(level=logging.WARNING, format="convlens: %(levelname)s: %(message)s")
-    for h in logging.getLogger().handlers:
-        h.addFilter(_Once())
     try:
         spec = spec_from_args(a)
         if not a.out.lower().endswith(tuple(f".{f}" for f in FORMATS)):

@@ -356,3 +356,18 @@ def test_a_terminal_progress_bar_ends_its_line_when_a_job_stops_short() -> None:
         bar(Progress(last, "1/2 images"))
         bar.close()
         assert stream.getvalue().endswith("\n") and stream.getvalue().count("\n") == newlines
+
+
+def test_the_cli_quiets_the_loaders_skip_warnings_only_while_it_runs(rnet_spec, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    import logging
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    _png(imgs / "a.png", 0)
+    (imgs / "b.png").write_bytes(b"junk")
+    with caplog.at_level(logging.WARNING, logger="convlens"):
+        assert main(["-q", "predict", "--model", rnet_spec.path, "--images", str(imgs),
+                     "--out", str(tmp_path / "out")]) == 0
+        assert "b.png" not in caplog.text  # the CLI names it itself, once
+        logging.getLogger("convlens.data").warning("skipped %s", "later.png: not an image")
+    assert "later.png" in caplog.text  # library users (and later tests) still get the warnings
