@@ -101,15 +101,21 @@ def test_layer_gradients_work_inside_inference_mode(demo) -> None:  # noqa: ANN0
     np.testing.assert_array_equal(want[1], got[1])
 
 
-def test_training_a_copy_leaves_the_loaded_model_bit_identical_and_in_eval(resnet_loaded) -> None:  # noqa: ANN001
-    be = open_backend(resnet_loaded, "torch", "cpu")
-    original = resnet_loaded.module
+@pytest.mark.parametrize("kind", ["eager", "torchscript"])
+def test_training_a_copy_leaves_the_loaded_model_bit_identical_and_in_eval(kind: str, resnet_loaded, tmp_path: Path) -> None:  # noqa: ANN001
+    loaded = resnet_loaded
+    if kind == "torchscript":
+        path = tmp_path / "r18_ts.pt"
+        torch.jit.script(resnet_loaded.module).save(str(path))
+        loaded = load_model(build_spec(str(path), input_size="32"))
+    be = open_backend(loaded, "torch", "cpu")
+    original = loaded.module
     before = _state(original)
     x = np.random.default_rng(3).normal(size=(4, 3, 32, 32)).astype(np.float32)
     logits_before = be.forward(x).outputs[0]
     model = be.trainable_copy()
     assert model is not original and model.training and all(m.training for m in model.modules())
-    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.requires_grad and p.is_leaf for p in model.parameters())
     assert module_device(model) == be.torch_device
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(0)

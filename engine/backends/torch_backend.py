@@ -80,7 +80,11 @@ def copy_module(module: Any, device: torch.device | str) -> Any:
     """
     device = torch.device(device)
     if isinstance(module, torch.jit.ScriptModule):
-        return copy.deepcopy(module).to(device)
+        with torch.no_grad():  # else the copied parameters are clones in the autograd graph, not leaves
+            out = copy.deepcopy(module).to(device)
+        for p, q in zip(module.parameters(), out.parameters(), strict=True):
+            q.requires_grad_(p.requires_grad)
+        return out
     memo = _fake_memo(module)
     for p in module.parameters():
         memo[id(p)] = torch.nn.Parameter(p.detach().to(device, copy=True), requires_grad=p.requires_grad)
