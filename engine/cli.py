@@ -632,10 +632,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _user_path(filename: object) -> str:
-    """The file a temporary name stands for: atomic writes go through ``.NAME.XXXX.tmp``
-    files and ``.NAME.tmp-XXXX`` folders beside ``NAME``."""
+    """The user's path a temporary name stands for: atomic writes go through ``.NAME.XXXX.tmp``
+    files and ``.NAME.tmp-XXXX`` folders beside ``NAME`` (a report folder's files are written
+    inside such a folder)."""
     import re
 
     p = Path(os.fsdecode(filename)) if isinstance(filename, (str, bytes, os.PathLike)) else Path(str(filename))
-    m = re.fullmatch(r"\.(.+)\.[^.]+\.tmp|\.(.+)\.tmp-[0-9a-f]+", p.name)
-    return str(p.with_name(m.group(1) or m.group(2))) if m else str(p)
+    parts = []
+    for part in p.parts:
+        m = re.fullmatch(r"\.(.+)\.[a-z0-9_]+\.tmp|\.(.+)\.tmp-[0-9a-f]+", part)
+        parts.append((m.group(1) or m.group(2)) if m else part)
+    return str(Path(*parts)) if parts else str(p)

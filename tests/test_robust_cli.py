@@ -371,3 +371,15 @@ def test_the_cli_quiets_the_loaders_skip_warnings_only_while_it_runs(rnet_spec, 
         assert "b.png" not in caplog.text  # the CLI names it itself, once
         logging.getLogger("convlens.data").warning("skipped %s", "later.png: not an image")
     assert "later.png" in caplog.text  # library users (and later tests) still get the warnings
+
+
+def test_errors_name_the_users_path_for_temporaries_of_atomic_writes(tmp_path: Path) -> None:
+    import tempfile as tf
+
+    from engine.cli import _user_path
+
+    fd, tmp = tf.mkstemp(prefix=".predictions.csv.", suffix=".tmp", dir=tmp_path)  # as atomic_write_bytes
+    os.close(fd)
+    assert _user_path(tmp) == str(tmp_path / "predictions.csv")
+    assert _user_path(tmp_path / ".report.tmp-1a2b3c4d" / "index.html") == str(tmp_path / "report" / "index.html")
+    assert _user_path(tmp_path / "plain.tmp") == str(tmp_path / "plain.tmp")
