@@ -163,7 +163,7 @@ def _apply(kind: str, arg: Any, srcs: list[tuple[Value, Any]], v: Value, hw: Pai
         perm = [p % nd for p in arg]
         new = (perm.index(h), perm.index(w))
         return v, (None if new == (nd - 2, nd - 1) else new)
-    if hw is not None and isinstance(v, ReceptiveField):  # channels last: only ops over other axes
+    if hw is not None:  # channels last: only ops over the other axes
         touched = {"point": set(), "linear": {nd - 1}, "layernorm": set(range(nd - (arg or 1), nd))}.get(kind)
         if touched is None or touched & set(hw):
             return _Bad(f"{where}: H and W are permuted to axes {hw}, and this op is not pointwise over "
@@ -406,8 +406,9 @@ def _fx_values(module: Any, x: Any) -> dict[str, Value]:
             where = n.name if n.op == "call_module" else f"{n.name} ({_op_name(n.target)})"
             try:
                 kind, arg = _module_op(gm.get_submodule(n.target)) if n.op == "call_module" else _function_op(n, shape)
+                hw = next((moved[a] for a in n.all_input_nodes if moved.get(a)), None)
                 values[n], moved[n] = _apply(kind, arg, srcs, values.get(x0) if isinstance(x0, fx.Node) else None,
-                                             moved.get(x0), shape(x0), shape(n), where)
+                                             hw, shape(x0), shape(n), where)
             except (ReceptiveFieldError, ArithmeticError, TypeError, ValueError, IndexError) as e:
                 values[n] = _Bad(f"{where}: {e}")
     return {name: values.get(node) for name, node in module_out.items()}
@@ -564,12 +565,14 @@ _ONNX_KINDS = {**dict.fromkeys(("Reshape", "Flatten", "Squeeze", "Unsqueeze", "S
                **dict.fromkeys(("Shape", "Size", "Constant", "ConstantOfShape", "Range"), "none"), "Gemm": "flat"}
 
 
-def _onnx_op(node: Any, attrs: dict[str, Any], consts: dict[str, Any], in_shape: Any, where: str) -> tuple[str, Any]:
+def _onnx_op(node: Any, attrs: dict[str, Any], consts: dict[str, Any], shapes: dict[str, Any],
+             where: str) -> tuple[str, Any]:
+    in_shape = shapes.get(node.input[0]) if node.input else None
     op = node.op_type
     if op in _ONNX_POINT or (op in ("Softmax", "LogSoftmax") and attrs.get("axis", -1) == 1):
         return "point", None
     if op in ("Conv", "MaxPool", "AveragePool", "LpPool"):
-        k = _pair(attrs.get("kernel_shape") or consts[node.input[1]].shape[2:])
+        k = _pair(attrs.get("kernel_shape") or shapes[node.input[1]][2:])
         s, d = _pair(attrs.get("strides", 1)), _pair(attrs.get("dilations", 1))
         auto = attrs.get("auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else auto
@@ -600,7 +603,7 @@ def _onnx_op(node: Any, attrs: dict[str, Any], consts: dict[str, Any], in_shape:
         nd = len(in_shape) if in_shape is not None else 4
         return "layernorm", nd - attrs.get("axis", -1) % nd
     if op == "MatMul":
-        return ("linear" if node.input[1] in consts else "flat"), None
+        return ("linear" if len(shapes.get(node.input[1]) or ()) == 2 else "flat"), None
     if op in _ONNX_KINDS:
         return _ONNX_KINDS[op], None
     return "unknown", op
@@ -612,24 +615,33 @@ def _onnx_values(model: Any, input_size: Any) -> dict[str, Value]:
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    image = next(i for i in graph.input if i.name not in consts)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    # weights only by their shape: no copy of them, for shape inference either
+    init_dims = {i.name: tuple(i.dims) for i in graph.initializer}
+    small = [i for i in graph.initializer if math.prod(i.dims) <= 4096]
+    consts = {i.name: numpy_helper.to_array(i) for i in small}
+    image = next(i for i in graph.input if i.name not in init_dims)
+    declared = {i.name for i in graph.input}
+    large = [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in graph.initializer
+             if i.name not in consts and i.name not in declared]
+    light = helper.make_model(helper.make_graph(list(graph.node), graph.name, [*graph.input, *large], list(graph.output),
+                                                small, value_info=list(graph.value_info)),
+                              opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    light.functions.extend(model.functions)
     if input_size is not None:
-        dims = next(i for i in m.graph.input if i.name == image.name).type.tensor_type.shape.dim
+        dims = next(i for i in light.graph.input if i.name == image.name).type.tensor_type.shape.dim
         for d, size in zip(dims[2:], _pair(input_size), strict=False):
             d.ClearField("dim_param")
             d.dim_value = size
     try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        light = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # noqa: BLE001, S110 - rules that need a shape then say so
         pass
     shapes: dict[str, Any] = {}
-    for vi in [*m.graph.value_info, *m.graph.input, *m.graph.output]:
+    for vi in [*light.graph.value_info, *light.graph.input, *light.graph.output]:
         dims = vi.type.tensor_type.shape.dim
         if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims[1:]):
             shapes[vi.name] = (1, *(d.dim_value for d in dims[1:]))
+    shapes.update(init_dims)
     values: dict[str, Value] = {image.name: ReceptiveField()}
     moved: dict[str, Pair | None] = {}
     for node in graph.node:
@@ -650,9 +662,9 @@ def _onnx_values(model: Any, input_size: Any) -> dict[str, Value]:
             if all(v is None for v, _ in srcs):
                 v, hw = None, None
             else:
-                kind, arg = _onnx_op(node, attrs, consts, shapes.get(x0), where)
-                v, hw = _apply(kind, arg, srcs, values.get(x0), moved.get(x0), shapes.get(x0),
-                               shapes.get(node.output[0]), where)
+                kind, arg = _onnx_op(node, attrs, consts, shapes, where)
+                hw = next((moved[i] for i in node.input if moved.get(i)), None)
+                v, hw = _apply(kind, arg, srcs, values.get(x0), hw, shapes.get(x0), shapes.get(node.output[0]), where)
         except (ReceptiveFieldError, ArithmeticError, TypeError, ValueError, IndexError, KeyError) as e:
             v, hw = _Bad(f"{where}: {e}"), None
         for o in node.output:
