@@ -69,7 +69,7 @@ class Predictions:
                 out.append(-1)
             elif lab in lookup:
                 out.append(lookup[lab])
-            elif lab.isdigit() and int(lab) < len(self.classes):
+            elif lab.isascii() and lab.isdigit() and int(lab) < len(self.classes):  # "²".isdigit() too
                 out.append(int(lab))
             else:
                 out.append(-1)

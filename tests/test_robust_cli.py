@@ -383,3 +383,17 @@ def test_errors_name_the_users_path_for_temporaries_of_atomic_writes(tmp_path: P
     assert _user_path(tmp) == str(tmp_path / "predictions.csv")
     assert _user_path(tmp_path / ".report.tmp-1a2b3c4d" / "index.html") == str(tmp_path / "report" / "index.html")
     assert _user_path(tmp_path / "plain.tmp") == str(tmp_path / "plain.tmp")
+
+
+def test_labels_that_look_like_numbers_but_are_not(rnet_spec, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    imgs = tmp_path / "imgs"
+    for label in ("²", "1", "7"):  # "²".isdigit() is True but int("²") fails
+        (imgs / label).mkdir(parents=True)
+        _png(imgs / label / "a.png", len(label))
+    out = tmp_path / "out"
+    assert main(["-q", "predict", "--model", rnet_spec.path, "--images", str(imgs), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unmatched_labels"] == ["7", "²"]  # RNet has outputs 0 and 1
+    rows = {r["label"]: r for r in csv.DictReader(open(out / "predictions.csv", newline="", encoding="utf-8"))}
+    assert rows["²"]["correct"] == "" and rows["1"]["correct"] in ("true", "false")
+    assert summary["scored"] == 1  # "1" names an output index; "²" and "7" name none
