@@ -107,6 +107,12 @@ def _why(e: OSError) -> str:
 _made_dirs: list[Path] = []
 
 
+def _nonempty(out: str) -> Path:
+    if not str(out).strip():
+        raise ConvLensError("--out is empty: name the output (an empty path would mean the current folder)")
+    return Path(out)
+
+
 def _mkdirs(p: Path, what: str) -> None:
     """Create folder ``p`` (and missing parents) or raise a ConvLensError naming ``p``."""
     missing = []
@@ -141,7 +147,7 @@ def check_out_dir(out: str, files: Sequence[str] = ()) -> Path:
     a path under a file or a folder that cannot be written is an error naming ``out``, and so
     is a folder in the place of one of the ``files`` the command writes there. A missing
     folder is created (and removed again if the command fails before writing to it)."""
-    p = Path(out)
+    p = _nonempty(out)
     if p.exists() and not p.is_dir():
         raise ConvLensError(f"{p}: exists and is not a folder (--out names the output folder)")
     if not p.exists():
@@ -156,7 +162,7 @@ def check_out_dir(out: str, files: Sequence[str] = ()) -> Path:
 def check_out_parent(out: str) -> Path:
     """For an output folder that is built beside its place and renamed in (dissect's report):
     ``out`` is not a file, and its parent folder can be written."""
-    p = Path(out)
+    p = _nonempty(out)
     if p.exists() and not p.is_dir():
         raise ConvLensError(f"{p}: exists and is not a folder (--out names the output folder)")
     parent = p.parent
@@ -170,7 +176,7 @@ def check_out_parent(out: str) -> Path:
 
 def check_out_file(out: str, what: str = "output file") -> Path:
     """A file output, checked before any work: not a folder, and its folder can be written."""
-    p = Path(out)
+    p = _nonempty(out)
     if p.is_dir():
         raise ConvLensError(f"{p}: is a folder; --out names the {what} to write")
     parent = p.parent
@@ -343,8 +349,12 @@ def open_model(spec: ModelSpec) -> tuple[Any, Any]:
 
 
 def parse_layers(value: str | None, spec: ModelSpec, backend: Any) -> list[str]:
-    if value:
-        return [v.strip() for v in value.split(",") if v.strip()]
+    if value is not None:
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        if not names:
+            raise ConvLensError(f"--layers {value!r}: names no layer (give comma-separated layer names, "
+                                "or leave the option out for the model's default layers)")
+        return names
     if spec.layers:
         return list(spec.layers)
     from .models.layers import default_layers
@@ -356,7 +366,7 @@ def parse_layers(value: str | None, spec: ModelSpec, backend: Any) -> list[str]:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    if a.out:
+    if a.out is not None:
         check_out_file(a.out, "JSON file")
     spec = spec_from_args(a)
     loaded, backend = open_model(spec)
@@ -382,7 +392,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def _emit_json(obj: Any, out: str | None) -> None:
-    if out:
+    if out is not None:
         write_json_output(out, obj)
     else:
         print(json.dumps(obj, indent=2))

@@ -397,3 +397,18 @@ def test_labels_that_look_like_numbers_but_are_not(rnet_spec, tmp_path: Path, ca
     rows = {r["label"]: r for r in csv.DictReader(open(out / "predictions.csv", newline="", encoding="utf-8"))}
     assert rows["²"]["correct"] == "" and rows["1"]["correct"] in ("true", "false")
     assert summary["scored"] == 1  # "1" names an output index; "²" and "7" name none
+
+
+def test_empty_out_and_empty_layers_are_errors(rnet_spec, demo_images: Path, tmp_path: Path,  # noqa: ANN001
+                                               monkeypatch, _tmp_cache: Path, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty --out would otherwise write here
+    for argv in (["predict", *_model_args(rnet_spec, demo_images), "--out", ""],
+                 ["info", "--model", rnet_spec.path, "--out", " "],
+                 ["dissect", "--model", rnet_spec.path, "--concepts", "builtin", "--out", ""]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("convlens: error: --out is empty"), err
+    assert main(["activations", *_model_args(rnet_spec, demo_images), "--layers", " , ",
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "--layers ' , ': names no layer" in capsys.readouterr().err
+    assert not any(p.name.endswith((".csv", ".json")) for p in tmp_path.iterdir())
