@@ -35,6 +35,16 @@ backends capture it); a model fx cannot trace falls back to hooks on its leaf mo
 works when the layer is reached through a chain of modules. ONNX layers are named as
 :class:`~engine.backends.onnx_backend.OnnxBackend` names them (:func:`onnx_layer_tensors`), or
 by tensor name. :func:`layer_receptive_field` takes either backend.
+
+Use::
+
+    rf = receptive_field(module, "layer3", input_size=(224, 224))     # or receptive_fields(module)
+    rf = receptive_field_onnx("model.onnx", "layer3", (224, 224))      # or receptive_fields_onnx
+    rf = layer_receptive_field(backend, "layer3")                      # TorchBackend or OnnxBackend
+    top, left, bottom, right = rf.clipped_box(i, j, (224, 224))       # pixels of unit (i, j)
+
+Each call traces the whole model once: ask for all layers at once (``receptive_fields*``) when
+several are needed.
 """
 
 from __future__ import annotations
@@ -157,7 +167,7 @@ def _apply(kind: str, arg: Any, srcs: list[tuple[Value, Any]], v: Value, hw: Pai
            in_shape: Any, out_shape: Any, where: str) -> tuple[Value, Pair | None]:
     """One op's rule, shared by torch and ONNX. ``hw``: the axes of H and W in the input when a
     permutation moved them (None: the last two). Returns the output's value and its ``hw``."""
-    nd = len(in_shape) if isinstance(in_shape, tuple) else 4
+    nd = next((len(t) for t in (in_shape, out_shape) if isinstance(t, tuple)), 4)
     if kind == "permute" and isinstance(v, ReceptiveField):
         h, w = hw or (nd - 2, nd - 1)
         perm = [p % nd for p in arg]
