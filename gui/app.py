@@ -21,6 +21,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def app_icon() -> object:
+    """The application icon, from ``resources/icon.svg``."""
+    from PySide6.QtCore import QByteArray
+    from PySide6.QtGui import QIcon, QPixmap
+
+    import resources
+
+    pixmap = QPixmap()
+    pixmap.loadFromData(QByteArray(resources.data("icon.svg")), "SVG")
+    return QIcon(pixmap)
+
+
+def apply_resources(app: object) -> None:
+    """Window icon and style sheet from the packaged ``resources/`` folder."""
+    import resources
+
+    app.setWindowIcon(app_icon())  # type: ignore[attr-defined]
+    app.setStyleSheet(resources.text("style.qss"))  # type: ignore[attr-defined]
+
+
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from PySide6.QtCore import QTimer
@@ -29,6 +49,7 @@ def run(argv: list[str] | None = None) -> int:
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("ConvLens")
     app.setOrganizationName("ConvLens")
+    apply_resources(app)
     from .main_window import MainWindow
 
     win = MainWindow()

@@ -86,7 +86,7 @@ class OpenModelDialog(QDialog):
         self.error = QLabel("")
         self.error.setWordWrap(True)
         self.error.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.error.setStyleSheet("color: #b00020;")
+        self.error.setProperty("role", "error")  # coloured by resources/style.qss
 
         form = QFormLayout()
         form.addRow("File", _row(self.path, browse))
