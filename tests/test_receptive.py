@@ -351,6 +351,11 @@ def test_the_real_ocr_onnx_classifier(ocr_onnx: Path) -> None:
     last = fields["pool2d_9.tmp_0"]  # the last spatial map: 3 kernel-3 and 8 kernel-5 convs at jump 2, a 2x2 pool
     assert (last.size[1], last.stride, last.offset[1]) == (81, (64, 4), 1.0)
     assert fields["pool2d_10.tmp_0"].is_global
+    from engine.backends import open_backend
+    from engine.models import build_spec, load_model
+
+    backend = open_backend(load_model(build_spec(str(ocr_onnx), input_size="48x192")), device="cpu")
+    assert layer_receptive_field(backend, "pool2d_9.tmp_0") == last
     with pytest.raises(ReceptiveFieldError, match="not spatial"):
         receptive_field_onnx(model, next(n.output[0] for n in model.graph.node if n.op_type == "MatMul"), (48, 192))
 
