@@ -1,6 +1,12 @@
 """One export mechanism for every view: PNG at a chosen DPI, vector SVG and PDF, clipboard.
 
-Three kinds of content can be exported:
+A view's figure is **composed from its data** (:meth:`gui.views.base.View.figure`, a
+:class:`gui.figures.Figure`) and painted by :mod:`gui.figures.render`; no widget is drawn
+into it. :func:`export_figure` writes one; :func:`export_widget` and
+:func:`copy_to_clipboard`, given a view (anything with a ``figure()`` method), export its
+composed figure too, so ``convlens figure`` and the app share the same figures.
+
+For other widgets, three kinds of content can be exported:
 
 * a whole widget (:func:`export_widget`), painted with ``QWidget.render`` over its palette's
   window colour, children included;
@@ -44,12 +50,17 @@ from PySide6.QtGui import (
 from PySide6.QtSvg import QSvgGenerator
 from PySide6.QtWidgets import QGraphicsScene, QGraphicsView, QWidget
 
+from .figures import Figure, FigureOptions
+from .figures import render as figure_render
+
 __all__ = [
     "FORMATS",
     "copy_to_clipboard",
     "export_dialog_filter",
+    "export_figure",
     "export_scene",
     "export_widget",
+    "figure_of",
     "render_image",
 ]
 
@@ -71,10 +82,69 @@ def export_dialog_filter() -> str:
 
 
 def export_widget(widget: QWidget, path: str | Path, *, dpi: int = 300) -> Path:
-    """Export a whole widget, children included, to ``path`` (format from the suffix)."""
+    """Export a widget to ``path`` (format from the suffix).
+
+    A view (a widget with a ``figure()`` method) exports its composed figure at ``dpi``, with
+    its default options; any other widget is rendered whole, children included.
+    """
     if not isinstance(widget, QWidget):
         raise TypeError(f"export_widget() needs a QWidget, not {type(widget).__name__}")
+    if _composes(widget):
+        return export_figure(widget, path, FigureOptions(dpi=_check_dpi(dpi)))
     return _export(_Content(widget, scene_only=False), path, dpi)
+
+
+def figure_of(view_or_figure: object, options: FigureOptions | None = None) -> Figure:
+    """The composed figure of a view (``view.figure(options)``), or a :class:`Figure` as is."""
+    if isinstance(view_or_figure, Figure):
+        return view_or_figure
+    if not _composes(view_or_figure):
+        raise TypeError(f"{type(view_or_figure).__name__} composes no figure")
+    options = options or FigureOptions()
+    _check_includes(view_or_figure, options)
+    figure = view_or_figure.figure(options)  # type: ignore[attr-defined]
+    if not isinstance(figure, Figure):
+        raise TypeError(f"{type(view_or_figure).__name__}.figure() returned {type(figure).__name__}")
+    return figure
+
+
+def export_figure(view: object, path: str | Path, options: FigureOptions | None = None) -> Path:
+    """Write the figure of ``view`` (a view or a :class:`Figure`) to ``path``: PNG at
+    ``options.dpi``, or vector SVG / PDF (format from the suffix). Atomic: a failure leaves
+    no file and never clobbers an existing one. Returns ``path``.
+
+    Raises ``ValueError`` for an unknown format, figure kind or include key, and when the
+    view has nothing to show yet (the message says what is missing).
+    """
+    path = Path(path)
+    fmt = _format_of(path)
+    options = options or FigureOptions()
+    figure = figure_of(view, options)
+    if fmt == "png":
+        image = figure_render.render_png(figure, options.dpi)  # in memory first: a failure touches no file
+        with _atomic(path) as tmp:
+            if not image.save(str(tmp), "PNG"):
+                raise OSError(f"cannot write {path}")
+    elif fmt == "svg":
+        with _atomic(path) as tmp:
+            figure_render.write_svg(figure, tmp)
+    else:
+        with _atomic(path) as tmp:
+            figure_render.write_pdf(figure, tmp)
+    return path
+
+
+def _composes(obj: object) -> bool:
+    return callable(getattr(obj, "figure", None)) and callable(getattr(obj, "figure_kinds", None))
+
+
+def _check_includes(view: object, options: FigureOptions) -> None:
+    known = {o.key for o in view.figure_options()}  # type: ignore[attr-defined]
+    unknown = sorted(set(options.include) - known)
+    if unknown:
+        title = getattr(view, "title", type(view).__name__)
+        raise ValueError(f"the {title} figure has no part named {', '.join(map(repr, unknown))} "
+                         f"(parts: {', '.join(sorted(known)) or 'none'})")
 
 
 def export_scene(
@@ -88,19 +158,30 @@ def export_scene(
 
 
 def render_image(widget_or_scene: QWidget | QGraphicsScene, *, dpi: int = 300) -> QImage:
-    """Render to an image at ``dpi`` (``dpi / 96`` times the logical size), DPI recorded."""
+    """Render to an image at ``dpi``, DPI recorded: a view's composed figure, or a widget or
+    scene at ``dpi / 96`` times its logical size."""
+    if _composes(widget_or_scene):
+        dpi = _check_dpi(dpi)
+        return figure_render.render_png(figure_of(widget_or_scene, FigureOptions(dpi=dpi)), dpi)
     return _render_image(_content_of(widget_or_scene), _check_dpi(dpi))
 
 
 def copy_to_clipboard(
-    widget_or_scene: QWidget | QGraphicsScene, *, dpi: int = _CLIPBOARD_DPI
+    widget_or_scene: QWidget | QGraphicsScene, *, dpi: int = _CLIPBOARD_DPI,
+    options: FigureOptions | None = None,
 ) -> None:
-    """Put an image of the widget or scene on the clipboard.
+    """Put an image on the clipboard: a view's composed figure as PNG pixels (at
+    ``options.dpi`` when given, else ``dpi``), or an image of a widget or scene.
 
-    The default 192 DPI (twice the logical size) stays sharp on high-DPI screens; since the
-    DPI is recorded, applications that honour it paste the image at its on-screen size.
+    The default 192 DPI stays sharp on high-DPI screens; since the DPI is recorded,
+    applications that honour it paste the image at its size.
     """
-    QGuiApplication.clipboard().setImage(render_image(widget_or_scene, dpi=dpi))
+    if _composes(widget_or_scene):
+        options = options or FigureOptions(dpi=_check_dpi(dpi))
+        image = figure_render.render_png(figure_of(widget_or_scene, options), options.dpi)
+    else:
+        image = render_image(widget_or_scene, dpi=dpi)
+    QGuiApplication.clipboard().setImage(image)
 
 
 @dataclass(frozen=True)

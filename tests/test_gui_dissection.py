@@ -133,8 +133,8 @@ def test_report_export_and_figure(tmp_path: Path, view: DissectionView) -> None:
     assert not (tmp_path / "report" / "dissection-report").exists()
 
     path = export_widget(view.export_target(), tmp_path / "figure.png", dpi=96)
-    with Image.open(path) as img:
-        assert img.size == (view.results.width(), view.results.height())
+    with Image.open(path) as img:  # the composed result figure (7 in at 96 dpi), not a grab
+        assert img.size[0] == 7 * 96
         assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 20
 
 
@@ -151,3 +151,70 @@ def test_state_round_trip(view: DissectionView) -> None:
         assert (params.quantile, params.mask_rule, params.iou_threshold) == (0.01, "lite", 0.04)
     finally:
         other.deleteLater()
+
+
+def test_result_figure(qtbot, view: DissectionView, tmp_path: Path) -> None:  # noqa: ANN001
+    from gui.figures import BarChart, FigureOptions, TileGrid
+    from tests.figure_checks import check_figure, svg_texts
+
+    qtbot.waitUntil(view.figure_tiles_ready, timeout=60000)
+    fig, root = check_figure(view, FigureOptions(kind="result", size="full", dpi=100), tmp_path, "dissection")
+    assert fig.title.startswith("Network Dissection of ") and fig.title.endswith(LAYER)
+    charts = [e for e in fig.elements if isinstance(e, BarChart)]
+    s = view.result.layers[LAYER].summary
+    assert charts[0].categories == list(view.result.categories)
+    assert charts[0].series[0][1] == [float(v) for v in s.detectors_per_category]
+    texts = " ".join(svg_texts(root))
+    assert "detectors (units)" in texts and "concept category" in texts  # axis labels
+    # the best units' tiles, each with its label and IoU
+    best = view.top_units()
+    assert len(best) == 4 and best[0] == (LAYER, int(np.argmax(np.where(s.is_detector, s.iou, -1))))
+    layer, unit = best[0]
+    assert f"{layer} unit {unit}: {s.label_name[unit]} ({s.category_name[unit]}), IoU {s.iou[unit]:.3f}" in texts
+    stacks = [e for e in fig.elements if type(e).__name__ in ("Row", "Stack")]
+    grids = [p for e in stacks for p in __import__("tests.figure_checks").figure_checks.parts(e)
+             if isinstance(p, TileGrid)]
+    assert len(grids) >= 4 and all(g.tiles for g in grids)
+    assert all(t.native == (SIZE, SIZE) for g in grids for t in g.tiles)  # concept images at their own size
+
+
+def test_status_says_what_to_do_and_names_the_concepts(ctx: AppContext) -> None:
+    fresh = DissectionView(ctx)
+    try:
+        assert ctx.session.model is not None
+        assert fresh.status.text() == "Tick the layers to dissect and press Run Network Dissection."
+        fresh.set_builtin(N_IMAGES, SIZE)
+        fresh.set_checked_layers([LAYER])
+        handle = fresh.run()
+        assert fresh.status.text() == f"Dissecting {LAYER} on the built-in concepts ({N_IMAGES} images of {SIZE} px)…"
+        assert "None" not in fresh.status.text()
+        wait_job(handle)
+    finally:
+        fresh.deleteLater()
+
+
+def test_layer_picker_groups_filters_and_shows_shapes(qtbot) -> None:  # noqa: ANN001
+    from engine.types import LayerInfo
+    from gui.widgets.layer_picker import LayerPicker, block_of
+
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer1.0", "layer1.0.conv1", "layer1.0.bn1",
+             "layer2.0.conv1", "layer2.0.downsample.0", "/backbone/stage3/Conv_output_0", "/backbone/stage3/Relu"]
+    layers = [LayerInfo(n, "Conv2d", (64, 56 // (1 + i % 3), 56 // (1 + i % 3))) for i, n in enumerate(names)]
+    picker = LayerPicker()
+    qtbot.addWidget(picker)
+    picker.set_layers(layers, ["layer1.0.conv1", "conv1"])
+    tops = [picker.tree.topLevelItem(i).text(0) for i in range(picker.tree.topLevelItemCount())]
+    assert tops == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "backbone"]
+    assert block_of("layer1.0.conv1") == "layer1" and block_of("conv1") == ""
+    layer1 = picker.tree.topLevelItem(4)
+    assert [layer1.child(i).text(0) for i in range(layer1.childCount())] == [
+        "layer1", "layer1.0", "layer1.0.conv1", "layer1.0.bn1"]
+    assert layer1.child(2).text(1) == "64×56×56" and "Conv2d" in layer1.child(2).toolTip(0)
+    assert picker.checked_layers() == ["conv1", "layer1.0.conv1"]
+    layer1.setCheckState(0, Qt.CheckState.Checked)  # a whole block at once
+    assert picker.checked_layers() == ["conv1", "layer1", "layer1.0", "layer1.0.conv1", "layer1.0.bn1"]
+    picker.filter_edit.setText("CONV1")
+    assert picker.visible_layers() == ["conv1", "layer1.0.conv1", "layer2.0.conv1"]
+    assert picker.tree.topLevelItem(6).isHidden()  # the backbone group has no match
+    picker.filter_edit.setText("")
+    assert len(picker.visible_layers()) == len(names)

@@ -71,8 +71,8 @@ def test_computing_state_then_grid(qtbot, ctx: AppContext) -> None:
     # no unit was chosen: the view picks the one most active on this image
     assert ctx.selection.unit == int(np.argmax(acts.stats("conv3").max[0]))
     assert len(w.grid.ids) == 64 and not w.grid.image.isNull()
-    assert w.layer_combo.currentText() == "conv3"
-    assert [w.layer_combo.itemText(i) for i in range(w.layer_combo.count())] == [
+    assert w.layer_combo.currentData() == "conv3" and w.layer_combo.currentText() == "conv3  64×3×3"
+    assert [w.layer_combo.itemData(i) for i in range(w.layer_combo.count())] == [
         "conv1", "prelu1", "pool1", "conv2", "prelu2", "pool2", "conv3", "prelu3"]
 
 
@@ -149,8 +149,8 @@ def test_top_images_strip(qtbot, view: HeatmapsView, ctx: AppContext) -> None:
 def test_export_and_state(tmp_path: Path, view: HeatmapsView, ctx: AppContext) -> None:
     ctx.selection.unit = 3
     path = export_widget(view.export_target(), tmp_path / "heatmaps.png", dpi=96)
-    with Image.open(path) as img:
-        assert img.size == (view.main_splitter.width(), view.main_splitter.height())
+    with Image.open(path) as img:  # the composed unit figure, a 7-inch page: no widget grab
+        assert img.size[0] == 7 * 96 and img.size != (view.main_splitter.width(), view.main_splitter.height())
         assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 50
 
     view.restore_state({"colormap": "magma", "opacity": 0.25, "threshold": 0.5, "sort": "unit",

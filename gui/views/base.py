@@ -3,8 +3,10 @@
 A view is one module in ``gui/views/`` holding a :class:`View` subclass, or a package there
 whose ``__init__`` imports one (a view too large for one file, e.g. ``image_browser/``). The
 main window discovers every such class (:func:`discover_views`), puts each in a dock, lists it
-in the View menu, adds its :meth:`View.analysis_actions` to the Analysis menu, exports what
-:meth:`View.export_target` shows, and saves :meth:`View.save_state` in project files. Adding a
+in the View menu, adds its :meth:`View.analysis_actions` to the Analysis menu, exports the
+figure :meth:`View.figure` composes from the view's data (never a grab of its widgets; the
+kinds and include-toggles it offers are :meth:`View.figure_kinds` and
+:meth:`View.figure_options`), and saves :meth:`View.save_state` in project files. Adding a
 view therefore touches no shell code. Views talk to each other only through ``ctx.selection``.
 """
 
@@ -19,6 +21,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QWidget
 
 from ..context import AppContext
+from ..figures import Figure, FigureKind, FigureOption, FigureOptions
 
 
 class View(QWidget):
@@ -41,8 +44,38 @@ class View(QWidget):
         self.setObjectName(f"view-{self.object_name}")
 
     def export_target(self) -> QWidget:
-        """The widget whose content 'Export figure' renders."""
+        """What 'Export figure' exports: the view itself, whose :meth:`figure` is composed."""
         return self
+
+    def figure_kinds(self) -> list[FigureKind]:
+        """The figures this view composes, the default first (empty: none)."""
+        return []
+
+    def figure_options(self) -> list[FigureOption]:
+        """The view-specific include-toggles its figures take (``FigureOptions.include``)."""
+        return []
+
+    def figure(self, options: FigureOptions | None = None) -> Figure:
+        """The figure of what the view shows, composed from its data.
+
+        Raises ``ValueError`` saying what is missing when there is nothing to show yet.
+        """
+        raise ValueError(f"the {self.title or type(self).__name__} view has no figure")
+
+    def figure_kind(self, options: FigureOptions) -> str:
+        """``options.kind`` checked against :meth:`figure_kinds` (empty: the first)."""
+        kinds = [k.key for k in self.figure_kinds()]
+        if not options.kind:
+            return kinds[0] if kinds else ""
+        if options.kind not in kinds:
+            raise ValueError(f"the {self.title} view has no '{options.kind}' figure "
+                             f"(figures: {', '.join(kinds) or 'none'})")
+        return options.kind
+
+    def figure_includes(self, options: FigureOptions, kind: str) -> dict[str, bool]:
+        """Each include-toggle of ``kind``: ``options.include`` or the toggle's default."""
+        return {o.key: options.wants(o.key, o.default) for o in self.figure_options()
+                if not o.kinds or kind in o.kinds}
 
     def analysis_actions(self) -> list[tuple[str, Callable[[], None]]]:
         """Entries for the Analysis menu: (label, callback)."""

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -35,8 +36,6 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QListWidget,
-    QListWidgetItem,
     QProgressBar,
     QPushButton,
     QScrollArea,
@@ -51,6 +50,20 @@ from engine.types import Progress
 from ..context import AppContext
 from ..jobs import JobHandle
 from ..tiles import TileMosaic, mask_outline
+from ..figures import (
+    BarChart,
+    Figure,
+    FigureKind,
+    FigureOption,
+    FigureOptions,
+    Legend,
+    Row,
+    Stack,
+    Text,
+    Tile,
+    TileGrid,
+)
+from ..widgets.layer_picker import LayerPicker
 from ..widgets.result_table import Column, ResultTable
 from .base import View
 
@@ -67,6 +80,12 @@ COLUMNS: tuple[Column, ...] = (
 """The table's columns: keys of ``DissectionResult.to_rows()``."""
 THUMB = 96
 """Side of a top-concept-image thumbnail."""
+FIGURE_TOP_UNITS = 4
+"""The figure shows the top concept images of this many best units (and the selected one)."""
+FIGURE_IMAGES = 6
+"""Top concept images per unit in the figure."""
+NEED_MODEL = "Load a model to run Network Dissection."
+READY = "Tick the layers to dissect and press Run Network Dissection."
 _UNIT_OUTLINE = np.array([0, 255, 255], dtype=np.uint8)
 _CONCEPT_OUTLINE = np.array([255, 220, 0], dtype=np.uint8)
 _LAYER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -93,6 +112,9 @@ class DissectionView(View):
         super().__init__(ctx, parent)
         self.result: Any = None  # engine DissectionResult
         self.concepts: Any = None  # engine ConceptDataset of the result
+        # (layer, unit) -> (concept image indices, masked images at native size) for figures
+        self._figure_tiles: dict[tuple[str, int], tuple[list[int], list[np.ndarray]]] = {}
+        self._figure_handle: JobHandle | None = None
         self._handle: JobHandle | None = None
         self._broden_folder = ""
         self._syncing = False
@@ -124,9 +146,9 @@ class DissectionView(View):
         self.size_spin.setToolTip("Side of the generated images")
         self.folder_label = QLabel()
         self.folder_label.setWordWrap(True)
-        self.layer_list = QListWidget()
-        self.layer_list.setToolTip("Layers to dissect (spatial layers only)")
-        self.layer_list.setMaximumHeight(110)
+        self.layer_picker = LayerPicker()
+        self.layer_picker.setToolTip("Layers to dissect (spatial layers only), grouped by block, with their shapes")
+        self.layer_picker.setMinimumHeight(120)
         self.quantile_spin = QDoubleSpinBox()
         self.quantile_spin.setDecimals(4)
         self.quantile_spin.setRange(0.0001, 0.5)
@@ -170,7 +192,7 @@ class DissectionView(View):
         param_form.addRow("Rule", self.rule_combo)
         layers_box = QVBoxLayout()
         layers_box.addWidget(QLabel("Layers"))
-        layers_box.addWidget(self.layer_list)
+        layers_box.addWidget(self.layer_picker, 1)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -263,10 +285,6 @@ class DissectionView(View):
 
     # ------------------------------------------------------------------ View API
 
-    def export_target(self) -> QWidget:
-        """The summary, chart and table."""
-        return self.results
-
     def analysis_actions(self) -> list[tuple[str, Callable[[], None]]]:
         return [("Run Network Dissection", self.run)]
 
@@ -314,14 +332,11 @@ class DissectionView(View):
 
     def checked_layers(self) -> list[str]:
         """The layers ticked in the list, in model order."""
-        items = (self.layer_list.item(i) for i in range(self.layer_list.count()))
-        return [it.text() for it in items if it.checkState() == Qt.CheckState.Checked]
+        return self.layer_picker.checked_layers()
 
     def set_checked_layers(self, layers: Sequence[str]) -> None:
         """Tick exactly ``layers`` (unknown names are ignored)."""
-        for i in range(self.layer_list.count()):
-            item = self.layer_list.item(i)
-            item.setCheckState(Qt.CheckState.Checked if item.text() in layers else Qt.CheckState.Unchecked)
+        self.layer_picker.set_checked_layers(layers)
 
     def params(self) -> Any:
         """The engine ``DissectionParams`` of the controls."""
@@ -331,15 +346,7 @@ class DissectionView(View):
                                 mask_rule=self.rule_combo.currentData())
 
     def _model_loaded(self, info: Any) -> None:
-        self.layer_list.clear()
-        defaults = set(info.default_layers)
-        for li in info.layers:
-            if li.is_spatial:
-                item = QListWidgetItem(f"{li.name}")
-                item.setToolTip(f"{li.kind}, {li.units} units, {li.shape[1]}x{li.shape[2]}")
-                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-                item.setCheckState(Qt.CheckState.Checked if li.name in defaults else Qt.CheckState.Unchecked)
-                self.layer_list.addItem(item)
+        self.layer_picker.set_layers([li for li in info.layers if li.is_spatial], info.default_layers)
         self._update_controls()
 
     def _source_activated(self, _index: int) -> None:
@@ -376,7 +383,9 @@ class DissectionView(View):
         self.progress.setVisible(running)
         self.report_button.setEnabled(self.result is not None and not running)
         if self.ctx.session.model is None and not running:
-            self.status.setText("Load a model to run Network Dissection.")
+            self.status.setText(NEED_MODEL)
+        elif self.status.text() in ("", NEED_MODEL):
+            self.status.setText(READY)
 
     # ------------------------------------------------------------------ running
 
@@ -385,7 +394,7 @@ class DissectionView(View):
         session = self.ctx.session
         layers = self.checked_layers()
         if session.model is None:
-            self.status.setText("Load a model to run Network Dissection.")
+            self.status.setText(NEED_MODEL)
             return None
         if not layers:
             self.status.setText("Tick at least one layer.")
@@ -423,7 +432,9 @@ class DissectionView(View):
         handle.cancelled.connect(self._cancelled)
         self.progress.setValue(0)
         self.progress.setFormat("starting…")
-        self.status.setText(f"Dissecting {', '.join(layers)} on {source}…")
+        where = (f"the built-in concepts ({n_images} images of {size} px)" if source is None
+                 else f"the Broden set in {source}")
+        self.status.setText(f"Dissecting {', '.join(layers)} on {where}…")
         self._update_controls()
         return handle
 
@@ -462,6 +473,7 @@ class DissectionView(View):
     def set_result(self, result: Any, concepts: Any) -> None:
         """Show a ``DissectionResult`` computed on ``concepts``."""
         self.result, self.concepts = result, concepts
+        self._figure_tiles = {}
         secs = result.seconds.get("total")
         took = "from the cache" if result.from_cache else (f"in {secs:.1f} s" if secs is not None else "")
         self.status.setText(f"Dissected {len(result.layers)} layer(s) on {result.n_images} concept images "
@@ -474,6 +486,7 @@ class DissectionView(View):
         self.unit_table.set_rows(result.to_rows())
         self._update_controls()
         self._selection_changed()
+        self._prepare_figure_tiles()
         self.result_ready.emit(result)
 
     def summary_lines(self) -> list[str]:
@@ -549,8 +562,12 @@ class DissectionView(View):
 
         def job(backend: Any, _loaded: Any) -> Generator[Progress, None, tuple[str, int, list[int], np.ndarray]]:
             yield Progress(None, f"masks of {layer} unit {unit}")
-            thumbs = _masked_concept_thumbs(backend, concepts, indices, layer, unit, threshold, label)
+            natives: list[np.ndarray] = []
+            thumbs = _masked_concept_thumbs(backend, concepts, indices, layer, unit, threshold, label, natives)
+            self_tiles[(layer, unit)] = (indices, natives)
             return layer, unit, indices, thumbs
+
+        self_tiles = self._figure_tiles
 
         handle = self.ctx.session.run(f"Dissection: {layer} unit {unit} masks", job, key="dissection-masks",
                                       on_done=self._unit_images_done)
@@ -571,6 +588,135 @@ class DissectionView(View):
 
     def _unit_images_failed(self, error: BaseException) -> None:
         self.unit_images.set_placeholder(f"Could not compute the masks: {error}", None)
+
+    # ------------------------------------------------------------------ figure
+
+    def figure_kinds(self) -> list[FigureKind]:
+        return [FigureKind("result", "Dissection result: detectors per category and concept, unit tiles")]
+
+    def figure_options(self) -> list[FigureOption]:
+        return [FigureOption("chart", "Detectors per concept category", True),
+                FigureOption("concepts", "Detectors per concept", True),
+                FigureOption("summary", "One summary line per layer", True),
+                FigureOption("unit_tiles", "Top concept images of the best and the selected units", True)]
+
+    def top_units(self, n: int = FIGURE_TOP_UNITS) -> list[tuple[str, int]]:
+        """The ``n`` units with the best IoU over every dissected layer, detectors first."""
+        if self.result is None:
+            return []
+        scored = []
+        for name, ld in self.result.layers.items():
+            s = ld.summary
+            for u in range(ld.units):
+                scored.append((bool(s.is_detector[u]), float(s.iou[u]), name, u))
+        scored.sort(key=lambda t: (not t[0], -t[1]))
+        return [(name, u) for _d, _iou, name, u in scored[:n]]
+
+    def figure_tiles_ready(self) -> bool:
+        """Whether the top units' figure tiles are computed (or there is nothing to compute)."""
+        return self.result is None or all(key in self._figure_tiles for key in self.top_units())
+
+    def _prepare_figure_tiles(self) -> None:
+        """Compute the masked top concept images of the best units on the worker, for figures."""
+        result, concepts = self.result, self.concepts
+        wanted = [key for key in self.top_units() if key not in self._figure_tiles]
+        if result is None or not wanted:
+            return
+        tiles = self._figure_tiles
+        plan = []
+        for layer, unit in wanted:
+            ld = result.layers[layer]
+            plan.append((layer, unit, [int(i) for i in ld.top_images[unit] if i >= 0][:FIGURE_IMAGES],
+                         float(ld.thresholds[unit]), int(ld.summary.label[unit])))
+
+        def job(backend: Any, _loaded: Any) -> Generator[Progress, None, None]:
+            for j, (layer, unit, indices, threshold, label) in enumerate(plan):
+                yield Progress(j / len(plan), f"figure tiles of {layer} unit {unit}")
+                natives: list[np.ndarray] = []
+                _masked_concept_thumbs(backend, concepts, indices, layer, unit, threshold, label, natives)
+                tiles[(layer, unit)] = (indices, natives)
+
+        self._figure_handle = self.ctx.session.run("Dissection: figure tiles", job, key="dissection-figure")
+
+    def figure(self, options: FigureOptions | None = None) -> Figure:
+        """Detectors per concept category and per concept (bar charts with labelled axes and a
+        legend of the layers), the layers' summary lines and the top concept images of the best
+        units and of the selected unit, with their labels and IoU."""
+        options = options or FigureOptions()
+        kind = self.figure_kind(options)
+        include = self.figure_includes(options, kind)
+        result = self.result
+        if result is None:
+            raise ValueError("Network Dissection: nothing to export yet: run Network Dissection first")
+        layers = list(result.layers)
+        colors = [QColor(_LAYER_COLORS[j % len(_LAYER_COLORS)]) for j in range(len(layers))]
+        threshold = result.params.iou_threshold
+        elements: list[Any] = []
+        if include.get("chart", True):
+            categories = list(result.categories)
+            series = []
+            for name, color in zip(layers, colors):
+                s = result.layers[name].summary
+                per_cat = dict(zip(s.categories, s.detectors_per_category.tolist(), strict=True))
+                series.append((name, [float(per_cat.get(c, 0)) for c in categories], color))
+            elements.append(BarChart(categories, series, y_label="detectors (units)", x_label="concept category",
+                                     title="Detectors per concept category"))
+        if include.get("concepts", True):
+            counts: dict[str, list[int]] = {}
+            for j, name in enumerate(layers):
+                s = result.layers[name].summary
+                for u in range(result.layers[name].units):
+                    if s.is_detector[u]:
+                        counts.setdefault(str(s.label_name[u]), [0] * len(layers))[j] += 1
+            concepts = sorted(counts, key=lambda c: (-sum(counts[c]), c))[:16]
+            if concepts:
+                series = [(name, [float(counts[c][j]) for c in concepts], color)
+                          for j, (name, color) in enumerate(zip(layers, colors))]
+                extra = f" (the {len(concepts)} most frequent of {len(counts)})" if len(counts) > len(concepts) else ""
+                elements.append(BarChart(concepts, series, y_label="detectors (units)", x_label="concept",
+                                         title=f"Detectors per concept{extra}"))
+            else:
+                elements.append(Text(f"No unit is a detector (IoU > {threshold:g}) in {', '.join(layers)}."))
+        if include.get("summary", True):
+            elements.append(Text("\n".join(self.summary_lines())))
+        if include.get("unit_tiles", True):
+            units = self.top_units()
+            sel = (self.ctx.selection.layer, self.ctx.selection.unit)
+            if sel in self._figure_tiles and sel not in units:
+                units = [*units, sel]
+            blocks: list[Any] = []
+            for layer, unit in units:
+                if (layer, unit) not in self._figure_tiles:
+                    continue
+                indices, images = self._figure_tiles[(layer, unit)]
+                ld = result.layers[layer]
+                s = ld.summary
+                verdict = "detector" if s.is_detector[unit] else "not a detector"
+                mark = " (selected)" if (layer, unit) == sel else ""
+                head = (f"{layer} unit {unit}{mark}: {s.label_name[unit]} ({s.category_name[unit]}), "
+                        f"IoU {s.iou[unit]:.3f}, {verdict}")
+                values = ld.top_values[unit]
+                tiles = [Tile.of(img, f"act {v:.3g}") for img, v in zip(images[:FIGURE_IMAGES], values)]
+                blocks.append(Stack([Text(head, bold=True, size=6.5),
+                                     TileGrid(tiles, columns=FIGURE_IMAGES, caption_size=5.5, gap=3.0)], gap=2))
+            if blocks:
+                elements.append(Text("Top concept images of the best units", bold=True))
+                if options.inches >= 5:  # two units side by side
+                    blocks = [Row(blocks[i:i + 2] if i + 1 < len(blocks) else [blocks[i], Stack([])], gap=12)
+                              for i in range(0, len(blocks), 2)]
+                elements.extend(blocks)
+                elements.append(Legend([("unit's mask (activation ≥ its dissection threshold)", QColor(0, 255, 255)),
+                                        ("pixels of the unit's concept", QColor(255, 220, 0))], outline=True))
+        model = self.ctx.session.model
+        model_name = model.name if model is not None else result.model
+        source = ("built-in concepts" if self.source_combo.currentData() == "builtin"
+                  else f"Broden set {Path(result.concepts_root).name}")
+        p = result.params
+        subtitle = (f"{source}: {result.n_images} images, {len(result.categories)} categories · "
+                    f"top {p.quantile:g} of each unit's activations as its mask · detector: IoU > {threshold:g} · "
+                    f"{p.mask_rule} rule")
+        return Figure(f"Network Dissection of {model_name}: {', '.join(layers)}", subtitle, elements,
+                      options.width_pt, options.dpi)
 
     # ------------------------------------------------------------------ report
 
@@ -621,8 +767,11 @@ def report_target(folder: Path) -> Path:
 
 
 def _masked_concept_thumbs(backend: Any, concepts: Any, indices: Sequence[int], layer: str, unit: int,
-                           threshold: float, label: int) -> np.ndarray:
+                           threshold: float, label: int, natives: list[np.ndarray] | None = None) -> np.ndarray:
     """(n, THUMB, THUMB, 3) thumbnails of concept images with the unit's and the concept's masks.
+
+    With ``natives``, the same images at their own size (masks outlined at that size) are
+    appended to it, in the order of ``indices``: the figure shows them with their own pixels.
 
     Runs on the worker: the images go through the model as dissection feeds them (whole,
     stretched), the unit's map is upsampled to the image size with the engine's
@@ -636,6 +785,7 @@ def _masked_concept_thumbs(backend: Any, concepts: Any, indices: Sequence[int], 
     from engine.dissection.tally import unit_masks
 
     out = np.zeros((len(indices), THUMB, THUMB, 3), dtype=np.uint8)
+    native: dict[int, np.ndarray] = {}
     if not indices:
         return out
     pre = dissection_preprocess(backend.spec.preprocess)
@@ -660,4 +810,11 @@ def _masked_concept_thumbs(backend: Any, concepts: Any, indices: Sequence[int], 
                 shown[mask_outline(small_concept)] = _CONCEPT_OUTLINE
                 shown[mask_outline(small)] = _UNIT_OUTLINE
                 out[indices.index(i)] = shown
+                if natives is not None:
+                    full = np.where(mask[..., None], img, (img * 0.45).astype(np.uint8))
+                    full[mask_outline(concept)] = _CONCEPT_OUTLINE
+                    full[mask_outline(mask)] = _UNIT_OUTLINE
+                    native[i] = full
+    if natives is not None:
+        natives.extend(native[i] for i in indices)
     return out

@@ -23,6 +23,7 @@ the input's aspect ratio, so map and image are aligned exactly as in the model.
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Generator
 from typing import Any
@@ -47,6 +48,22 @@ from engine.types import Preprocess, Progress
 
 from .. import colormaps
 from ..context import AppContext
+from ..figures import (
+    ColorBar as FigureColorBar,
+)
+from ..figures import (
+    Figure,
+    FigureKind,
+    FigureOption,
+    FigureOptions,
+    Picture,
+    Row,
+    Stack,
+    Text,
+    Tile,
+    TileGrid,
+    resample,
+)
 from ..tiles import (
     TileMosaic,
     decode_view,
@@ -56,6 +73,7 @@ from ..tiles import (
     upsample,
 )
 from ..jobs import JobHandle
+from ..widgets.eliding_combo import ElidingComboBox
 from .base import View
 
 __all__ = ["ColorBar", "HeatmapsView"]
@@ -116,6 +134,10 @@ class ColorBar(QWidget):
         painter.drawText(QRect(left, y, w, fm.height()), Qt.AlignmentFlag.AlignLeft, mark)
 
 
+def _shape(shape: tuple[int, ...]) -> str:
+    return "×".join(str(d) for d in shape) if shape else "?"
+
+
 def _slider(value: int, tip: str) -> QSlider:
     s = QSlider(Qt.Orientation.Horizontal)
     s.setRange(0, 100)
@@ -165,9 +187,9 @@ class HeatmapsView(View):
     # ------------------------------------------------------------------ layout
 
     def _build(self) -> None:
-        self.layer_combo = QComboBox()
-        self.layer_combo.setToolTip("Layer whose units are shown (spatial layers only)")
-        self.layer_combo.currentTextChanged.connect(self._layer_chosen)
+        self.layer_combo = ElidingComboBox(18)
+        self.layer_combo.setToolTip("Layer whose units are shown (spatial layers only), with its output shape")
+        self.layer_combo.currentIndexChanged.connect(self._layer_index_chosen)
         self.sort_combo = QComboBox()
         for key, text in SORT_MODES.items():
             self.sort_combo.addItem(text, key)
@@ -179,11 +201,19 @@ class HeatmapsView(View):
         for combo in (self.sort_combo, self.scale_combo):
             combo.currentIndexChanged.connect(lambda _i: self._render_grid())
 
-        controls = QHBoxLayout()
-        for text, widget in (("Layer", self.layer_combo), ("Sort", self.sort_combo), ("Scale", self.scale_combo)):
-            controls.addWidget(QLabel(text))
-            controls.addWidget(widget)
-        controls.addStretch(1)
+        # two rows, so that the controls fit a narrow dock (1024x640 screens)
+        controls = QVBoxLayout()
+        top_row, bottom_row = QHBoxLayout(), QHBoxLayout()
+        top_row.addWidget(QLabel("Layer"))
+        top_row.addWidget(self.layer_combo, 1)
+        for text, widget in (("Sort", self.sort_combo), ("Scale", self.scale_combo)):
+            bottom_row.addWidget(QLabel(text))
+            bottom_row.addWidget(widget)
+            widget.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            widget.setMinimumContentsLength(8)
+        bottom_row.addStretch(1)
+        controls.addLayout(top_row)
+        controls.addLayout(bottom_row)
 
         self.message = QLabel()
         self.message.setWordWrap(True)
@@ -236,10 +266,16 @@ class HeatmapsView(View):
         right_layout.addLayout(form)
         right_layout.addStretch(1)
         right.setMinimumWidth(OVERLAY_SIZE + 20)
+        # the panel scrolls rather than running off a small window
+        self.right_scroll = QScrollArea()
+        self.right_scroll.setWidget(right)
+        self.right_scroll.setWidgetResizable(True)
+        self.right_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.right_scroll.setMinimumWidth(120)
 
         self.main_splitter = QSplitter(Qt.Orientation.Horizontal)
         self.main_splitter.addWidget(left)
-        self.main_splitter.addWidget(right)
+        self.main_splitter.addWidget(self.right_scroll)
         self.main_splitter.setStretchFactor(0, 3)
         self.main_splitter.setStretchFactor(1, 1)
         self.main_splitter.setChildrenCollapsible(False)
@@ -261,10 +297,6 @@ class HeatmapsView(View):
 
     # ------------------------------------------------------------------ View API
 
-    def export_target(self) -> QWidget:
-        """The grid and the overlay panel."""
-        return self.main_splitter
-
     def save_state(self) -> dict[str, Any]:
         return {
             "colormap": self.colormap,
@@ -284,6 +316,157 @@ class HeatmapsView(View):
             index = combo.findData(state.get(key))
             if index >= 0:
                 combo.setCurrentIndex(index)
+
+    # ------------------------------------------------------------------ figures
+
+    def figure_kinds(self) -> list[FigureKind]:
+        return [FigureKind("unit", "Unit: image, overlay, colour bar, top images"),
+                FigureKind("layer", "Layer summary: every unit's map")]
+
+    def figure_options(self) -> list[FigureOption]:
+        return [FigureOption("image", "The image without overlay", True, ("unit",)),
+                FigureOption("colorbar", "Colour bar with scale and threshold", True),
+                FigureOption("top_images", "Top images of the unit with masks", True, ("unit",)),
+                FigureOption("captions", "Tile captions", True)]
+
+    def figure(self, options: FigureOptions | None = None) -> Figure:
+        """The unit figure (default) or the layer summary of the current layer and image."""
+        options = options or FigureOptions()
+        kind = self.figure_kind(options)
+        include = self.figure_includes(options, kind)
+        sel = self.ctx.selection
+        acts = self._ready(sel.current_image)
+        if acts is None:
+            raise ValueError(f"Heatmaps: nothing to export yet: {self._status() or 'select an image'}")
+        if kind == "layer":
+            return self._layer_figure(acts, options, include)
+        if not 0 <= sel.unit < acts.layers[sel.layer].units:
+            raise ValueError("Heatmaps: nothing to export yet: click a unit to choose one")
+        return self._unit_figure(acts, options, include)
+
+    def _native_size(self) -> tuple[int, int]:
+        """(h, w) of the image as the model sees it: its input size."""
+        model = self.ctx.session.model
+        pre = model.spec.preprocess if model is not None else Preprocess()
+        return display_size(pre, max(pre.input_size))
+
+    def _about_image(self, acts: Any, image: int) -> str:
+        """"label face · predicted face 97%" for ``image`` (what is known)."""
+        record = acts.image_set.records[image]
+        parts = [f"label {record.label}"] if record.label is not None else []
+        preds = self.ctx.session.predictions
+        if preds is not None:
+            try:
+                i = preds.paths.index(record.path)
+            except ValueError:
+                i = -1
+            if i >= 0 and preds.valid[i]:
+                parts.append(f"predicted {preds.classes[int(preds.predicted[i])]} {preds.confidence[i]:.0%}")
+        return " · ".join(parts)
+
+    def _model_name(self) -> str:
+        model = self.ctx.session.model
+        if model is None:
+            return ""
+        arch = getattr(model.spec, "arch", None)
+        return f"{model.name} ({arch})" if arch and str(arch) not in model.name else model.name
+
+    def _unit_figure(self, acts: Any, options: FigureOptions, include: dict[str, bool]) -> Figure:
+        sel = self.ctx.selection
+        layer, unit, image = sel.layer, sel.unit, sel.current_image
+        native = self._native_size()
+        base = self._view_of(image, native)
+        assert base is not None
+        vmax = self.unit_max(unit)
+        threshold, opacity, cmap = self.threshold, self.opacity, self.colormap
+        name = acts.image_set.relative_path(acts.image_set.records[image])
+        here = float(acts.stats(layer).max[image, unit])
+
+        def overlay(size: tuple[int, int]) -> np.ndarray:
+            shown = resample(base, size).astype(np.float32)
+            scaled = self._unit_map(image, unit, size)
+            assert scaled is not None
+            alpha = np.where(scaled >= threshold, opacity, 0.0).astype(np.float32)[..., None]
+            heat = colormaps.apply(scaled, cmap).astype(np.float32)
+            return np.rint(shown * (1 - alpha) + heat * alpha).astype(np.uint8)
+
+        wide = options.inches >= 5
+        panel_w = 170.0 if wide else None
+        h, w = native
+        caption_image = f"{name} as the model sees it ({w}×{h} px)" if include.get("captions", True) else ""
+        caption_overlay = (f"{layer} unit {unit}: {cmap}, opacity {opacity:.0%}, values below "
+                           f"{threshold:.0%} of the unit's max transparent") if include.get("captions", True) else ""
+        overlay_panel: list[Any] = [Picture(native, overlay, caption_overlay, max_width=panel_w)]
+        if include.get("colorbar", True):
+            overlay_panel.append(FigureColorBar(
+                colormaps.lut(cmap), vmax, f"activation of unit {unit} (0 to its max over the image set)",
+                threshold=threshold * vmax, max_width=panel_w or 200.0))
+        panels: list[Any] = []
+        if include.get("image", True):
+            panels.append(Picture.of(base, caption_image, max_width=panel_w))
+        panels.append(Stack(overlay_panel, gap=4))
+        elements: list[Any] = [Row(panels) if len(panels) > 1 else panels[0]]
+        if include.get("top_images", True):
+            st = acts.stats(layer)
+            top = [int(i) for i in st.top_images[unit] if i >= 0]
+            values = st.top_values[unit]
+            records = acts.image_set.records
+            tiles = []
+            for i, v in zip(top, values):
+                tbase = self._view_of(i, native)
+                assert tbase is not None
+
+                def render(size: tuple[int, int], i: int = i, tbase: np.ndarray = tbase) -> np.ndarray:
+                    return self._masked_thumb(resample(tbase, size), i, unit, size)
+
+                cap = (f"{os.path.basename(records[i].path)}\nmax {v:.3g}"
+                       if include.get("captions", True) else "")
+                tiles.append(Tile(native, render, cap))
+            elements.append(Text(f"Top {len(top)} images of {layer} unit {unit} over the {acts.n_images} images; "
+                                 f"mask: map ≥ {threshold:.0%} of the unit's max {vmax:.3g} (outlined cyan, "
+                                 "the rest dimmed)"))
+            elements.append(TileGrid(tiles, columns=min(len(tiles), 10 if wide else 5) or None))
+        about = self._about_image(acts, image)
+        subtitle = " · ".join(x for x in (f"image {name}", about, f"max here {here:.3g}, over the set {vmax:.3g}",
+                                           f"{acts.n_images} images") if x)
+        return Figure(f"{self._model_name()}: {layer} unit {unit}", subtitle, elements, options.width_pt,
+                      options.dpi)
+
+    def _layer_figure(self, acts: Any, options: FigureOptions, include: dict[str, bool]) -> Figure:
+        sel = self.ctx.selection
+        layer, image = sel.layer, sel.current_image
+        maps = np.asarray(self._maps[layer][image], dtype=np.float32)  # (C, h, w)
+        maxima = np.asarray(acts.stats(layer).max[image], dtype=np.float32)
+        n = maps.shape[0]
+        by_activation = self.sort_combo.currentData() == "activation"
+        order = (np.argsort(-np.nan_to_num(maxima, nan=-np.inf), kind="stable") if by_activation else np.arange(n))
+        dataset = self.scale_combo.currentData() == "dataset"
+        scale = self._unit_max[layer] if dataset else maxima
+        with np.errstate(all="ignore"):
+            inv = np.where(scale > 0, 1.0 / scale, 0.0).astype(np.float32)
+        cmap = self.colormap
+        cols = max(4, math.ceil(math.sqrt(n)))
+        cell = (options.width_pt - 12) / cols
+        captions = include.get("captions", True) and cell >= 12
+        tiles = []
+        for u in order.tolist():
+            rgb = colormaps.apply(maps[u] * inv[u], cmap)
+            tiles.append(Tile.of(rgb, str(u) if captions else ""))
+        h, w = maps.shape[1:]
+        name = acts.image_set.relative_path(acts.image_set.records[image])
+        elements: list[Any] = [TileGrid(tiles, columns=cols, gap=max(1.0, min(4.0, cell * 0.08)),
+                                        caption_size=6.0 if cell >= 24 else 5.0)]
+        if include.get("colorbar", True):
+            what = "its max over the image set" if dataset else "its max on this image"
+            elements.append(FigureColorBar(colormaps.lut(cmap), 1.0, f"activation of each unit divided by {what}"))
+        order_text = "sorted by their max on this image, highest first" if by_activation else "in unit order"
+        subtitle = (f"image {name} · {n} units {order_text} · each map {w}×{h}, shown with its own cells "
+                    f"(no smoothing)")
+        about = self._about_image(acts, image)
+        if about:
+            subtitle += f" · {about}"
+        return Figure(f"{self._model_name()}: {layer}, all {n} units", subtitle, elements, options.width_pt,
+                      options.dpi)
 
     # ------------------------------------------------------------------ public state
 
@@ -342,7 +525,12 @@ class HeatmapsView(View):
         spatial = [li.name for li in info.layers if li.is_spatial]
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
-        self.layer_combo.addItems(spatial)
+        for li in info.layers:
+            if li.is_spatial:
+                self.layer_combo.addItem(f"{li.name}  {_shape(li.shape)}", li.name)
+                self.layer_combo.setItemData(self.layer_combo.count() - 1,
+                                             f"{li.name}: {li.kind}, output {_shape(li.shape)}",
+                                             Qt.ItemDataRole.ToolTipRole)
         self.layer_combo.blockSignals(False)
         sel = self.ctx.selection
         # the deepest of the model's layers of interest: the most semantic units come first
@@ -364,13 +552,14 @@ class HeatmapsView(View):
         self._error = ""
         self._refresh()
 
-    def _layer_chosen(self, name: str) -> None:
+    def _layer_index_chosen(self, index: int) -> None:
+        name = self.layer_combo.itemData(index) if index >= 0 else None
         if name:
             self.ctx.selection.layer = name
 
     def _layer_changed(self, *_args: object) -> None:
         layer = self.ctx.selection.layer
-        index = self.layer_combo.findText(layer)
+        index = self.layer_combo.findData(layer)
         if index >= 0 and index != self.layer_combo.currentIndex():
             self.layer_combo.blockSignals(True)
             self.layer_combo.setCurrentIndex(index)

@@ -33,7 +33,8 @@ class _ImageCanvas(QWidget):
         painter = QPainter(self)
         if self._image is None or self._image.isNull():
             painter.setPen(self.palette().color(QPalette.ColorRole.PlaceholderText))
-            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, self._message)
+            painter.drawText(self.rect().adjusted(6, 6, -6, -6),
+                             Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, self._message)
             return
         if self._scaled is None or not _fits(self._scaled.size(), self.size()):
             enlarging = self._image.width() * 2 <= self.width() and self._image.height() * 2 <= self.height()

@@ -9,6 +9,20 @@ from PySide6.QtGui import QImage
 
 from gui.thumbnails import load_preview
 
+
+def unreadable_cause(path: str) -> str:
+    """Why ``path`` cannot be shown, as the engine says it (the CLI's words)."""
+    from engine.data.images import load_image
+    from engine.types import ConvLensError
+
+    try:
+        load_image(path)
+    except ConvLensError as e:
+        return str(getattr(e, "cause", "") or e)
+    except Exception as e:  # noqa: BLE001 - anything else the decoder raises: say what it was
+        return f"{type(e).__name__}: {e}"
+    return "it could not be decoded for display"
+
 __all__ = ["PREVIEW_MAX_SIDE", "PreviewLoader"]
 
 PREVIEW_MAX_SIDE = 1024
@@ -18,7 +32,7 @@ PREVIEW_MAX_SIDE = 1024
 class _PreviewBridge(QObject):
     """Emitted from the preview worker; lives on the GUI thread, so delivery is queued."""
 
-    loaded = Signal(int, object)  # request token, QImage (a null image: unreadable)
+    loaded = Signal(int, object, str)  # request token, QImage (a null image: unreadable), why
 
 
 class PreviewLoader(QObject):
@@ -26,10 +40,10 @@ class PreviewLoader(QObject):
 
     One request at a time; requests made while one is decoding replace each other, so holding
     an arrow key down decodes only the images the user stops on. ``loaded`` fires on the GUI
-    thread for the newest request only.
+    thread for the newest request only, with the engine's cause when the file is unreadable.
     """
 
-    loaded = Signal(object)  # QImage | None (unreadable)
+    loaded = Signal(object, str)  # QImage | None (unreadable), the cause ("" when read)
 
     def __init__(self, max_side: int, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -65,12 +79,13 @@ class PreviewLoader(QObject):
                 token, path = self._wanted
                 self._wanted = None
             image = load_preview(path, self._max_side)
+            why = "" if image is not None else unreadable_cause(path)
             try:
-                self._bridge.loaded.emit(token, image if image is not None else QImage())
+                self._bridge.loaded.emit(token, image if image is not None else QImage(), why)
             except RuntimeError:  # the loader was deleted (its view closed)
                 return
 
-    @Slot(int, object)
-    def _deliver(self, token: int, image: QImage) -> None:
+    @Slot(int, object, str)
+    def _deliver(self, token: int, image: QImage, why: str) -> None:
         if token == self._token:
-            self.loaded.emit(None if image.isNull() else image)
+            self.loaded.emit(None if image.isNull() else image, why)

@@ -33,9 +33,11 @@ from PySide6.QtWidgets import (
 from engine.data.images import ImageSet
 from engine.predict import Predictions
 from gui.context import AppContext
+from gui.figures import Figure, FigureKind, FigureOption, FigureOptions
 from gui.thumbnails import ThumbnailCache
 from gui.views.base import View
 
+from . import figures
 from .delegate import ThumbnailDelegate
 from .detail import ImageDetail
 from .model import NO_LABEL, THUMB_SIZE, ImageListModel, RowFilter, SortKey
@@ -127,9 +129,17 @@ class ImageBrowser(View):
         self._fill_prediction_controls()
         self._show_current(reload_image=False)
 
-    def export_target(self) -> QWidget:
-        """The widget figure export renders: the thumbnail grid."""
-        return self.view
+    # -- figures ------------------------------------------------------------------------------
+
+    def figure_kinds(self) -> list[FigureKind]:
+        return list(figures.FIGURE_KINDS)
+
+    def figure_options(self) -> list[FigureOption]:
+        return list(figures.FIGURE_OPTIONS)
+
+    def figure(self, options: FigureOptions | None = None) -> Figure:
+        """The current image with its prediction, or a contact sheet of the filtered images."""
+        return figures.compose(self, options or FigureOptions())
 
     # -- toolbar ------------------------------------------------------------------------------
 
@@ -319,8 +329,9 @@ class ImageBrowser(View):
             self.detail.set_image(None, "Loading…")
             self._preview.request(m.path(row))
 
-    def _preview_loaded(self, image: QImage | None) -> None:
-        self.detail.set_image(image, "" if image is not None else "Cannot read this image")
+    def _preview_loaded(self, image: QImage | None, why: str = "") -> None:
+        message = "" if image is not None else "Cannot read this image" + (f":\n{why}" if why else "")
+        self.detail.set_image(image, message)
 
     # -- layout -------------------------------------------------------------------------------
 
