@@ -333,3 +333,21 @@ def test_damaged_pt2_is_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[st
     assert str(bad) in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(ModelLoadError):
         load_model(build_spec(str(bad)))
+
+
+def test_weights_that_fit_nothing_say_so_before_suggesting_no_strict(tmp_path: Path) -> None:
+    import torchvision
+
+    path = tmp_path / "resnet.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(build_spec(str(path), arch="rnet"))  # strict: the default
+    assert "none of its" in str(e.value) and "--no-strict" not in str(e.value)
+    partial = tmp_path / "partial.pt"
+    sd = corpus.TinyNet().state_dict()
+    sd.pop("fc.bias")
+    torch.save(sd, partial)
+    (tmp_path / "net.py").write_text(corpus.EVIL_ARCH.format(marker=str(tmp_path / "imported")))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(build_spec(str(partial), arch=f"{tmp_path / 'net.py'}:Net"))
+    assert "3 of the architecture's 4 weights fit" in str(e.value) and "--no-strict" in str(e.value)

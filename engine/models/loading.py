@@ -414,16 +414,17 @@ def build_from_state_dict(spec: ModelSpec, sd: Mapping[str, Any], path: Path, no
         if items:
             shown = "; ".join(items[:8]) + (f"; ... ({len(items)} in all)" if len(items) > 8 else "")
             problems.append(f"{title} keys: {shown}")
-    if problems and spec.strict:
-        raise ModelLoadError(
-            f"{path}: the weights do not fit architecture '{spec.arch}'. " + " | ".join(problems)
-            + ". Use --no-strict to load the matching keys only."
-        )
     load = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if not load:
+    if not load:  # said first: --no-strict would not help
         raise ModelLoadError(
-            f"{path}: none of its {len(sd)} weights fit architecture '{spec.arch}' (even non-strictly): "
-            "is it the right architecture?"
+            f"{path}: none of its {len(sd)} weights fit architecture '{spec.arch}' (names or shapes differ "
+            f"everywhere): is it the right architecture? " + " | ".join(problems)
+        )
+    if problems and spec.strict:
+        share = f"{len(load)} of the architecture's {len(own)} weights fit"
+        raise ModelLoadError(
+            f"{path}: the weights do not fit architecture '{spec.arch}' ({share}). " + " | ".join(problems)
+            + ". Use --no-strict to load the matching keys only."
         )
     model.load_state_dict(load, strict=False)
     if problems:
