@@ -138,3 +138,32 @@ def test_the_open_model_dialog_shows_the_class_file_before_running_it(qtbot, win
     assert dlg.arch.currentText().endswith("arch/net.py:Net")
     assert "it is imported and run when you press OK" in dlg.error.text()
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("vector", ["pickle", "pt2_sample_inputs", "torchscript_forward"])
+def test_crafted_models_run_nothing_through_convlens_figure(vector: str, qapp, tmp_path: Path,  # noqa: ANN001
+                                                           monkeypatch, capfd) -> None:
+    import numpy as np
+    from PIL import Image
+
+    import main
+
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "a.png")
+    marker = tmp_path / "ran"
+    if vector == "pickle":
+        path = corpus.malicious_pickle(tmp_path, marker)
+        extra = ["--arch", "rnet"]
+    elif vector == "pt2_sample_inputs":
+        path, extra = corpus.pt2_pickled_sample_inputs(tmp_path, marker), ["--input-size", "12"]
+    else:
+        marker.write_bytes(b"keep")
+        path, extra = corpus.torchscript_writes_file(tmp_path, marker, "forward"), ["--input-size", "8"]
+    code = main.main(["figure", "--view", "heatmaps", "--model", str(path), *extra, "--images", str(images),
+                      "--out", str(tmp_path / "fig.png")])
+    assert code == 1
+    assert (marker.read_bytes() == b"keep") if vector.startswith("torchscript") else not marker.exists()
+    assert not (tmp_path / "fig.png").exists()
+    assert str(path) in capfd.readouterr().err
