@@ -48,6 +48,8 @@ class LayerPicker(QWidget):
         self.tree.header().setStretchLastSection(False)
         self.tree.header().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.tree.header().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        self.tree.header().setMinimumSectionSize(40)
+        self.tree.setMinimumWidth(180)
         self.tree.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.tree.itemChanged.connect(lambda _item, _col: self.changed.emit())
         layout = QVBoxLayout(self)
