@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("qapp")  # fonts and images need a QApplica
 
 
 @pytest.fixture(scope="module")
-def heat(ctx: AppContext):  # noqa: ANN201
+def heat(ctx: AppContext):
     from pytestqt.wait_signal import SignalBlocker
 
     w = HeatmapsView(ctx)
@@ -56,7 +56,7 @@ def heat(ctx: AppContext):  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def browser(ctx: AppContext):  # noqa: ANN201
+def browser(ctx: AppContext):
     w = ImageBrowser(ctx)
     w.resize(900, 600)
     w.show()
@@ -195,7 +195,7 @@ def test_image_figure_and_contact_sheet(browser: ImageBrowser, ctx: AppContext, 
     browser.text_filter.setText("")
 
 
-def test_nothing_to_show_is_a_clear_error(qtbot, tmp_path: Path) -> None:  # noqa: ANN001
+def test_nothing_to_show_is_a_clear_error(qtbot, tmp_path: Path) -> None:
     from gui.selection import Selection
 
     empty = ImageBrowser(AppContext(Selection(), None, None))
@@ -208,7 +208,7 @@ def test_nothing_to_show_is_a_clear_error(qtbot, tmp_path: Path) -> None:  # noq
 # -- the export dialog --------------------------------------------------------------------------
 
 
-def test_export_dialog_writes_and_remembers_its_folder(qtbot, heat: HeatmapsView, browser: ImageBrowser,  # noqa: ANN001
+def test_export_dialog_writes_and_remembers_its_folder(qtbot, heat: HeatmapsView, browser: ImageBrowser,
                                                        ctx: AppContext, tmp_path: Path) -> None:
     ctx.selection.unit = 5
     ini = str(tmp_path / "settings.ini")

@@ -158,3 +158,18 @@ def test_export_and_state(tmp_path: Path, view: HeatmapsView, ctx: AppContext) -
     assert view.save_state() == {"colormap": "magma", "opacity": 0.25, "threshold": 0.5, "sort": "unit",
                                  "scale": "image"}
     assert view.grid.ids == list(range(48))
+
+
+def test_layer_combo_elides_long_names_in_the_middle(qtbot) -> None:  # noqa: ANN001
+    from gui.widgets.eliding_combo import ElidingComboBox
+
+    combo = ElidingComboBox(12)
+    qtbot.addWidget(combo)
+    name = "/backbone/stage3/block2/conv/Conv_output_0  256×14×14"
+    combo.addItem(name, "/backbone/stage3/block2/conv/Conv_output_0")
+    combo.resize(combo.minimumSizeHint().width(), combo.height())
+    combo.show()
+    shown = combo.displayed_text()
+    assert "…" in shown and shown.startswith("/ba") and shown.endswith("14")
+    assert combo.currentText() == name  # the item keeps the whole name
+    assert combo.minimumSizeHint().width() < combo.fontMetrics().horizontalAdvance(name)

@@ -39,7 +39,7 @@ def main(out: Path) -> None:
     from gui.views.heatmaps import HeatmapsView
     from gui.views.image_browser import ImageBrowser
 
-    def wait(cond, what: str, timeout: float = 300) -> None:  # noqa: ANN001
+    def wait(cond, what: str, timeout: float = 300) -> None:
         end = time.monotonic() + timeout
         while not cond():
             if time.monotonic() > end:

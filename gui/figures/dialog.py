@@ -46,7 +46,7 @@ _FORMATS = {"png": "PNG image (raster, chosen DPI)", "svg": "SVG (vector)", "pdf
 
 def remembered_folder(settings: QSettings) -> str:
     """The folder of the last export, or the home folder (when none or it is gone)."""
-    folder = settings.value(FOLDER_KEY, "", str) or ""
+    folder = str(settings.value(FOLDER_KEY, "", str) or "")
     return folder if folder and os.path.isdir(folder) else str(Path.home())
 
 
@@ -78,7 +78,7 @@ class ExportDialog(QDialog):
         self.dpi_spin.setRange(72, 1200)
         self.dpi_spin.setSingleStep(50)
         self.dpi_spin.setSuffix(" dpi")
-        self.dpi_spin.setValue(int(settings.value(DPI_KEY, 300, int) or 300))
+        self.dpi_spin.setValue(int(str(settings.value(DPI_KEY, 300, int) or 300)))
         self.dpi_spin.setToolTip("Pixels per inch of the PNG; in SVG and PDF, the resolution of the image panels")
         self.include_box = QWidget()
         self._include_layout = QVBoxLayout(self.include_box)
@@ -209,7 +209,7 @@ class ExportDialog(QDialog):
         self.written = out
         return out
 
-    def accept(self) -> None:  # noqa: D102 - QDialog override: export, stay open on errors
+    def accept(self) -> None:
         try:
             self.export()
         except (OSError, ValueError) as e:

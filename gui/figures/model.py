@@ -26,6 +26,7 @@ from PySide6.QtCore import QPointF, QRectF, Qt
 from PySide6.QtGui import QColor, QFont, QFontMetricsF, QImage, QPainter, QPen
 
 __all__ = [
+    "SIZE_PRESETS",
     "BarChart",
     "ColorBar",
     "Element",
@@ -37,7 +38,6 @@ __all__ = [
     "Legend",
     "Picture",
     "Row",
-    "SIZE_PRESETS",
     "Stack",
     "Text",
     "Tile",
@@ -554,7 +554,7 @@ class BarChart(Element):
     def paint(self, painter: QPainter, rect: QRectF, dpi: int) -> None:
         f = font(CAPTION_PT)
         fm = metrics(f)
-        left, bottom, legend_h, rotated = self._geometry(rect.width())
+        left, _bottom, legend_h, rotated = self._geometry(rect.width())
         y = rect.top()
         if self.title:
             th = text_height(self.title, font(BODY_PT, True), rect.width())

@@ -48,8 +48,6 @@ from PySide6.QtWidgets import (
 from engine.types import Progress
 
 from ..context import AppContext
-from ..jobs import JobHandle
-from ..tiles import TileMosaic, mask_outline
 from ..figures import (
     BarChart,
     Figure,
@@ -63,6 +61,8 @@ from ..figures import (
     Tile,
     TileGrid,
 )
+from ..jobs import JobHandle
+from ..tiles import TileMosaic, mask_outline
 from ..widgets.layer_picker import LayerPicker
 from ..widgets.result_table import Column, ResultTable
 from .base import View

@@ -64,6 +64,7 @@ from ..figures import (
     TileGrid,
     resample,
 )
+from ..jobs import JobHandle
 from ..tiles import (
     TileMosaic,
     decode_view,
@@ -72,7 +73,6 @@ from ..tiles import (
     to_qimage,
     upsample,
 )
-from ..jobs import JobHandle
 from ..widgets.eliding_combo import ElidingComboBox
 from .base import View
 
@@ -106,7 +106,7 @@ class ColorBar(QWidget):
         self._cmap, self._vmax, self._threshold = cmap, vmax, threshold
         self.update()
 
-    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt override
+    def paintEvent(self, event: QPaintEvent) -> None:
         painter = QPainter(self)
         fm = self.fontMetrics()
         bar = QRect(6, 2, self.width() - 12, self.height() - fm.height() - 8)
@@ -646,7 +646,7 @@ class HeatmapsView(View):
     def _top_clicked(self, image: int) -> None:
         self.ctx.selection.current_image = image
 
-    def eventFilter(self, watched: Any, event: QEvent) -> bool:  # noqa: N802 - Qt override
+    def eventFilter(self, watched: Any, event: QEvent) -> bool:
         if watched is self.grid_scroll.viewport() and event.type() == QEvent.Type.Resize:
             acts = self._acts.get(self.ctx.selection.layer)
             if acts is not None and self._grid_fit(acts.layers[self.ctx.selection.layer].units) != self._grid_layout:

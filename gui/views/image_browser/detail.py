@@ -7,7 +7,14 @@ import os
 
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QFont, QImage, QPainter, QPaintEvent, QPalette, QPixmap
-from PySide6.QtWidgets import QGridLayout, QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QGridLayout,
+    QLabel,
+    QProgressBar,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 from .model import TOP_K
 
@@ -29,7 +36,7 @@ class _ImageCanvas(QWidget):
         self._image, self._scaled, self._message = image, None, message
         self.update()
 
-    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802
+    def paintEvent(self, event: QPaintEvent) -> None:
         painter = QPainter(self)
         if self._image is None or self._image.isNull():
             painter.setPen(self.palette().color(QPalette.ColorRole.PlaceholderText))
@@ -138,7 +145,7 @@ class ImageDetail(QWidget):
     def set_image(self, image: QImage | None, message: str = "") -> None:
         self.canvas.set_image(image, message)
 
-    def sizeHint(self) -> QSize:  # noqa: N802
+    def sizeHint(self) -> QSize:
         return QSize(300, 300)
 
     def top_classes(self) -> list[tuple[str, str]]:

@@ -335,7 +335,7 @@ class ImageBrowser(View):
 
     # -- layout -------------------------------------------------------------------------------
 
-    def resizeEvent(self, event: QResizeEvent) -> None:  # noqa: N802
+    def resizeEvent(self, event: QResizeEvent) -> None:
         """Put the single-image pane beside the grid when wide, below it when tall."""
         super().resizeEvent(event)
         wide = self.width() >= 1.2 * self.height()
