@@ -124,3 +124,20 @@ def test_onnx_exported_for_a_fixed_batch_runs_any_batch(fixed: int, demo, tmp_pa
     got = be.forward(x, ["conv2"])
     np.testing.assert_allclose(got.outputs[0], ref.outputs[0], atol=1e-4)
     np.testing.assert_allclose(got.activations["conv2"], ref.activations["conv2"], atol=1e-4)
+
+
+def test_deeply_nested_modules_keep_their_torch_names_on_onnx(tmp_path: Path) -> None:
+    """MobileNet's 'features.1.conv.0.0' is three numbered scopes deep: the ONNX exporter writes
+    '/features/features.1/conv/conv.0/conv.0.0/Conv', which must map back to the torch name."""
+    torch.manual_seed(0)
+    path = tmp_path / "mnv2.pt"
+    torch.save(torchvision.models.mobilenet_v2(num_classes=4).state_dict(), path)
+    loaded = load_model(build_spec(str(path), arch="mobilenet_v2", input_size="64"))
+    tb = open_backend(loaded, "torch", "cpu")
+    ob = open_backend(loaded, "onnx", "cpu", onnx_dir=tmp_path)
+    layers = ["features.1.conv.0.0", "features.3.conv.1.1", "features.17.conv.2"]
+    assert set(layers) <= set(ob.layer_names()) and set(layers) <= set(tb.layer_names())
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    a, b = tb.forward(x, layers), ob.forward(x, layers)
+    for n in layers:
+        np.testing.assert_allclose(a.activations[n], b.activations[n], atol=1e-4, rtol=0, err_msg=n)

@@ -32,12 +32,15 @@ def _scope_path(node_name: str) -> str:
     if not node_name.startswith("/"):
         return ""
     parts: list[str] = []
+    prev = ""
     for comp in node_name.strip("/").split("/")[:-1]:
-        head, dot, rest = comp.partition(".")
-        if dot and parts and parts[-1] == head:
-            parts.append(rest)
+        # '/features/features.1/features.1.0/block/block.0/...': each numbered scope repeats its
+        # parent's full name ('features.1' then 'features.1.0'), so only the new tail is added
+        if prev and comp.startswith(prev + "."):
+            parts.append(comp[len(prev) + 1:])
         else:
             parts.append(comp)
+        prev = comp
     return ".".join(parts)
 
 
