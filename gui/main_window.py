@@ -12,7 +12,6 @@ from PySide6.QtGui import QAction, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
     QDockWidget,
     QFileDialog,
-    QInputDialog,
     QLabel,
     QMainWindow,
     QMenu,
@@ -447,34 +446,14 @@ class MainWindow(QMainWindow):
         visible = [v for n, v in self.views.items() if self.docks[n].isVisible() and not v.visibleRegion().isEmpty()]
         return visible[0] if visible else None
 
-    def _choose_view(self) -> View | None:
-        view = self.current_view()
-        titles = [v.title for v in self.views.values()]
-        if not titles:
-            return None
-        current = titles.index(view.title) if view else 0
-        title, ok = QInputDialog.getItem(self, "Export figure", "View:", titles, current, False)
-        return next((v for v in self.views.values() if v.title == title), None) if ok else None
-
     def export_figure_dialog(self) -> None:
-        view = self._choose_view()
-        if view is None:
-            return
-        path, _ = QFileDialog.getSaveFileName(self, f"Export {view.title}", f"{view.object_name}.png",
-                                              export.export_dialog_filter())
-        if not path:
-            return
-        dpi = 300
-        if path.lower().endswith(".png"):
-            dpi, ok = QInputDialog.getInt(self, "PNG resolution", "Dots per inch:", 300, 72, 1200, 50)
-            if not ok:
-                return
-        try:
-            export.export_widget(view.export_target(), path, dpi=dpi)
-        except (OSError, ValueError) as e:
-            self._error("Export failed", str(e))
-            return
-        self.statusBar().showMessage(f"Exported {path}", 5000)
+        """One dialog: view, figure, format, size, DPI, what to include, file (its folder remembered)."""
+        from .figures.dialog import ExportDialog
+
+        dlg = ExportDialog(self.views, self.current_view(), self.settings, self)
+        self._export_dialog = dlg
+        if dlg.exec() and dlg.written is not None:
+            self.statusBar().showMessage(f"Exported {dlg.written}", 5000)
 
     def copy_figure(self) -> None:
         view = self.current_view()

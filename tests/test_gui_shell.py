@@ -255,3 +255,37 @@ def test_selecting_in_the_browser_updates_the_other_views(qtbot, window: MainWin
     assert window.selection.current_image == 150
     qtbot.waitUntil(lambda: "non-face/150.png" in heatmaps.unit_label.text(), timeout=10_000)
     assert "non-face/150.png" in browser.detail.title.text() or browser.detail.title.text() == "150.png"
+
+
+def test_file_export_is_one_dialog_that_writes_the_composed_figure(qtbot, window: MainWindow, demo,  # noqa: ANN001
+                                                                   tmp_path: Path) -> None:
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from gui.figures.dialog import ExportDialog
+
+    spec, images = demo
+    with qtbot.waitSignal(window.session.predictions_changed, timeout=LOAD_MS, check_params_cb=lambda p: p is not None):
+        window.session.load_model(spec)
+        window.session.open_images(str(images))
+    window.docks["images"].raise_()
+    out = tmp_path / "figs" / "browser.svg"
+    out.parent.mkdir()
+    seen: list[str] = []
+
+    def fill() -> None:
+        dlg = QApplication.activeModalWidget()
+        if not isinstance(dlg, ExportDialog):
+            QTimer.singleShot(20, fill)
+            return
+        seen.append(dlg.windowTitle())
+        dlg.view_combo.setCurrentIndex(dlg.view_combo.findData("images"))
+        dlg.format_combo.setCurrentIndex(dlg.format_combo.findData("svg"))
+        dlg.path_edit.setText(str(out))
+        dlg.export_button.click()
+
+    QTimer.singleShot(0, fill)
+    window.export_figure_dialog()
+    assert seen == ["Export figure"]  # one dialog, not a chain of three
+    assert out.is_file() and "<title>" in out.read_text()
+    assert str(out) in window.statusBar().currentMessage()

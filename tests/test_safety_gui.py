@@ -167,3 +167,4 @@ def test_crafted_models_run_nothing_through_convlens_figure(vector: str, qapp, t
     assert (marker.read_bytes() == b"keep") if vector.startswith("torchscript") else not marker.exists()
     assert not (tmp_path / "fig.png").exists()
     assert str(path) in capfd.readouterr().err
+
