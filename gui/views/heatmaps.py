@@ -209,8 +209,7 @@ class HeatmapsView(View):
         for text, widget in (("Sort", self.sort_combo), ("Scale", self.scale_combo)):
             bottom_row.addWidget(QLabel(text))
             bottom_row.addWidget(widget)
-            widget.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            widget.setMinimumContentsLength(8)
+            widget.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)  # never clip a choice
         bottom_row.addStretch(1)
         controls.addLayout(top_row)
         controls.addLayout(bottom_row)
