@@ -1,37 +1,54 @@
-"""Activation extraction: one streaming pass over an image set, cached on disk.
+"""Activation extraction: one streaming pass over an image set, cached on disk per layer.
 
 One pass gives everything later views need:
 
 - per captured layer, the activation maps as float16 ``(N, C, h, w)`` memory-mapped arrays
   (``store_maps``; float16 keeps about 3 significant digits, ample for heatmaps and ranking);
 - per layer and unit, each image's max and mean activation (float32, ``(N, C)``);
-- per unit, the top-k images by max activation;
+- per unit, the top-k images by max activation (:class:`TopK`);
 - the model's classifier output for every image (so predictions come for free).
 
-Memory stays bounded: a batch at a time, written straight into memory-mapped files inside a
-temporary cache folder that is renamed into place only when the pass completes (a cancelled or
-failed pass leaves nothing). The cache key covers the model hash, the architecture, the
-preprocessing, the image set's fingerprint, the layers and the backend.
+**Cache entries** (kind ``"activations"``): one per layer, keyed by the model (content hash,
+architecture, backend), the image set's fingerprint, the preprocessing, the layer,
+``store_maps`` and ``top_k``; and one for the outputs (model, image set, preprocessing, output
+index). :func:`extract` opens the entries that exist, runs one pass computing only the missing
+ones (none at all when everything is cached) and returns one :class:`Activations` over all the
+requested layers. A layer entry with maps also serves a request without them.
+
+Memory stays bounded: a batch at a time, written straight into memory-mapped files inside
+temporary cache folders that are renamed into place only when the pass completes (a cancelled
+or failed pass leaves nothing).
 
 A cached entry is reused only after two checks: its files are whole and consistent (else it is
 discarded with a warning and recomputed), and every image file still has the content digest it
-had when extracted (:func:`engine.data.images.file_digest`, stored per image in the entry): a
-file whose bytes changed while its size and modification time stayed (``cp -p``, ``rsync -t``,
-a restore) makes the entry stale, so it is recomputed. A model whose output, or a captured
-layer whose summaries, are not finite (NaN weights, a NaN mean) is an error, not numbers.
+had when extracted (:func:`engine.data.images.file_digest`; each entry stores the digests of
+its pass, the files are hashed once per :func:`extract` call): a file whose bytes changed while
+its size and modification time stayed (``cp -p``, ``rsync -t``, a restore) makes the entry
+stale, so it is recomputed. A model whose output, or a captured layer whose summaries, are not
+finite (NaN weights, a NaN mean) is an error, not numbers.
+
+**Shards**: ``extract(..., indices=shard)`` extracts the images ``shard`` (increasing image-set
+positions) only, giving a partial :class:`Activations` whose rows are those images
+(``acts.indices``); :func:`merge_extractions` joins disjoint shards into the entries a single
+pass over their union writes (per-image arrays concatenate, top-k heaps merge exactly), so a
+later :func:`extract` of the union finds them in the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from .analysis import lookup
 from .backends.base import Backend, LayerSummaries
 from .cache import (
     Cache,
@@ -50,9 +67,116 @@ from .types import ConvLensError, LayerInfo, Progress
 
 log = logging.getLogger("convlens.activations")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CACHE_KIND = "activations"
-_META_KEYS = ("layers", "layer_order", "skipped", "seconds", "n_images", "store_maps", "top_k")
+_OUT_KEYS = ("role", "n_images", "skipped", "seconds", "source", "shard")
+_LAYER_KEYS = ("role", "n_images", "layer", "kind", "shape", "store_maps", "top_k", "source", "shard")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+class TopK:
+    """Per unit, the ``k`` images with the largest value, best first; ties go to the lower
+    image index, so the result is a function of the set of (image, value) pairs alone.
+
+    Mergeable: :meth:`merge` of the heaps of disjoint image subsets equals the heap of their
+    union, exactly, whatever the split and the order. :meth:`add` buffers batches and reduces
+    every few of them (a selection over ``k`` + the buffered columns).
+    """
+
+    def __init__(self, units: int, k: int) -> None:
+        if k < 1:
+            raise ConvLensError(f"top_k must be >= 1, got {k}")
+        self.units, self.k = units, k
+        self._vals = np.empty((units, 0), np.float32)
+        self._ids = np.empty((units, 0), np.int64)
+        self._pend_v: list[np.ndarray] = []  # (B, C) blocks
+        self._pend_i: list[np.ndarray] = []  # (B,) blocks
+        self._pending = 0
+        self._flush_at = max(4 * k, 256)
+
+    def add(self, values: np.ndarray, images: np.ndarray) -> None:
+        """Add one batch: ``values`` (B, C) of images ``images`` (B,)."""
+        self._pend_v.append(np.asarray(values, np.float32))
+        self._pend_i.append(np.asarray(images, np.int64))
+        self._pending += len(images)
+        if self._pending >= self._flush_at:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        if not self._pend_v:
+            return
+        vals = np.concatenate([self._vals, np.concatenate(self._pend_v).T], axis=1)
+        ids = np.concatenate([self._ids, np.broadcast_to(np.concatenate(self._pend_i), (self.units, self._pending))],
+                             axis=1)
+        self._pend_v, self._pend_i, self._pending = [], [], 0
+        self._vals, self._ids = _select(vals, ids, self.k)
+
+    def merge(self, other: TopK) -> TopK:
+        """The heap of both image subsets (which must be disjoint); neither is changed."""
+        if (other.units, other.k) != (self.units, self.k):
+            raise ConvLensError(f"cannot merge top-{other.k} of {other.units} units into top-{self.k} "
+                                f"of {self.units} units")
+        self._reduce()
+        other._reduce()
+        out = TopK(self.units, self.k)
+        out._vals, out._ids = _select(np.concatenate([self._vals, other._vals], axis=1),
+                                      np.concatenate([self._ids, other._ids], axis=1), self.k)
+        return out
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, values: np.ndarray) -> TopK:
+        """The heap :meth:`arrays` gave (``-1`` pads dropped)."""
+        units, k = images.shape
+        out = cls(units, k)
+        counts = (images >= 0).sum(axis=1)
+        if units and (counts != counts[0]).any():
+            raise ConvLensError("top-k rows hold different numbers of images")
+        n = int(counts[0]) if units else 0
+        out._ids = np.ascontiguousarray(images[:, :n], np.int64)
+        out._vals = np.ascontiguousarray(values[:, :n], np.float32)
+        return out
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(images, values)``, each (C, k), best first; -1 / NaN pad when fewer images."""
+        self._reduce()
+        vals, ids = _select(self._vals, self._ids, self.k)
+        pad = self.k - vals.shape[1]
+        if pad > 0:
+            vals = np.pad(vals, ((0, 0), (0, pad)), constant_values=np.nan)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return ids, vals.astype(np.float32)
+
+
+def _select(vals: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the ``k`` best columns, ordered by value descending then image ascending."""
+    if vals.shape[1] > 2 * k:  # cut to the candidates first: values >= the row's k-th largest
+        kth = -np.partition(-vals, k - 1, axis=1)[:, k - 1:k]
+        cand = vals >= kth
+        width = int(cand.sum(axis=1).max())
+        pos = np.argsort(~cand, axis=1, kind="stable")[:, :width]
+        vals = np.take_along_axis(vals, pos, axis=1)
+        ids = np.take_along_axis(ids, pos, axis=1)
+        ok = np.take_along_axis(cand, pos, axis=1)
+        vals = np.where(ok, vals, -np.inf)
+        ids = np.where(ok, ids, np.iinfo(np.int64).max)
+    order = np.lexsort((ids, -vals), axis=1)[:, :k]
+    return np.take_along_axis(vals, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def merge_rows(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image arrays of disjoint shards, ``[(indices, rows), ...]``, as one array over the
+    union of their indices (sorted): ``(indices, rows)``. Raises ConvLensError on overlap."""
+    idx = np.concatenate([np.asarray(i, np.int64) for i, _ in parts])
+    order = np.argsort(idx, kind="stable")
+    idx = idx[order]
+    if idx.size and (np.diff(idx) == 0).any():
+        raise ConvLensError(f"shards overlap (image {int(idx[np.flatnonzero(np.diff(idx) == 0)[0]])} twice)")
+    return idx, np.concatenate([np.asarray(r) for _, r in parts])[order]
+
+
+# ----------------------------------------------------------------------------- results
 
 
 @dataclass
@@ -68,7 +192,12 @@ class LayerStats:
 
 @dataclass
 class Activations:
-    """An opened extraction result (a cache entry). Arrays are read-only memory maps."""
+    """An opened extraction result, assembled from cache entries (the outputs entry,
+    ``folder``, and one entry per layer, ``layer_folders``). Arrays are read-only memory maps.
+
+    ``indices`` is None for the whole image set; for a shard, the image-set positions of its
+    rows (top-k image numbers are always image-set positions).
+    """
 
     folder: Path
     image_set: ImageSet
@@ -78,34 +207,47 @@ class Activations:
     skipped: list[tuple[str, str]]
     seconds: float
     from_cache: bool = False
+    layer_folders: dict[str, Path] = field(default_factory=dict)
+    indices: np.ndarray | None = None
+    store_maps: bool = True
+    top_k: int = 16
+    source: dict[str, Any] = field(default_factory=dict, repr=False)
     _stats: dict[str, LayerStats] = field(default_factory=dict, repr=False)
 
     @property
     def n_images(self) -> int:
         return len(self.valid)
 
+    def layer_folder(self, layer: str) -> Path:
+        """The cache entry holding ``layer``."""
+        self._check(layer)
+        return self.layer_folders[layer]
+
     def has_maps(self, layer: str) -> bool:
-        return (self.folder / f"maps_{_fname(layer)}.npy").is_file()
+        return (self.layer_folder(layer) / f"maps_{_fname(layer)}.npy").is_file()
 
     def maps(self, layer: str) -> np.ndarray:
         """(N, C, h, w) float16 memory map (N, C for non-spatial layers)."""
-        self._check(layer)
         if not self.has_maps(layer):
             raise ConvLensError(f"activation maps of '{layer}' were not stored (extract with store_maps)")
-        return load_array(self.folder, f"maps_{_fname(layer)}")
+        return load_array(self.layer_folders[layer], f"maps_{_fname(layer)}")
 
     def stats(self, layer: str) -> LayerStats:
         self._check(layer)
         if layer not in self._stats:
-            f = _fname(layer)
+            f, d = _fname(layer), self.layer_folders[layer]
             self._stats[layer] = LayerStats(
                 self.layers[layer],
-                load_array(self.folder, f"max_{f}"),
-                load_array(self.folder, f"mean_{f}"),
-                load_array(self.folder, f"topidx_{f}", mmap=False),
-                load_array(self.folder, f"topval_{f}", mmap=False),
+                load_array(d, f"max_{f}"),
+                load_array(d, f"mean_{f}"),
+                load_array(d, f"topidx_{f}", mmap=False),
+                load_array(d, f"topval_{f}", mmap=False),
             )
         return self._stats[layer]
+
+    def rows(self) -> np.ndarray:
+        """The image-set positions of the rows (all of them for a whole-set result)."""
+        return np.arange(len(self.image_set)) if self.indices is None else self.indices
 
     def _check(self, layer: str) -> None:
         if layer not in self.layers:
@@ -115,11 +257,44 @@ class Activations:
 _fname = safe_name
 
 
-def extraction_key(backend: Backend, model_sha: str, image_set: ImageSet, layers: Sequence[str],
-                   store_maps: bool, top_k: int) -> str:
+# ----------------------------------------------------------------------------- keys
+
+
+def _source(backend: Backend, model_sha: str, image_set: ImageSet) -> dict[str, Any]:
+    """What every entry of one (model, image set, preprocessing) depends on, as JSON data."""
     spec = backend.spec
-    return make_key("activations", FORMAT_VERSION, model_sha, spec.arch, spec.preprocess, spec.output_index,
-                    image_set.fingerprint(), list(layers), store_maps, top_k, backend.name)
+    src = {"model_sha256": model_sha, "arch": spec.arch, "preprocess": spec.preprocess,
+           "output_index": spec.output_index, "fingerprint": image_set.fingerprint(),
+           "backend": backend.name}
+    return json.loads(json.dumps(src, sort_keys=True, default=lambda o: o.to_dict()))
+
+
+def _shard_id(indices: np.ndarray | None) -> str | None:
+    return None if indices is None else hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest()[:32]
+
+
+def outputs_key(source: dict[str, Any], shard: str | None = None) -> str:
+    """Key of the outputs entry (model, image set, preprocessing, output index)."""
+    return make_key("activations/outputs", FORMAT_VERSION, source, shard)
+
+
+def layer_key(source: dict[str, Any], layer: str, store_maps: bool, top_k: int, shard: str | None = None) -> str:
+    """Key of one layer's entry (the output index does not matter to a layer)."""
+    src = {k: v for k, v in source.items() if k != "output_index"}
+    return make_key("activations/layer", FORMAT_VERSION, src, layer, bool(store_maps), int(top_k), shard)
+
+
+def _normal_indices(indices: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray | None:
+    if indices is None:
+        return None
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= n or (np.diff(idx) <= 0).any():
+        raise ConvLensError(f"indices must be increasing image positions in [0, {n}), got "
+                            f"{idx[:5].tolist()}{'...' if idx.size > 5 else ''}")
+    return None if idx.size == n else idx
+
+
+# ----------------------------------------------------------------------------- extraction
 
 
 def extract(
@@ -133,33 +308,116 @@ def extract(
     top_k: int = 16,
     cache: Cache | None = None,
     workers: int | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
 ) -> Job[Activations]:
     """Extract ``layers`` over ``image_set`` (a job: yields Progress, returns Activations).
 
-    A complete earlier pass with the same key is reused without running the model, once its
-    files check out and every image file still has the content digest stored with it; else the
-    entry is discarded (with a warning) and recomputed. Raises :class:`ConvLensError` naming the
-    model, or the layer, when the model output or a captured layer is not finite.
+    Layers (and the outputs) already in the cache under the same key are reused without running
+    the model, once their files check out and every image file still has the content digest
+    stored with them; else the entry is discarded (with a warning) and recomputed. One pass
+    computes the missing layers only. ``indices`` (increasing image positions) extracts a shard
+    (see :func:`merge_extractions`). Raises :class:`ConvLensError` naming the model, or the
+    layer, when the model output or a captured layer is not finite.
     """
     cache = cache or Cache()
     layers = list(dict.fromkeys(layers))  # may be empty: outputs only, e.g. for predictions
     backend.check_capture(layers)
-    key = extraction_key(backend, model_sha, image_set, layers, store_maps, top_k)
-    found = cache.get(CACHE_KIND, key)
-    if found is not None:
-        yield Progress(0.0, f"checking {len(image_set)} images against the cache")
-        reused = _reuse(cache, key, found, image_set, workers)
-        if reused is not None:
-            yield Progress(1.0, "activations found in cache")
-            return reused
+    shard = _normal_indices(indices, len(image_set))
+    rows = np.arange(len(image_set)) if shard is None else shard
+    source = _source(backend, model_sha, image_set)
+    sid = _shard_id(shard)
+    okey = outputs_key(source, sid)
+    lkeys = {name: layer_key(source, name, store_maps, top_k, sid) for name in layers}
 
+    check = _DigestCheck(image_set, rows, workers)
+    if cache.get(CACHE_KIND, okey) is not None or any(cache.get(CACHE_KIND, k) for k in lkeys.values()):
+        yield Progress(0.0, f"checking {len(rows)} images against the cache")
+    have_out = lookup(cache, CACHE_KIND, okey, lambda d: _open_outputs(d, len(rows)), check.accept)
+    have: dict[str, tuple[Path, LayerInfo]] = {}
+    for name in layers:
+        keys = [lkeys[name]] + ([] if store_maps else [layer_key(source, name, True, top_k, sid)])
+        def open_layer(d: Path, name: str = name) -> tuple[Path, LayerInfo]:
+            return _open_layer(d, name, len(rows), top_k)
+
+        for key in keys:
+            got = lookup(cache, CACHE_KIND, key, open_layer, check.accept)
+            if got is not None:
+                have[name] = got
+                break
+    missing = [name for name in layers if name not in have]
+    from_cache = have_out is not None and not missing
+    if have_out is None or missing:
+        t0 = time.perf_counter()
+        n = len(rows)
+        what = f"extracting {', '.join(missing)} from {n} images" if missing else f"predicting {n} images"
+        yield Progress(0.0, what)
+        targets = {"outputs": okey} if have_out is None else {}
+        targets.update({f"layer:{name}": lkeys[name] for name in missing})
+        with contextlib.ExitStack() as stack:
+            tmps = {what: stack.enter_context(cache.write(CACHE_KIND, key)) for what, key in targets.items()}
+            yield from _pass(backend, image_set, rows, shard, missing, tmps, source, sid, store_maps, top_k,
+                             batch_size, workers, t0)
+        if have_out is None:
+            entry = cache.get(CACHE_KIND, okey)
+            assert entry is not None
+            have_out = _open_outputs(entry, n)
+        for name in missing:
+            entry = cache.get(CACHE_KIND, lkeys[name])
+            assert entry is not None
+            have[name] = _open_layer(entry, name, n, top_k)
+    assert have_out is not None
+    if from_cache:
+        yield Progress(1.0, "activations found in cache")
+    return Activations(
+        folder=have_out["folder"], image_set=image_set,
+        layers={name: have[name][1] for name in layers},
+        outputs=load_array(have_out["folder"], "outputs"), valid=have_out["valid"],
+        skipped=have_out["skipped"], seconds=have_out["seconds"], from_cache=from_cache,
+        layer_folders={name: have[name][0] for name in layers}, indices=shard,
+        store_maps=store_maps, top_k=top_k, source=source,
+    )
+
+
+class _DigestCheck:
+    """Whether an entry's stored digests match the image files now; the files are hashed at most
+    once (on the first entry checked) and a change is logged once."""
+
+    def __init__(self, image_set: ImageSet, rows: np.ndarray, workers: int | None) -> None:
+        self.image_set, self.rows, self.workers = image_set, rows, workers
+        self._now: np.ndarray | None = None
+        self._warned = False
+
+    @property
+    def checked(self) -> bool:
+        return self._now is not None
+
+    def accept(self, opened: Any) -> bool:
+        folder = opened["folder"] if isinstance(opened, dict) else opened[0]
+        if self._now is None:
+            self._now = digest_files([self.image_set.records[int(i)].path for i in self.rows], workers=self.workers)
+        stored = load_array(folder, "digests", mmap=False)
+        changed = np.flatnonzero((stored != self._now).any(axis=1))
+        if not changed.size:
+            return True
+        if not self._warned:
+            self._warned = True
+            log.warning("%s: %d image%s changed since the cached extraction although size and modification "
+                        "time did not (first: %s); recomputing", self.image_set.source, changed.size,
+                        "s" if changed.size != 1 else "", self.image_set.records[int(self.rows[changed[0]])].path)
+        return False
+
+
+def _pass(backend: Backend, image_set: ImageSet, rows: np.ndarray, shard: np.ndarray | None, layers: list[str],
+          tmps: dict[str, Path], source: dict[str, Any], sid: str | None, store_maps: bool, top_k: int,
+          batch_size: int, workers: int | None, t0: float) -> Job[None]:
+    """One forward pass over ``rows`` writing the entries ``tmps`` (outputs and/or layers)."""
     info = {li.name: li for li in backend.layers()} if layers else {}
-    n = len(image_set)
-    t0 = time.perf_counter()
-    yield Progress(0.0, f"extracting {', '.join(layers)} from {n} images" if layers else f"predicting {n} images")
-    with cache.write(CACHE_KIND, key) as tmp, ImageLoader(image_set, backend.spec.preprocess,
-                                                             batch_size=batch_size, workers=workers) as loader:
-        writers = {name: _LayerWriter(tmp, info[name], n, store_maps, top_k) for name in layers}
+    n = len(rows)
+    pos = None if shard is None else {int(i): j for j, i in enumerate(shard)}
+    with ImageLoader(image_set, backend.spec.preprocess, batch_size=batch_size, workers=workers,
+                     indices=None if shard is None else shard.tolist()) as loader:
+        writers = {name: _LayerWriter(tmps[f"layer:{name}"], info[name], n, store_maps, top_k) for name in layers}
+        out_tmp = tmps.get("outputs")
         outputs: np.ndarray | None = None
         valid = np.zeros(n, dtype=bool)
         done = 0
@@ -167,104 +425,177 @@ def extract(
             out, summaries = backend.forward_summaries(batch.array, layers, maps=store_maps)
             _check_finite(backend, image_set, batch.indices, out, summaries, layers)
             if outputs is None:
-                outputs = np.lib.format.open_memmap(tmp / "outputs.npy", "w+", np.float32, (n, out.shape[1]))
-                outputs[:] = np.nan
-            rows = _rows(batch.indices)
-            outputs[rows] = out
-            valid[rows] = True
+                outputs = (np.lib.format.open_memmap(out_tmp / "outputs.npy", "w+", np.float32, (n, out.shape[1]))
+                           if out_tmp is not None else np.empty((0, out.shape[1]), np.float32))
+                if out_tmp is not None:
+                    outputs[:] = np.nan
+            local = batch.indices if pos is None else np.array([pos[int(i)] for i in batch.indices], np.int64)
+            sl = _rows(local)
+            if out_tmp is not None:
+                outputs[sl] = out
+            valid[sl] = True
             for name in layers:
-                writers[name].add(batch.indices, rows, summaries[name])
+                writers[name].add(batch.indices, sl, summaries[name])
             done += len(batch.indices)
             yield Progress(done / max(n, 1), f"{done}/{n} images")
         if outputs is None:
             raise ConvLensError(f"{image_set.source}: none of the {n} images could be read")
-        for w in writers.values():
-            w.finish()
-        # no msync: the pages reach the file through the page cache; the rename below is what
-        # makes the entry visible, so a crashed run never leaves a readable half entry
-        np.save(tmp / "valid.npy", valid)
-        np.save(tmp / "digests.npy", loader.digests)
+        # no msync: the pages reach the file through the page cache; the renames that follow are
+        # what makes the entries visible, so a crashed run never leaves a readable half entry
+        digests = loader.digests[rows]
         seconds = time.perf_counter() - t0
-        write_meta(tmp, {
-            "version": FORMAT_VERSION,
-            "layers": {k: {"kind": v.kind, "shape": list(v.shape)} for k, v in info.items() if k in layers},
-            "layer_order": layers,
-            "skipped": loader.skipped,
-            "seconds": seconds,
-            "n_images": n,
-            "store_maps": store_maps,
-            "top_k": top_k,
-            "model_sha256": model_sha,
-            "backend": backend.name,
-            "device": backend.device,
-        })
+        common = {"version": FORMAT_VERSION, "n_images": n, "source": source, "shard": sid,
+                  "seconds": seconds, "device": backend.device}
+        for name, w in writers.items():
+            w.finish()
+            np.save(w.folder / "digests.npy", digests)
+            if shard is not None:
+                np.save(w.folder / "indices.npy", shard)
+            li = info[name]
+            write_meta(w.folder, {**common, "role": "layer", "layer": name, "kind": li.kind, "shape": list(li.shape),
+                                  "store_maps": store_maps, "top_k": top_k})
+        if out_tmp is not None:
+            np.save(out_tmp / "valid.npy", valid)
+            np.save(out_tmp / "digests.npy", digests)
+            if shard is not None:
+                np.save(out_tmp / "indices.npy", shard)
+            write_meta(out_tmp, {**common, "role": "outputs", "skipped": loader.skipped})
         del outputs, writers
-    found = cache.get(CACHE_KIND, key)
-    assert found is not None
-    result = open_activations(found, image_set)
-    result.from_cache = False
-    return result
 
 
-def _reuse(cache: Cache, key: str, found: Path, image_set: ImageSet, workers: int | None) -> Activations | None:
-    """The cached entry if whole and its images unchanged (content digests), else None after
-    discarding it (with a warning saying why)."""
+def _open_outputs(folder: Path, n: int) -> dict[str, Any]:
+    """Check and open an outputs entry (headers and sizes only); DamagedEntry otherwise."""
+    meta = check_meta(folder, FORMAT_VERSION, _OUT_KEYS)
     try:
-        acts = open_activations(found, image_set)
-    except DamagedEntry as e:
-        log.warning("damaged cache entry discarded, recomputing: %s", e)
-        cache.discard(CACHE_KIND, key)
-        return None
-    stored = load_array(found, "digests", mmap=False)
-    now = digest_files([r.path for r in image_set.records], workers=workers)
-    changed = np.flatnonzero((stored != now).any(axis=1))
-    if changed.size:
-        log.warning("%s: %d image%s changed since the cached extraction although size and modification "
-                    "time did not (first: %s); recomputing", image_set.source, changed.size,
-                    "s" if changed.size != 1 else "", image_set.records[int(changed[0])].path)
-        cache.discard(CACHE_KIND, key)
-        return None
-    return acts
-
-
-def open_activations(folder: Path, image_set: ImageSet) -> Activations:
-    """Open an extraction entry, checking first (from headers and sizes, no data read) that its
-    meta.json is whole and of this format and that every array it lists is there with the
-    expected shape and dtype; raises :class:`DamagedEntry` naming the entry otherwise."""
-    meta = check_meta(folder, FORMAT_VERSION, _META_KEYS)
-    try:
-        n = int(meta["n_images"])
-        layers = {k: LayerInfo(k, str(meta["layers"][k]["kind"]), tuple(int(d) for d in meta["layers"][k]["shape"]))
-                  for k in meta["layer_order"]}
+        if meta["role"] != "outputs" or int(meta["n_images"]) != n:
+            raise ValueError(f"an entry of {meta['n_images']} images ({meta['role']}), expected outputs of {n}")
         skipped = [(str(p), str(c)) for p, c in meta["skipped"]]
         seconds = float(meta["seconds"])
-        store_maps, top_k = bool(meta["store_maps"]), int(meta["top_k"])
     except (KeyError, TypeError, ValueError) as e:
         raise DamagedEntry(f"{folder}: meta.json is inconsistent ({type(e).__name__}: {e})") from e
-    if n != len(image_set):
-        raise DamagedEntry(f"{folder}: {n} images, expected {len(image_set)}")
     check_array(folder, "outputs", np.float32, (n, None))
     check_array(folder, "valid", np.bool_, (n,))
     check_array(folder, "digests", np.uint8, (n, DIGEST_SIZE))
-    for name, li in layers.items():
-        f = _fname(name)
-        units = li.shape[0] if li.shape else 1
-        for arr in ("max", "mean"):
-            check_array(folder, f"{arr}_{f}", np.float32, (n, units))
-        check_array(folder, f"topidx_{f}", np.int64, (units, top_k))
-        check_array(folder, f"topval_{f}", np.float32, (units, top_k))
-        if store_maps:
-            check_array(folder, f"maps_{f}", np.float16, (n, *li.shape))
-    return Activations(
-        folder=folder,
-        image_set=image_set,
-        layers=layers,
-        outputs=load_array(folder, "outputs"),
-        valid=load_array(folder, "valid", mmap=False),
-        skipped=skipped,
-        seconds=seconds,
-        from_cache=True,
-    )
+    return {"folder": folder, "valid": load_array(folder, "valid", mmap=False), "skipped": skipped,
+            "seconds": seconds, "meta": meta}
+
+
+def _open_layer(folder: Path, name: str, n: int, top_k: int) -> tuple[Path, LayerInfo]:
+    """Check a layer entry (headers and sizes only); DamagedEntry otherwise."""
+    meta = check_meta(folder, FORMAT_VERSION, _LAYER_KEYS)
+    try:
+        if meta["role"] != "layer" or meta["layer"] != name or int(meta["n_images"]) != n:
+            raise ValueError(f"holds {meta['layer']!r} over {meta['n_images']} images, expected {name!r} over {n}")
+        li = LayerInfo(name, str(meta["kind"]), tuple(int(d) for d in meta["shape"]))
+        store_maps, k = bool(meta["store_maps"]), int(meta["top_k"])
+        if k != top_k:
+            raise ValueError(f"top_k {k}, expected {top_k}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise DamagedEntry(f"{folder}: meta.json is inconsistent ({type(e).__name__}: {e})") from e
+    f = _fname(name)
+    units = li.shape[0] if li.shape else 1
+    check_array(folder, "digests", np.uint8, (n, DIGEST_SIZE))
+    for arr in ("max", "mean"):
+        check_array(folder, f"{arr}_{f}", np.float32, (n, units))
+    check_array(folder, f"topidx_{f}", np.int64, (units, top_k))
+    check_array(folder, f"topval_{f}", np.float32, (units, top_k))
+    if store_maps:
+        check_array(folder, f"maps_{f}", np.float16, (n, *li.shape))
+    return folder, li
+
+
+def open_activations(folder: Path, image_set: ImageSet) -> Activations:
+    """Open an outputs entry written by :func:`extract` (no layers), checking it first;
+    :class:`DamagedEntry` naming the entry otherwise."""
+    meta = check_meta(folder, FORMAT_VERSION, _OUT_KEYS)
+    n = int(meta["n_images"])
+    shard = load_array(folder, "indices", mmap=False) if meta.get("shard") else None
+    if shard is None and n != len(image_set):
+        raise DamagedEntry(f"{folder}: {n} images, expected {len(image_set)}")
+    out = _open_outputs(folder, n)
+    return Activations(folder=folder, image_set=image_set, layers={}, outputs=load_array(folder, "outputs"),
+                       valid=out["valid"], skipped=out["skipped"], seconds=out["seconds"], from_cache=True,
+                       indices=shard, source=dict(meta["source"]))
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def merge_extractions(parts: Sequence[Activations], *, cache: Cache | None = None) -> Activations:
+    """Join extractions of disjoint shards of one image set (same model, preprocessing, layers,
+    ``store_maps`` and ``top_k``) into the entries one pass over their union writes: per-image
+    arrays are concatenated in image order, the top-k heaps merged (:meth:`TopK.merge`), the
+    skipped files listed in image order. Returns the merged result (``indices`` None when the
+    shards cover the whole set); ConvLensError when the parts do not fit together or overlap.
+    """
+    if not parts:
+        raise ConvLensError("merge_extractions needs at least one shard")
+    cache = cache or Cache()
+    first = parts[0]
+    for p in parts[1:]:
+        if p.source != first.source or list(p.layers) != list(first.layers) or \
+                (p.store_maps, p.top_k) != (first.store_maps, first.top_k):
+            raise ConvLensError("shards to merge come from different models, image sets, preprocessing, "
+                                "layers or settings")
+    image_set, layers, n_all = first.image_set, list(first.layers), len(first.image_set)
+    idx, valid = merge_rows([(p.rows(), p.valid) for p in parts])
+    shard = None if len(idx) == n_all else idx
+    sid = _shard_id(shard)
+    n = len(idx)
+    digests = merge_rows([(p.rows(), load_array(p.folder, "digests", mmap=False)) for p in parts])[1]
+    where = {r.path: i for i, r in enumerate(image_set.records)}
+    skipped = sorted((s for p in parts for s in p.skipped), key=lambda s: where.get(s[0], n_all))
+    common = {"version": FORMAT_VERSION, "n_images": n, "source": first.source, "shard": sid,
+              "seconds": float(sum(p.seconds for p in parts)), "device": "merged"}
+    okey = outputs_key(first.source, sid)
+    lkeys = {name: layer_key(first.source, name, first.store_maps, first.top_k, sid) for name in layers}
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(cache.write(CACHE_KIND, okey))
+        np.save(tmp / "outputs.npy", merge_rows([(p.rows(), p.outputs) for p in parts])[1])
+        np.save(tmp / "valid.npy", valid)
+        np.save(tmp / "digests.npy", digests)
+        if shard is not None:
+            np.save(tmp / "indices.npy", shard)
+        write_meta(tmp, {**common, "role": "outputs", "skipped": skipped})
+        for name in layers:
+            tmp = stack.enter_context(cache.write(CACHE_KIND, lkeys[name]))
+            f, li = _fname(name), first.layers[name]
+            for arr in ("max", "mean"):
+                np.save(tmp / f"{arr}_{f}.npy",
+                        merge_rows([(p.rows(), getattr(p.stats(name), arr)) for p in parts])[1])
+            if first.store_maps:
+                out = np.lib.format.open_memmap(tmp / f"maps_{f}.npy", "w+", np.float16, (n, *li.shape))
+                at = {int(i): j for j, i in enumerate(idx)}
+                for p in parts:
+                    dest = np.array([at[int(i)] for i in p.rows()], np.int64)
+                    out[_rows(dest)] = p.maps(name)
+                del out
+            heap = TopK.from_arrays(parts[0].stats(name).top_images, parts[0].stats(name).top_values)
+            for p in parts[1:]:
+                heap = heap.merge(TopK.from_arrays(p.stats(name).top_images, p.stats(name).top_values))
+            ids, vals = heap.arrays()
+            np.save(tmp / f"topidx_{f}.npy", ids)
+            np.save(tmp / f"topval_{f}.npy", vals)
+            np.save(tmp / "digests.npy", digests)
+            if shard is not None:
+                np.save(tmp / "indices.npy", shard)
+            write_meta(tmp, {**common, "role": "layer", "layer": name, "kind": li.kind, "shape": list(li.shape),
+                             "store_maps": first.store_maps, "top_k": first.top_k})
+    o = cache.get(CACHE_KIND, okey)
+    assert o is not None
+    opened = _open_outputs(o, n)
+    folders = {}
+    for name in layers:
+        entry = cache.get(CACHE_KIND, lkeys[name])
+        assert entry is not None
+        folders[name] = _open_layer(entry, name, n, first.top_k)[0]
+    return Activations(folder=o, image_set=image_set, layers=dict(first.layers), outputs=load_array(o, "outputs"),
+                       valid=opened["valid"], skipped=opened["skipped"], seconds=opened["seconds"],
+                       from_cache=False, layer_folders=folders, indices=shard, store_maps=first.store_maps,
+                       top_k=first.top_k, source=first.source)
+
+
+# ----------------------------------------------------------------------------- writing
 
 
 def _check_finite(backend: Backend, image_set: ImageSet, idx: np.ndarray, out: np.ndarray,
@@ -274,8 +605,7 @@ def _check_finite(backend: Backend, image_set: ImageSet, idx: np.ndarray, out: n
     def bad_rows(*arrays: np.ndarray) -> np.ndarray:
         rows = np.zeros(len(idx), dtype=bool)
         for a in arrays:
-            a = np.asarray(a)
-            rows |= ~np.isfinite(a.reshape(len(idx), -1)).all(axis=1)
+            rows |= ~np.isfinite(np.asarray(a).reshape(len(idx), -1)).all(axis=1)
         return rows
 
     def example(rows: np.ndarray) -> str:
@@ -311,7 +641,7 @@ def _rows(idx: np.ndarray) -> slice | np.ndarray:
 
 
 class _LayerWriter:
-    """Streams one layer's maps and summaries into the cache folder."""
+    """Streams one layer's maps and summaries into its cache entry's temporary folder."""
 
     def __init__(self, folder: Path, info: LayerInfo, n: int, store_maps: bool, top_k: int) -> None:
         self.info = info
@@ -324,35 +654,20 @@ class _LayerWriter:
         self.mean = np.lib.format.open_memmap(folder / f"mean_{f}.npy", "w+", np.float32, (n, units))
         self.max[:] = np.nan
         self.mean[:] = np.nan
-        self.k = top_k
-        self.top_val = np.full((units, 0), -np.inf, np.float32)
-        self.top_idx = np.zeros((units, 0), np.int64)
+        self.top = TopK(units, top_k)
 
     def add(self, idx: np.ndarray, rows: slice | np.ndarray, s: LayerSummaries) -> None:
         if self.maps is not None and s.maps is not None:
             self.maps[rows] = s.maps
-        mx = s.max
-        self.max[rows] = mx
+        self.max[rows] = s.max
         self.mean[rows] = s.mean
-        # running top-k images per unit by max activation
-        vals = np.concatenate([self.top_val, mx.T], axis=1)
-        ids = np.concatenate([self.top_idx, np.broadcast_to(idx, mx.T.shape)], axis=1)
-        if vals.shape[1] > self.k:
-            part = np.argpartition(-vals, self.k - 1, axis=1)[:, : self.k]
-            vals = np.take_along_axis(vals, part, axis=1)
-            ids = np.take_along_axis(ids, part, axis=1)
-        self.top_val, self.top_idx = vals, ids
+        self.top.add(s.max, idx)
 
     def finish(self) -> None:
-        order = np.argsort(-self.top_val, axis=1, kind="stable")
-        vals = np.take_along_axis(self.top_val, order, axis=1)
-        ids = np.take_along_axis(self.top_idx, order, axis=1)
-        pad = self.k - vals.shape[1]
-        if pad > 0:
-            vals = np.pad(vals, ((0, 0), (0, pad)), constant_values=np.nan)
-            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-        np.save(self.folder / f"topval_{self.f}.npy", vals.astype(np.float32))
+        ids, vals = self.top.arrays()
+        np.save(self.folder / f"topval_{self.f}.npy", vals)
         np.save(self.folder / f"topidx_{self.f}.npy", ids)
+        del self.maps, self.max, self.mean
 
 
 def write_unit_tables(acts: Activations, out_dir: Path) -> list[Path]:
@@ -373,7 +688,8 @@ def write_unit_tables(acts: Activations, out_dir: Path) -> list[Path]:
             w.writerow([u, f"{np.nanmax(st.max[ok, u]):.6g}", f"{np.nanmean(st.max[ok, u]):.6g}",
                         f"{np.nanmean(st.mean[ok, u]):.6g}", ";".join(tops)])
         written.append(atomic_write_text(out_dir / f"{_fname(name)}_units.csv", buf.getvalue()))
-        top = {str(u): [{"image": records[i].path, "max": float(v)} for i, v in zip(st.top_images[u], st.top_values[u])
-                        if i >= 0] for u in range(st.top_images.shape[0])}
+        top = {str(u): [{"image": records[i].path, "max": float(v)}
+                        for i, v in zip(st.top_images[u], st.top_values[u], strict=True) if i >= 0]
+               for u in range(st.top_images.shape[0])}
         written.append(atomic_write_text(out_dir / f"{_fname(name)}_top.json", json.dumps(top, indent=1)))
     return written

@@ -18,8 +18,8 @@ from engine.models import load_model
 from engine.predict import predictions_from
 
 
-@pytest.fixture()
-def engine_log():  # noqa: ANN201
+@pytest.fixture
+def engine_log():
     """Records the engine logs under ``convlens`` (WARNING and up), captured by a handler of its
     own: unaffected by filters a CLI run put on the root logger's handlers."""
     records: list[logging.LogRecord] = []
@@ -38,12 +38,12 @@ def engine_log():  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def rnet(demo):  # noqa: ANN001, ANN201
+def rnet(demo):
     loaded = load_model(demo[0])
     return loaded, open_backend(loaded, device="cpu")
 
 
-def test_extraction_values_stats_and_topk_are_exact(rnet, demo_images: Path, cache) -> None:  # noqa: ANN001
+def test_extraction_values_stats_and_topk_are_exact(rnet, demo_images: Path, cache) -> None:
     loaded, be = rnet
     images = open_image_set(demo_images)
     acts = run_sync(extract(be, loaded.cache_id, images, ["conv1", "conv3", "dense4"], batch_size=48, cache=cache))
@@ -67,7 +67,7 @@ def test_extraction_values_stats_and_topk_are_exact(rnet, demo_images: Path, cac
     assert preds.accuracy == 1.0  # the real pretrained RNet on real faces
 
 
-def test_second_run_comes_from_cache_and_key_tracks_the_images(rnet, demo_images: Path, tmp_path: Path, cache) -> None:  # noqa: ANN001
+def test_second_run_comes_from_cache_and_key_tracks_the_images(rnet, demo_images: Path, tmp_path: Path, cache) -> None:
     loaded, be = rnet
     folder = tmp_path / "imgs"
     shutil.copytree(demo_images, folder)
@@ -81,7 +81,7 @@ def test_second_run_comes_from_cache_and_key_tracks_the_images(rnet, demo_images
     assert third.folder != first.folder
 
 
-def test_cancel_midway_leaves_no_entry(rnet, demo_images: Path, cache) -> None:  # noqa: ANN001
+def test_cancel_midway_leaves_no_entry(rnet, demo_images: Path, cache) -> None:
     loaded, be = rnet
     job = extract(be, loaded.cache_id, open_image_set(demo_images), ["conv1"], batch_size=16, cache=cache)
     next(job), next(job), next(job)
@@ -90,7 +90,7 @@ def test_cancel_midway_leaves_no_entry(rnet, demo_images: Path, cache) -> None: 
     assert not kinds.exists() or list(kinds.iterdir()) == []
 
 
-def test_unreadable_files_are_skipped_and_counted(rnet, tmp_path: Path, cache, engine_log) -> None:  # noqa: ANN001
+def test_unreadable_files_are_skipped_and_counted(rnet, tmp_path: Path, cache, engine_log) -> None:
     loaded, be = rnet
     from skimage.data import lfw_subset
 
@@ -109,3 +109,70 @@ def test_unreadable_files_are_skipped_and_counted(rnet, tmp_path: Path, cache, e
     preds = predictions_from(acts, be.spec)
     assert np.isnan(acts.stats("conv1").max[~acts.valid]).all()
     assert preds.accuracy == 1.0 and preds.n_scored == 5
+
+
+@pytest.fixture
+def forward_calls(rnet, monkeypatch):
+    """The layers of every ``forward_summaries`` call of the real backend (its method wrapped)."""
+    _, be = rnet
+    calls: list[list[str]] = []
+    real = be.forward_summaries
+
+    def counted(batch, capture, maps=True):
+        calls.append(list(capture))
+        return real(batch, capture, maps)
+
+    monkeypatch.setattr(be, "forward_summaries", counted)
+    return calls
+
+
+def test_layers_are_cached_one_entry_each_and_only_missing_layers_are_computed(
+        rnet, demo_images: Path, cache, forward_calls) -> None:
+    loaded, be = rnet
+    images = open_image_set(demo_images)
+
+    def run(layers: list[str]):
+        forward_calls.clear()
+        return run_sync(extract(be, loaded.cache_id, images, layers, batch_size=100, cache=cache))
+
+    a = run(["conv1"])
+    assert forward_calls == [["conv1"], ["conv1"]] and not a.from_cache  # one pass, 2 batches
+    b = run(["conv1", "conv2"])
+    assert forward_calls == [["conv2"], ["conv2"]] and not b.from_cache  # one more pass, conv2 only
+    assert list(b.layers) == ["conv1", "conv2"] and b.layer_folder("conv1") == a.layer_folder("conv1")
+    assert b.folder == a.folder  # the outputs entry was reused too
+    c = run(["conv2"])
+    assert forward_calls == [] and c.from_cache and c.layer_folder("conv2") == b.layer_folder("conv2")
+    d = run(["conv1", "conv2"])
+    assert forward_calls == [] and d.from_cache
+    assert run([]).from_cache and forward_calls == []  # predictions come from the same outputs entry
+    assert run_sync(extract(be, loaded.cache_id, images, ["conv2"], store_maps=False, batch_size=100,
+                            cache=cache)).from_cache and forward_calls == []  # an entry with maps serves
+    # the assembled result equals a one-shot extraction of both layers in a fresh cache
+    from engine.cache import Cache
+
+    one = run_sync(extract(be, loaded.cache_id, images, ["conv1", "conv2"], batch_size=100,
+                           cache=Cache(cache.root.parent / "fresh")))
+    np.testing.assert_array_equal(d.outputs, one.outputs)
+    for n in ("conv1", "conv2"):
+        np.testing.assert_array_equal(d.maps(n), one.maps(n))
+        for arr in ("max", "mean", "top_images", "top_values"):
+            np.testing.assert_array_equal(getattr(d.stats(n), arr), getattr(one.stats(n), arr))
+    entries = sorted(p.name for p in (cache.root / "activations").iterdir())
+    assert len(entries) == 3  # outputs, conv1, conv2
+
+
+def test_switching_between_extracted_layers_one_at_a_time_runs_no_forward_pass(
+        rnet, demo_images: Path, cache, forward_calls) -> None:
+    """What the heatmaps view does (gui/session.py: ``extract([layer])`` per selected layer):
+    once two layers were extracted, going back and forth between them never runs the model."""
+    loaded, be = rnet
+    images = open_image_set(demo_images)
+    for layer in ("conv1", "conv2"):
+        run_sync(extract(be, loaded.cache_id, images, [layer], cache=cache))
+    assert [c for c in forward_calls if c] and all(len(c) == 1 for c in forward_calls)
+    forward_calls.clear()
+    for layer in ("conv1", "conv2", "conv1", "conv2"):
+        acts = run_sync(extract(be, loaded.cache_id, open_image_set(demo_images), [layer], cache=cache))
+        assert acts.from_cache and list(acts.layers) == [layer] and acts.maps(layer).shape[0] == 200
+    assert forward_calls == []

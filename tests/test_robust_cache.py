@@ -41,7 +41,7 @@ from engine.types import ConvLensError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture()
+@pytest.fixture
 def engine_log():
     """Messages the engine logs under ``convlens`` (WARNING and up), captured by a handler of
     its own: unaffected by filters a CLI run put on the root logger's handlers."""
@@ -210,7 +210,7 @@ def rnet(demo):
     return loaded, open_backend(loaded, device="cpu")
 
 
-@pytest.fixture()
+@pytest.fixture
 def faces(demo_images: Path, tmp_path: Path) -> Path:
     """24 of the demo's real crops, as BMP (a BMP's size depends only on its dimensions)."""
     folder = tmp_path / "faces"
@@ -237,7 +237,7 @@ def _partial_meta(entry: Path) -> None:
 
 def _wrong_meta(entry: Path) -> None:
     meta = read_meta(entry)
-    meta["layers"] = 5
+    meta["shape"] = 5
     write_meta(entry, meta)
 
 
@@ -253,28 +253,44 @@ def _wrong_shape(entry: Path) -> None:
     np.save(entry / "topidx_conv2.npy", np.zeros((3, 3), np.int64))
 
 
-@pytest.mark.parametrize("damage", [_truncate, _garbage_meta, _partial_meta, _wrong_meta, _delete_array,
-                                    _delete_meta, _wrong_shape])
+def _truncate_outputs(entry: Path) -> None:
+    p = entry / "outputs.npy"
+    p.write_bytes(p.read_bytes()[:-4])
+
+
+def _delete_digests(entry: Path) -> None:
+    (entry / "digests.npy").unlink()
+
+
+@pytest.mark.parametrize(("which", "damage"), [
+    *[("layer", d) for d in (_truncate, _garbage_meta, _partial_meta, _wrong_meta, _delete_array, _delete_meta,
+                             _wrong_shape, _delete_digests)],
+    *[("outputs", d) for d in (_truncate_outputs, _garbage_meta, _partial_meta, _delete_meta, _delete_digests)],
+])
 def test_a_damaged_entry_is_discarded_with_a_warning_and_recomputed(rnet, faces: Path, tmp_path: Path,
-                                                                     engine_log, damage) -> None:
+                                                                     engine_log, which, damage) -> None:
     loaded, be = rnet
     cache = Cache(tmp_path / "cache")
     images = open_image_set(faces)
     first = run_sync(extract(be, loaded.cache_id, images, ["conv2"], batch_size=10, cache=cache))
     want_out, want_max = np.array(first.outputs), np.array(first.stats("conv2").max)
     want_maps = np.array(first.maps("conv2"))
-    entry = first.folder
+    entry = first.layer_folder("conv2") if which == "layer" else first.folder
+    other = first.folder if which == "layer" else first.layer_folder("conv2")
+    entries = sorted(p.name for p in (cache.root / "activations").iterdir())
+    assert len(entries) == 2 and entry != other  # one entry for the outputs, one for the layer
     del first
     damage(entry)
     again = run_sync(extract(be, loaded.cache_id, open_image_set(faces), ["conv2"], batch_size=10, cache=cache))
-    assert not again.from_cache and again.folder == entry
+    assert not again.from_cache
+    assert (again.layer_folder("conv2"), again.folder) == ((entry, other) if which == "layer" else (other, entry))
     if damage is not _delete_meta:  # a folder without meta.json is no entry at all: replaced silently
         assert "damaged cache entry" in engine_log.text and str(entry) in engine_log.text
     np.testing.assert_array_equal(again.outputs, want_out)
     np.testing.assert_array_equal(again.stats("conv2").max, want_max)
     np.testing.assert_array_equal(again.maps("conv2"), want_maps)
     assert run_sync(extract(be, loaded.cache_id, open_image_set(faces), ["conv2"], batch_size=10, cache=cache)).from_cache
-    assert [p.name for p in (cache.root / "activations").iterdir()] == [entry.name]  # nothing left aside
+    assert sorted(p.name for p in (cache.root / "activations").iterdir()) == entries  # nothing left aside
 
 
 def test_a_damaged_dissection_entry_is_recomputed(rnet, tmp_path: Path, engine_log) -> None:
@@ -354,7 +370,7 @@ def _tiny(tmp_path: Path, nan_in: str | None):
     py = tmp_path / "tiny.py"
     py.write_text(TINY_NET)
     ns: dict = {}
-    exec(compile(TINY_NET, str(py), "exec"), ns)  # noqa: S102 - our own test architecture
+    exec(compile(TINY_NET, str(py), "exec"), ns)
     torch.manual_seed(0)
     net = ns["Net"]()
     if nan_in is not None:

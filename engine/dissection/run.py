@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.analysis import cached_job
 from engine.backends.base import Backend, forward_error
 from engine.backends.torch_backend import TorchBackend
 from engine.cache import (
@@ -393,7 +394,7 @@ def dissect(
     model_sha: str,
     concepts: ConceptDataset,
     layers: Sequence[str],
-    params: DissectionParams = DissectionParams(),  # noqa: B008 - frozen, immutable
+    params: DissectionParams = DissectionParams(),
     *,
     cache: Cache | None = None,
 ) -> Job[DissectionResult]:
@@ -412,23 +413,23 @@ def dissect(
     (masks + tally), and ``pass1``, ``pass2``, ``total``.
     """
     params.check()
-    cache = cache or Cache()
     layers = list(dict.fromkeys(layers))
     info = spatial_layers(backend, layers)
     if params.categories is not None and tuple(params.categories) != concepts.categories:
         concepts = restrict_categories(concepts, params.categories)
     key = dissection_key(backend, model_sha, concepts, layers, params)
-    found = cache.get(CACHE_KIND, key)
-    if found is not None:
-        try:
-            result = load_result(found)
-        except DamagedEntry as e:
-            log.warning("damaged cache entry discarded, recomputing: %s", e)
-            cache.discard(CACHE_KIND, key)
-        else:
-            yield Progress(1.0, "dissection found in cache")
-            return replace(result, params=params, from_cache=True)
+    result = yield from cached_job(
+        cache, CACHE_KIND, key, load_result, save=save_result, found="dissection found in cache",
+        compute=lambda: _compute(backend, model_sha, concepts, layers, info, params))
+    if result.from_cache:
+        return replace(result, params=params)  # batch size and device are not in the key
+    yield Progress(1.0, "; ".join(result.summary_line(n) for n in layers))
+    return result
 
+
+def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers: list[str],
+             info: dict[str, LayerInfo], params: DissectionParams) -> Job[DissectionResult]:
+    """The two passes and the summary (a job returning the result, not cached here)."""
     if len(concepts) == 0:
         raise ConvLensError(f"{concepts.root}: the concept data set has no images.")
     device = _compute_device(backend, params)
@@ -488,9 +489,6 @@ def dissect(
         concept_categories=labels.categories_of, categories=labels.categories,
         n_images=len(order), seconds=seconds, skipped=tuple(skipped),
     )
-    with cache.write(CACHE_KIND, key) as tmp:
-        save_result(result, tmp)
-    yield Progress(1.0, "; ".join(result.summary_line(n) for n in layers))
     return result
 
 
@@ -517,7 +515,8 @@ def _phase_totals(seconds: dict[str, float], layers: Sequence[str]) -> dict[str,
 def _pass1(
     backend: Backend, image_set: ImageSet, pre: Preprocess, order: list[int],
     info: dict[str, LayerInfo], params: DissectionParams, device: torch.device, clock: _Clock,
-) -> Iterator[Progress]:
+) -> Job[tuple[dict[str, TopQuantile], dict[str, _TopImages], dict[str, torch.Tensor] | None,
+               list[tuple[str, str]]]]:
     """Thresholds and top images (a sub-generator).
 
     Returns ``(quantiles, tops, kept, skipped)``: ``kept`` holds every activation (float32,
@@ -560,7 +559,7 @@ def _pass2(
     order: list[int], info: dict[str, LayerInfo], thresholds: dict[str, np.ndarray],
     kept: dict[str, torch.Tensor] | None, labels: _Labels, params: DissectionParams,
     device: torch.device, clock: _Clock,
-) -> Iterator[Progress]:
+) -> Job[dict[str, _SparseTally]]:
     """IoU tallies of every layer; returns ``{layer: _SparseTally}`` (a sub-generator)."""
     tallies = {name: _SparseTally(li.units, labels, thresholds[name], params, device)
                for name, li in info.items()}
@@ -711,7 +710,8 @@ class _SparseTally:
             step = max(1, _CHUNK_ELEMENTS // (size[0] * size[1]))  # pairs per upsampling
             start = 0
             while start < len(pairs):
-                chunk, count = [], 0
+                chunk: list[tuple[int, np.ndarray]] = []
+                count = 0
                 while start < len(pairs) and (not chunk or count + len(pairs[start][1]) <= step):
                     chunk.append(pairs[start])
                     count += len(pairs[start][1])
@@ -785,14 +785,14 @@ class _GroupLabels:
            ) -> _GroupLabels:
         h, w = images[0].mask_size
         p = h * w
-        n_maps = max(1, max(len(im.pixel_labels) for im in images))
+        n_maps = max(1, *(len(im.pixel_labels) for im in images))
         maps = np.zeros((len(images), n_maps, p), dtype=np.int64)
         whole = np.zeros((len(images), n_labels), dtype=bool)
         for j, im in enumerate(images):
             for m, (_, lab) in enumerate(im.pixel_labels):
                 maps[j, m] = lab.reshape(-1)
-            for _, lab in im.image_labels:
-                whole[j, lab] = True
+            for _, label in im.image_labels:
+                whole[j, label] = True
         for m in range(1, n_maps):
             repeated = (maps[:, m:m + 1] == maps[:, :m]).any(axis=1)
             maps[:, m][repeated] = 0
