@@ -1,6 +1,8 @@
 """ConvLens: ``python main.py`` opens the desktop app; ``python main.py <command>`` runs headless.
 
-The console script ``convlens`` is this same entry point.
+The console script ``convlens`` is this same entry point. Every command, ``figure`` included, goes
+through :func:`engine.cli.main`; ``figure`` (it renders the app's views) is registered from
+:mod:`gui.figure`, which imports Qt only when the command runs.
 """
 
 from __future__ import annotations
@@ -15,17 +17,10 @@ def main(argv: list[str] | None = None) -> int:
         from gui.app import run
 
         return run(args)
-    # the command after any of the CLI's global options (``convlens -q figure ...``)
-    lead = 0
-    while lead < len(args) and args[lead] in cli_options - {"-h", "--help"}:
-        lead += 1
-    if lead < len(args) and args[lead] == "figure":  # renders views: lives in gui, not in the engine CLI
-        from gui.figure import main as figure_main
-
-        return figure_main(args[lead + 1:], quiet=bool({"-q", "--quiet"} & set(args[:lead])))
     from engine.cli import main as cli_main
+    from gui.figure import register as register_figure
 
-    return cli_main(args)
+    return cli_main(args, extra=[register_figure])
 
 
 if __name__ == "__main__":

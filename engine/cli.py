@@ -1,5 +1,12 @@
 """Headless command line: ``convlens <command> ...``. Every command writes machine-readable output.
 
+Commands are found, not listed: every package ``engine/<name>/`` with a ``cli`` module that
+defines ``register(subparsers)`` adds its command(s) (the built-in ones are
+``engine/commands/cli.py``); see :mod:`engine.cli_common` for what a command shares. Building
+the parser imports only those ``cli`` modules and their packages, so ``convlens --help`` and
+``convlens cache`` load neither torch nor ONNX Runtime: a package with a command keeps its
+``__init__`` light (PEP 562 ``__getattr__`` for what needs torch).
+
 Exit codes: 0 success, 1 a problem with the input (the message names the file and the cause),
 2 a usage error, 130 interrupted.
 """
@@ -8,598 +15,103 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import importlib
 import logging
-import math
-import os
+import pkgutil
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
-
-from .jobs import Job, run_sync
-from .types import ConvLensError, ModelSpec, Progress
-
-EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-# ----------------------------------------------------------------------------- option types
-# argparse ``type=`` functions: a bad value is a usage error (exit 2) naming the option, found
-# while parsing, so before any file is opened or the cache is consulted.
-
-
-def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
-    """A whole number ``low <= v`` (``<= high`` when given)."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if v < low or (high is not None and v > high):
-            want = f"from {low} to {high}" if high is not None else (
-                "a positive whole number" if low == 1 else f"at least {low}")
-            raise argparse.ArgumentTypeError(f"must be {want}, got {v}")
-        return v
-
-    parse.__name__ = "int"
-    return parse
-
-
-positive_int = int_range(1)
-non_negative_int = int_range(0)
-
-
-def float_range(low: float, high: float, *, low_open: bool, high_open: bool) -> Callable[[str], float]:
-    """A finite number in the interval from ``low`` to ``high`` (open or closed ends)."""
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-        if not ok:
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text.strip()}")
-        return v
-
-    parse.__name__ = "float"
-    return parse
-
-
-def positive_float(text: str) -> float:
-    try:
-        v = float(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text.strip()}")
-    return v
-
-
-# ----------------------------------------------------------------------------- messages and outputs
-
-
-def shown(path: object) -> str:
-    """``path`` for a message: a name that is not valid UTF-8 (surrogate escapes from
-    ``os.fsdecode``) shows its raw bytes as ``\\xNN`` instead of failing to print."""
-    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def error(msg: object) -> None:
-    """``convlens: error: msg`` on standard error, printable whatever the file names hold."""
-    print(f"convlens: error: {shown(msg)}", file=sys.stderr)
-
-
-def warn(msg: object) -> None:
-    print(f"convlens: warning: {shown(msg)}", file=sys.stderr)
-
-
-def _why(e: OSError) -> str:
-    return e.strerror.lower() if e.strerror else str(e)
-
-
-#: output folders this process created; removed again (only if still empty) when a command fails
-_made_dirs: list[Path] = []
-
-
-def _nonempty(out: str) -> Path:
-    if not str(out).strip():
-        raise ConvLensError("--out is empty: name the output (an empty path would mean the current folder)")
-    return Path(out)
-
-
-def _mkdirs(p: Path, what: str) -> None:
-    """Create folder ``p`` (and missing parents) or raise a ConvLensError naming ``p``."""
-    missing = []
-    q = p
-    try:
-        while not q.exists() and q != q.parent:
-            if q.is_symlink():  # a dangling link: mkdir would fail with a confusing "exists"
-                raise ConvLensError(f"{p}: cannot create the {what}: {q} is a broken symbolic link")
-            missing.append(q)
-            q = q.parent
-        if q.exists() and not q.is_dir():
-            raise ConvLensError(f"{p}: cannot create the {what}: {q} is a file, not a folder")
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConvLensError(f"{p}: cannot create the {what} ({_why(e)})") from None
-    _made_dirs.extend(reversed(missing))
-
-
-def _probe(folder: Path, target: Path, what: str) -> None:
-    """Create and remove a file in ``folder``: the cheap, exact test that ``target`` can be written."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".convlens-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        where = "" if folder == target else f" (its folder {folder})"
-        raise ConvLensError(f"{target}: cannot write the {what}{where}: {_why(e)}") from None
-
-
-def check_out_dir(out: str, files: Sequence[str] = ()) -> Path:
-    """An output folder that can be written into, checked before any work: a file in the way,
-    a path under a file or a folder that cannot be written is an error naming ``out``, and so
-    is a folder in the place of one of the ``files`` the command writes there. A missing
-    folder is created (and removed again if the command fails before writing to it)."""
-    p = _nonempty(out)
-    if p.exists() and not p.is_dir():
-        raise ConvLensError(f"{p}: exists and is not a folder (--out names the output folder)")
-    if not p.exists():
-        _mkdirs(p, "output folder")
-    _probe(p, p, "output folder")
-    for name in files:
-        if (p / name).is_dir():
-            raise ConvLensError(f"{p / name}: is a folder; the output file {name} cannot be written there")
-    return p
-
-
-def check_out_parent(out: str) -> Path:
-    """For an output folder that is built beside its place and renamed in (dissect's report):
-    ``out`` is not a file, and its parent folder can be written."""
-    p = _nonempty(out)
-    if p.exists() and not p.is_dir():
-        raise ConvLensError(f"{p}: exists and is not a folder (--out names the output folder)")
-    parent = p.parent
-    if not parent.exists():
-        _mkdirs(parent, "folder for the output")
-    elif not parent.is_dir():
-        raise ConvLensError(f"{p}: cannot create the output folder: {parent} is a file, not a folder")
-    _probe(parent, p, "output folder")
-    return p
-
-
-def check_out_file(out: str, what: str = "output file") -> Path:
-    """A file output, checked before any work: not a folder, and its folder can be written."""
-    p = _nonempty(out)
-    if p.is_dir():
-        raise ConvLensError(f"{p}: is a folder; --out names the {what} to write")
-    parent = p.parent
-    if not parent.exists():
-        _mkdirs(parent, f"folder for the {what}")
-    elif not parent.is_dir():
-        raise ConvLensError(f"{p}: cannot write the {what}: {parent} is a file, not a folder")
-    _probe(parent, p, what)
-    return p
-
-
-@contextlib.contextmanager
-def writing(target: str | os.PathLike[str]) -> Iterator[None]:
-    """Report a failure to write as a ConvLensError naming the user's ``target`` (file or
-    folder), never the temporary file the atomic write went through."""
-    try:
-        yield
-    except OSError as e:
-        # os.replace(temporary, final) fails with filename2 = the final file; other calls name the
-        # temporary file, which stands for the file beside it
-        where = _user_path(e.filename2 or e.filename) if e.filename else os.fspath(target)
-        raise ConvLensError(f"{where}: cannot write ({_why(e)})") from None
-    except UnicodeEncodeError as e:  # a name that is not valid UTF-8, should the writer not allow it
-        raise ConvLensError(f"{target}: cannot write: a file name is not valid UTF-8 ({e.reason})") from None
-
-
-def write_text_output(path: str | os.PathLike[str], text: str) -> Path:
-    """Atomically write ``text``; file names that are not valid UTF-8 keep their raw bytes."""
-    from .cache import atomic_write_bytes
-
-    with writing(path):
-        return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
-
-
-def write_json_output(path: str | os.PathLike[str], obj: Any) -> Path:
-    # ensure_ascii: a surrogate-escaped name becomes "\\udcNN", valid JSON that json.load and
-    # os.fsencode turn back into the file's real name
-    return write_text_output(path, json.dumps(obj, indent=2, ensure_ascii=True) + "\n")
-
-
-def skipped_files(acts: Any, images: Any) -> list[dict[str, str]]:
-    """Every file left out of a run: listed but missing (CSV rows; ``ImageSet.missing`` where the
-    image set records them) and unreadable (found by the extraction, kept with its cache entry)."""
-    missing = getattr(images, "missing", ()) or ()
-    out = [{"path": str(p), "reason": str(r)} for p, r in missing]
-    out += [{"path": str(p), "reason": str(r)} for p, r in getattr(acts, "skipped", ())]
-    return out
-
-
-def report_skipped(skipped: Sequence[dict[str, str]], listed_in: Path | None = None, first: int = 5) -> None:
-    """Name the skipped files on standard error, every run (a cached rerun too)."""
-    if not skipped:
-        return
-    n = len(skipped)
-    warn(f"{n} file{'s' if n != 1 else ''} skipped:")
-    for s in skipped[:first]:
-        print(f"  {shown(s['path'])}: {shown(s['reason'])}", file=sys.stderr)
-    if n > first:
-        where = f" (all in {shown(listed_in)})" if listed_in else ""
-        print(f"  ... and {n - first} more{where}", file=sys.stderr)
-
-
-class _SkipLogFilter(logging.Filter):
-    """On the ``convlens.data`` logger while a command runs: drop the image loader's per-file
-    "skipped" warnings, and the CSV reader's for listed files that are missing. The CLI names
-    every skipped file itself once the pass is over (cached or not), the first few and a count,
-    instead of one line each."""
-
-    FORMATS = ("skipped %s", "%s: row %d: %s does not exist; skipped", "%s: row %d: %s is not a regular file; skipped")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "convlens.data" and record.msg in self.FORMATS)
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class ProgressBar:
-    """A one-line progress bar on a terminal; periodic plain lines otherwise (logs, CI)."""
-
-    def __init__(self, title: str, stream: TextIO | None = None, quiet: bool = False) -> None:
-        self.title, self.stream, self.quiet = title, stream or sys.stderr, quiet
-        self.tty = self.stream.isatty()
-        self.t0 = self.last = time.perf_counter()
-        self.shown = False
-        self.open_line = False  # a terminal bar drawn without its closing newline
-
-    def __call__(self, p: Progress) -> None:
-        if self.quiet:
-            return
-        now = time.perf_counter()
-        final = p.fraction is not None and p.fraction >= 1.0
-        if not final and now - self.last < (0.1 if self.tty else 5.0) and self.shown:
-            return
-        self.last, self.shown = now, True
-        frac = p.fraction or 0.0
-        if self.tty:
-            bar = "#" * int(frac * 30)
-            self.stream.write(f"\r{self.title} [{bar:<30}] {frac:5.1%} {shown(p.message)[:60]:<60}")
-            self.open_line = not final
-            if final:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"{self.title}: {frac:5.1%} {shown(p.message)}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """End a terminal bar's line (a job may finish short of 100%, e.g. with skipped images),
-        so that what is printed next starts on a line of its own."""
-        if self.open_line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.open_line = False
-
-
-def run_job(job: Job[Any], title: str, quiet: bool = False) -> Any:
-    bar = ProgressBar(title, quiet=quiet)
-    try:
-        return run_sync(job, bar)
-    finally:
-        bar.close()
-
-
-# ----------------------------------------------------------------------------- model options
-
-
-def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=required, help="checkpoint: TorchScript, .pt2, state dict, safetensors or ONNX")
-    g.add_argument("--arch", help="architecture for state dicts: torchvision name, 'rnet', or file.py:Class")
-    g.add_argument("--input-size", help="N or HxW (height x width)")
-    g.add_argument("--mean", help="per-channel mean in [0,1] pixel units, e.g. 0.485,0.456,0.406")
-    g.add_argument("--std", help="per-channel std in [0,1] pixel units, e.g. 0.229,0.224,0.225")
-    g.add_argument("--channels", choices=["rgb", "bgr"])
-    g.add_argument("--grayscale", action="store_true", default=None, help="the model takes one channel")
-    g.add_argument("--resize", choices=["stretch", "shorter_side_crop"])
-    g.add_argument("--classes", help="class names: a file (one per line) or a comma-separated list")
-    g.add_argument("--backend", choices=["auto", "torch", "onnx"])
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--output-index", type=non_negative_int, help="which output is the classifier when there are several")
-    g.add_argument("--scores", choices=["auto", "logits", "probs"], help="what the classifier output holds")
-    g.add_argument("--num-classes", type=positive_int, help="class count for a torchvision architecture")
-    g.add_argument("--no-strict", dest="strict", action="store_false", default=None,
-                   help="load a state dict even if some keys are missing or unexpected")
-    g.add_argument("--allow-pickle", action="store_true", default=None,
-                   help="allow unpickling a full pickled model (runs code stored in the file; trusted files only)")
-    g.add_argument("--model-config", help="TOML model description (default: <model>.toml beside the checkpoint)")
-
-
-def spec_from_args(a: argparse.Namespace) -> ModelSpec:
-    from .models.config import build_spec
-
-    return build_spec(
-        a.model, config=a.model_config, arch=a.arch, input_size=a.input_size, mean=a.mean, std=a.std,
-        channels=a.channels, grayscale=a.grayscale, resize=a.resize, classes=a.classes,
-        backend=a.backend, device=a.device, output_index=a.output_index, scores=a.scores,
-        num_classes=a.num_classes, strict=a.strict, allow_pickle=a.allow_pickle,
-    )
-
-
-def open_model(spec: ModelSpec) -> tuple[Any, Any]:
-    """Load and open ``spec``; what the user should know about the load goes to stderr."""
-    from .backends import open_backend
-    from .models.loading import load_model
-
-    loaded = load_model(spec)
-    for note in loaded.notes:
-        print(f"convlens: warning: {note}", file=sys.stderr)
-    return loaded, open_backend(loaded)
-
-
-def parse_layers(value: str | None, spec: ModelSpec, backend: Any) -> list[str]:
-    if value is not None:
-        names = [v.strip() for v in value.split(",") if v.strip()]
-        if not names:
-            raise ConvLensError(f"--layers {value!r}: names no layer (give comma-separated layer names, "
-                                "or leave the option out for the model's default layers)")
-        return names
-    if spec.layers:
-        return list(spec.layers)
-    from .models.layers import default_layers
-
-    return default_layers(backend.layers())
-
-
-# ----------------------------------------------------------------------------- commands
-
-
-def cmd_info(a: argparse.Namespace) -> int:
-    if a.out is not None:
-        check_out_file(a.out, "JSON file")
-    spec = spec_from_args(a)
-    loaded, backend = open_model(spec)
-    layers = backend.layers()
-    from .models.layers import default_layers
-
-    info = {
-        "model": str(Path(spec.path).resolve()),
-        "format": loaded.format,
-        "sha256": loaded.sha256,
-        "backend": backend.name,
-        "device": backend.device,
-        "gradients": backend.supports_gradients,
-        "input_shape": [None, spec.preprocess.n_channels, *spec.preprocess.input_size],
-        "preprocess": spec.preprocess.to_dict(),
-        "classes": list(spec.classes) if spec.classes else None,
-        "default_layers": default_layers(layers),
-        "layers": [{"name": li.name, "kind": li.kind, "shape": list(li.shape)} for li in layers],
-        "notes": loaded.notes,
-    }
-    _emit_json(info, a.out)
-    return EXIT_OK
-
-
-def _emit_json(obj: Any, out: str | None) -> None:
-    if out is not None:
-        write_json_output(out, obj)
-    else:
-        print(json.dumps(obj, indent=2))
-
-
-def _extract_for(a: argparse.Namespace, layers_arg: str | None, with_layers: bool) -> tuple[Any, Any, Any, Any]:
-    from .activations import extract
-    from .data.images import open_image_set
-
-    check_out_dir(a.out, ["summary.json", *([] if with_layers else ["predictions.csv"])])
-    spec = spec_from_args(a)
-    images = open_image_set(a.images)
-    loaded, backend = open_model(spec)
-    layers = parse_layers(layers_arg, spec, backend) if with_layers else []
-    acts = run_job(extract(backend, loaded.cache_id, images, layers, batch_size=a.batch_size,
-                           store_maps=not getattr(a, "no_maps", False)), "extract", a.quiet)
-    return spec, images, backend, acts
-
-
-def _prediction_summary(preds: Any, acts: Any, images: Any, spec: ModelSpec) -> dict[str, Any]:
-    return {
-        "images": len(preds.paths),  # the rows of predictions.csv
-        "listed": _listed(images),
-        "skipped": skipped_files(acts, images),
-        "classes": list(preds.classes),
-        "score_kind": preds.score_kind,
-        "scored": preds.n_scored,
-        "accuracy": preds.accuracy,
-        "unmatched_labels": preds.unmatched_labels(),
-        "model": spec.path,
-    }
-
-
-def _write_predictions(preds: Any, out: Path) -> Path:
-    with writing(out / "predictions.csv"):
-        return preds.write_csv(out / "predictions.csv")
-
-
-def cmd_predict(a: argparse.Namespace) -> int:
-    from .predict import predictions_from
-
-    spec, images, _backend, acts = _extract_for(a, None, with_layers=False)
-    preds = predictions_from(acts, spec)
-    out = Path(a.out)
-    _write_predictions(preds, out)
-    summary = _prediction_summary(preds, acts, images, spec)
-    write_json_output(out / "summary.json", summary)
-    report_skipped(summary["skipped"], out / "summary.json")
-    _say(a, _prediction_line(summary, out / "predictions.csv"))
-    return EXIT_OK
-
-
-def _listed(images: Any) -> int:
-    """Images the set names: those found, and those listed but missing."""
-    return len(images) + len(getattr(images, "missing", ()) or ())
-
-
-def _images_note(s: dict[str, Any]) -> str:
-    skipped = f", {len(s['skipped'])} skipped" if s["skipped"] else ""
-    return f"{s['listed']} images{skipped}"
-
-
-def _prediction_line(s: dict[str, Any], csv_path: Path) -> str:
-    acc = "no labels" if s["accuracy"] is None else f"accuracy {s['accuracy']:.2%} on {s['scored']} labelled"
-    return f"{_images_note(s)}: {acc}; wrote {csv_path}"
-
-
-def cmd_activations(a: argparse.Namespace) -> int:
-    from .activations import write_unit_tables
-
-    _spec, images, _backend, acts = _extract_for(a, a.layers, with_layers=True)
-    out = Path(a.out)
-    with writing(out):
-        files = write_unit_tables(acts, out)
-    summary = {
-        "images": acts.n_images,
-        "listed": _listed(images),
-        "valid": int(acts.valid.sum()),
-        "skipped": skipped_files(acts, images),
-        "layers": {k: {"kind": v.kind, "shape": list(v.shape)} for k, v in acts.layers.items()},
-        "cache": str(acts.folder),
-        "seconds": acts.seconds,
-        "files": [str(f) for f in files],
-    }
-    write_json_output(out / "summary.json", summary)
-    report_skipped(summary["skipped"], out / "summary.json")
-    _say(a, f"{_images_note(summary)}, {len(acts.layers)} layers -> {out} (cache: {acts.folder})")
-    return EXIT_OK
-
-
-def cmd_demo(a: argparse.Namespace) -> int:
-    from .activations import extract, write_unit_tables
-    from .backends import open_backend
-    from .data.images import open_image_set
-    from .demo import DEMO_LAYERS, prepare_demo
-    from .models.loading import load_model
-    from .predict import predictions_from
-
-    check_out_dir(a.out, ["predictions.csv", "summary.json", "report.md"])
-    spec, image_dir = prepare_demo()
-    spec = spec.with_(device=a.device or "auto")
-    loaded = load_model(spec)
-    backend = open_backend(loaded)
-    images = open_image_set(image_dir)
-    acts = run_job(extract(backend, loaded.cache_id, images, list(DEMO_LAYERS)), "demo", a.quiet)
-    preds = predictions_from(acts, spec)
-    out = Path(a.out)
-    _write_predictions(preds, out)
-    with writing(out / "units"):
-        write_unit_tables(acts, out / "units")
-    summary = _prediction_summary(preds, acts, images, spec)
-    summary.update({"model": str(Path(spec.path)), "images_dir": str(image_dir), "backend": backend.name,
-                    "device": backend.device})
-    write_json_output(out / "summary.json", summary)
-    li, pr = preds.label_index, preds.predicted
-    k = len(preds.classes)
-    conf = [[int(((li == i) & (pr == j)).sum()) for j in range(k)] for i in range(k)]
-    lines = [
-        "# ConvLens demo", "",
-        "MTCNN RNet (pretrained weights from the facenet-pytorch wheel) on scikit-image's lfw_subset "
-        "(100 faces, 100 non-faces).", "",
-        f"- model: `{spec.path}` ({loaded.format}, sha256 {loaded.sha256[:12]}), backend {backend.name} on {backend.device}",
-        f"- images: `{image_dir}` ({len(images)} images)",
-        f"- accuracy: **{summary['accuracy']:.2%}** ({int(preds.correct.sum())}/{preds.n_scored})", "",
-        "| label \\ predicted | " + " | ".join(preds.classes) + " |",
-        "|---|" + "---|" * k,
-        *[f"| {preds.classes[i]} | " + " | ".join(map(str, conf[i])) + " |" for i in range(k)], "",
-        f"Per-unit statistics of {', '.join(DEMO_LAYERS)}: `units/`.",
-    ]
-    write_text_output(out / "report.md", "\n".join(lines) + "\n")
-    report_skipped(summary["skipped"], out / "summary.json")
-    _say(a, _prediction_line(summary, out / "predictions.csv"))
-    return EXIT_OK
-
-
-def cmd_cache(a: argparse.Namespace) -> int:
-    from .cache import Cache
-
-    cache = Cache()
-    if a.clear is not None:
-        # only a kind the cache lists, or "all": a path, "..", an unknown name is a CacheError
-        # (exit 1) and removes nothing
-        kinds = cache.clear(a.clear)
-        _say(a, f"cleared {', '.join(kinds) or 'nothing'} in {cache.root}")
-    usage = cache.usage()
-    _emit_json({"root": str(cache.root), "kinds": usage,
-                "total_bytes": sum(u["bytes"] for u in usage.values())}, None)
-    return EXIT_OK
-
-
-def _say(a: argparse.Namespace, msg: str) -> None:
-    if not a.quiet:
-        print(shown(msg), file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------- parser
-
-
+from typing import Any
+
+# the shared helpers, under their old home too (``from engine.cli import add_model_options``)
+from .cli_common import (  # noqa: F401
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ProgressBar,
+    _emit_json,
+    _listed,
+    _made_dirs,
+    _say,
+    _SkipLogFilter,
+    _user_path,
+    _why,
+    add_model_options,
+    check_out_dir,
+    check_out_file,
+    check_out_parent,
+    emit_json,
+    error,
+    float_range,
+    int_range,
+    listed_count,
+    non_negative_int,
+    open_model,
+    parse_layers,
+    positive_float,
+    positive_int,
+    report_skipped,
+    run_job,
+    say,
+    shown,
+    skipped_files,
+    spec_from_args,
+    user_path,
+    warn,
+    write_json_output,
+    write_text_output,
+    writing,
+)
+from .types import ConvLensError
+
+Registrar = Callable[[Any], None]
+
+#: command name -> its function, filled by :func:`build_parser`
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def discover_commands() -> list[Registrar]:
+    """``register`` of every ``engine.<package>.cli`` module, built-in commands first, then by
+    the module's ``ORDER`` (default 100) and package name. A package is imported only when it
+    has a ``cli`` module."""
+    import engine
+
+    found: list[tuple[int, str, Registrar]] = []
+    for pkg in pkgutil.iter_modules(engine.__path__):
+        if not pkg.ispkg:
+            continue
+        folder = [str(Path(p) / pkg.name) for p in engine.__path__]
+        if not any(m.name == "cli" for m in pkgutil.iter_modules(folder)):
+            continue
+        mod = importlib.import_module(f"engine.{pkg.name}.cli")
+        register = getattr(mod, "register", None)
+        if callable(register):
+            found.append((int(getattr(mod, "ORDER", 100)), pkg.name, register))
+    return [r for _, _, r in sorted(found, key=lambda t: (t[0], t[1]))]
+
+
+def build_parser(extra: Iterable[Registrar] = ()) -> argparse.ArgumentParser:
+    """The ``convlens`` parser: every discovered command, then those of ``extra`` (``main.py``
+    adds ``figure`` from :mod:`gui.figure`, which the headless engine cannot import)."""
     p = argparse.ArgumentParser(prog="convlens", description="See why your CNN decides what it decides. "
                                 "Without a command, opens the desktop app.",
                                 epilog="The app: convlens [--demo] [--open-model FILE] [--open-images DIR] "
-                                "[--open-project FILE]. convlens figure --view NAME ... exports any view of "
-                                "the app as PNG, SVG or PDF without a screen (see convlens figure --help).")
+                                "[--open-project FILE]. Each command has its own --help.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="command")
-
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(func=fn)
-        COMMANDS[name] = fn
-        return sp
-
-    sp = add("info", cmd_info, "describe a model: format, backend, input, classes and every layer (JSON)")
-    add_model_options(sp)
-    sp.add_argument("--out", help="write the JSON here instead of standard output")
-
-    for name, fn, help_ in (("predict", cmd_predict, "predict every image; writes OUT/predictions.csv"),
-                            ("activations", cmd_activations, "extract layers into the cache; per-unit stats")):
-        sp = add(name, fn, help_)
-        add_model_options(sp)
-        sp.add_argument("--images", required=True, help="image folder (class subfolders = labels) or CSV list")
-        sp.add_argument("--out", required=True, help="output folder")
-        sp.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
-        if name == "activations":
-            sp.add_argument("--layers", help="comma-separated layer names (default: the model's conv stages)")
-            sp.add_argument("--no-maps", action="store_true", help="keep per-unit statistics only, not maps")
-
-    from .dissection.cli import add_parser as add_dissect
-
-    add_dissect(sub, add_model_options)
-
-    sp = add("cache", cmd_cache, "show what the on-disk cache holds (JSON); --clear KIND|all empties it")
-    sp.add_argument("--clear", metavar="KIND", help="activations, dissection, onnx, thumbs, concepts, assets, ... or all")
-
-    sp = add("demo", cmd_demo, "RNet face classifier on real face crops: predictions and a short report")
-    sp.add_argument("--out", default="convlens-demo", help="output folder (default: convlens-demo)")
-    sp.add_argument("--device", help="auto, cpu, cuda")
+    for register in [*discover_commands(), *extra]:
+        register(sub)
+    for name, sp in sub.choices.items():
+        func = sp.get_default("func")
+        if func is not None:
+            COMMANDS[name] = func
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, extra: Iterable[Registrar] = ()) -> int:
+    parser = build_parser(extra)
     try:
         a = parser.parse_args(argv)
     except SystemExit as e:  # a usage error (argparse printed it; exit 2) or --help (exit 0)
@@ -612,7 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _made_dirs.clear()
     code = EXIT_INPUT
     data_log, skip_filter = logging.getLogger("convlens.data"), _SkipLogFilter()
-    if not a.verbose:  # for this command only: the logger outlives it when main is called in-process
+    # for this command only (the logger outlives it when main is called in-process), and only for
+    # a command that names its skipped files itself
+    filtering = getattr(a, "names_skipped", False) and not a.verbose
+    if filtering:
         data_log.addFilter(skip_filter)
     try:
         code = a.func(a)
@@ -626,30 +141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = EXIT_OK
         return EXIT_OK
     except OSError as e:  # a write that failed outside ``writing``: name the user's file, not a temporary
-        where = f"{_user_path(e.filename)}: " if e.filename else ""
+        where = f"{user_path(e.filename)}: " if e.filename else ""
         error(f"{where}{_why(e)}")
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("convlens: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        data_log.removeFilter(skip_filter)
+        if filtering:
+            data_log.removeFilter(skip_filter)
         if code != EXIT_OK:  # folders made for outputs that never came: leave no empty folder behind
             for d in reversed(_made_dirs):
                 with contextlib.suppress(OSError):
                     d.rmdir()
         _made_dirs.clear()
 
-
-def _user_path(filename: object) -> str:
-    """The user's path a temporary name stands for: atomic writes go through ``.NAME.XXXX.tmp``
-    files and ``.NAME.tmp-XXXX`` folders beside ``NAME`` (a report folder's files are written
-    inside such a folder)."""
-    import re
-
-    p = Path(os.fsdecode(filename)) if isinstance(filename, (str, bytes, os.PathLike)) else Path(str(filename))
-    parts = []
-    for part in p.parts:
-        m = re.fullmatch(r"\.(.+)\.[a-z0-9_]+\.tmp|\.(.+)\.tmp-[0-9a-f]+", part)
-        parts.append((m.group(1) or m.group(2)) if m else part)
-    return str(Path(*parts)) if parts else str(p)

@@ -24,7 +24,7 @@ def test_info_on_a_third_party_onnx_lists_layers(ocr_onnx: Path, capsys: pytest.
     assert info["input_shape"] == [None, 3, 48, 192]
 
 
-def test_predict_writes_csv_and_accuracy(rnet_spec, demo_images: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_predict_writes_csv_and_accuracy(rnet_spec, demo_images: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     assert main(["-q", "predict", "--model", rnet_spec.path, "--images", str(demo_images), "--out", str(out)]) == 0
@@ -34,7 +34,7 @@ def test_predict_writes_csv_and_accuracy(rnet_spec, demo_images: Path, tmp_path:
     assert summary["accuracy"] == 1.0 and summary["classes"] == ["non-face", "face"]
 
 
-def test_activations_writes_unit_tables(rnet_spec, demo_images: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_activations_writes_unit_tables(rnet_spec, demo_images: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "acts"
     assert main(["-q", "activations", "--model", rnet_spec.path, "--images", str(demo_images),
@@ -46,13 +46,13 @@ def test_activations_writes_unit_tables(rnet_spec, demo_images: Path, tmp_path: 
     assert json.loads((out / "summary.json").read_text())["valid"] == 200
 
 
-@pytest.mark.parametrize("argv,needle", [
+@pytest.mark.parametrize(("argv", "needle"), [
     (["info", "--model", "/no/such/model.pt"], "/no/such/model.pt: no such file"),
     (["predict", "--model", "{rnet}", "--images", "/no/such/dir", "--out", "{tmp}"], "/no/such/dir"),
     (["activations", "--model", "{rnet}", "--images", "{imgs}", "--layers", "conv9", "--out", "{tmp}"], "no layer named 'conv9'"),
     (["info", "--model", "{rnet}", "--mean", "127.5,127.5,127.5"], "[0, 1] pixel units"),
 ])
-def test_bad_input_gives_one_line_and_exit_1(argv, needle, rnet_spec, demo_images, tmp_path, capsys) -> None:  # noqa: ANN001
+def test_bad_input_gives_one_line_and_exit_1(argv, needle, rnet_spec, demo_images, tmp_path, capsys) -> None:
     argv = [a.format(rnet=rnet_spec.path, imgs=demo_images, tmp=tmp_path) for a in argv]
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -68,7 +68,7 @@ def test_console_entry_point_runs_headless(ocr_onnx: Path) -> None:
     assert bad.returncode == 2 and "--model" in bad.stderr
 
 
-def test_out_that_is_a_file_fails_before_any_work(rnet_spec, demo_images: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_out_that_is_a_file_fails_before_any_work(rnet_spec, demo_images: Path, tmp_path: Path, capsys) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     for cmd in (["predict"], ["activations", "--layers", "conv1"]):
@@ -78,7 +78,7 @@ def test_out_that_is_a_file_fails_before_any_work(rnet_spec, demo_images: Path, 
     assert notes.read_text() == "mine"
 
 
-def test_no_strict_still_refuses_weights_that_fit_nothing(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_no_strict_still_refuses_weights_that_fit_nothing(tmp_path: Path, capsys) -> None:
     import torch
     import torchvision
 
@@ -91,7 +91,7 @@ def test_no_strict_still_refuses_weights_that_fit_nothing(tmp_path: Path, capsys
     assert "convlens: warning: loaded non-strictly" in err and "fc.weight" in err
 
 
-def test_cache_command_reports_and_clears(rnet_spec, demo_images: Path, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_cache_command_reports_and_clears(rnet_spec, demo_images: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
     assert main(["-q", "activations", "--model", rnet_spec.path, "--images", str(demo_images), "--layers", "conv3",
                  "--out", str(tmp_path / "o")]) == 0

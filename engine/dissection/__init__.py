@@ -1,27 +1,75 @@
-"""Numeric cores of Network Dissection (Bau et al., CVPR 2017): thresholds and IoU tallies."""
+"""Network Dissection (Bau et al., CVPR 2017): thresholds and IoU tallies (numpy), the run over a
+model's layers and its report.
 
-from engine.dissection.quantile import TopQuantile
-from engine.dissection.tally import IoUTally, LayerSummary, TallyResult, summarize, unit_masks
+The names load on first use (PEP 562): ``import engine.dissection`` imports neither torch nor the
+report code, so the ``dissect`` command's parser (``engine.dissection.cli``) costs nothing until
+the command runs.
+"""
 
-__all__ = ["IoUTally", "LayerSummary", "TallyResult", "TopQuantile", "summarize", "unit_masks"]
+from __future__ import annotations
 
-from engine.dissection.report import render_tiles, write_report
-from engine.dissection.run import (
-    DissectionParams,
-    DissectionResult,
-    LayerDissection,
-    dissect,
-    load_result,
-    save_result,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ += [
+_WHERE = {
+    "TopQuantile": "quantile",
+    "IoUTally": "tally",
+    "LayerSummary": "tally",
+    "TallyResult": "tally",
+    "summarize": "tally",
+    "unit_masks": "tally",
+    "render_tiles": "report",
+    "write_report": "report",
+    "DissectionParams": "run",
+    "DissectionResult": "run",
+    "LayerDissection": "run",
+    "dissect": "run",
+    "load_result": "run",
+    "save_result": "run",
+}
+
+__all__ = [
     "DissectionParams",
     "DissectionResult",
+    "IoUTally",
     "LayerDissection",
+    "LayerSummary",
+    "TallyResult",
+    "TopQuantile",
     "dissect",
     "load_result",
     "render_tiles",
     "save_result",
+    "summarize",
+    "unit_masks",
     "write_report",
 ]
+
+if TYPE_CHECKING:  # the same names for type checkers, imported eagerly
+    from engine.dissection.quantile import TopQuantile as TopQuantile
+    from engine.dissection.report import render_tiles as render_tiles
+    from engine.dissection.report import write_report as write_report
+    from engine.dissection.run import DissectionParams as DissectionParams
+    from engine.dissection.run import DissectionResult as DissectionResult
+    from engine.dissection.run import LayerDissection as LayerDissection
+    from engine.dissection.run import dissect as dissect
+    from engine.dissection.run import load_result as load_result
+    from engine.dissection.run import save_result as save_result
+    from engine.dissection.tally import IoUTally as IoUTally
+    from engine.dissection.tally import LayerSummary as LayerSummary
+    from engine.dissection.tally import TallyResult as TallyResult
+    from engine.dissection.tally import summarize as summarize
+    from engine.dissection.tally import unit_masks as unit_masks
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,21 +12,35 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from typing import Any
 
+from engine.cli_common import (
+    EXIT_OK,
+    add_model_options,
+    check_out_parent,
+    float_range,
+    int_range,
+    open_model,
+    parse_layers,
+    positive_int,
+    report_skipped,
+    run_job,
+    shown,
+    spec_from_args,
+    writing,
+)
 
 
-def add_parser(subparsers: Any, add_model_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(subparsers: Any) -> None:
     """Add the ``dissect`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``).
 
     Every numeric option is checked while parsing (a usage error, exit 2, before any work).
     """
-    from engine.cli import float_range, int_range, positive_int
+    from engine.concepts import BUILTIN_DEFAULT_IMAGES, BUILTIN_DEFAULT_SIZE
 
     help_ = "Network Dissection: label units with concepts by IoU; writes a report into OUT"
     sp = subparsers.add_parser("dissect", help=help_, description=help_)
-    sp.set_defaults(func=cmd_dissect)
+    sp.set_defaults(func=cmd_dissect, names_skipped=True)
     add_model_options(sp)
     sp.add_argument("--concepts", required=True,
                     help="Broden-layout concept folder, or 'builtin' for the built-in synthetic set")
@@ -43,31 +57,19 @@ def add_parser(subparsers: Any, add_model_options: Callable[[argparse.ArgumentPa
     sp.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
     sp.add_argument("--top-k", type=positive_int, default=10, help="top images per unit (default 10)")
     sp.add_argument("--no-tiles", action="store_true", help="skip the per-unit image tiles")
-    sp.add_argument("--builtin-images", type=positive_int, default=2000,
-                    help="images of the built-in concept set (default 2000)")
-    sp.add_argument("--builtin-size", type=int_range(16, 4096), default=112,
-                    help="image size of the built-in concept set, 16 to 4096 px (default 112)")
+    sp.add_argument("--builtin-images", type=positive_int, default=BUILTIN_DEFAULT_IMAGES,
+                    help=f"images of the built-in concept set (default {BUILTIN_DEFAULT_IMAGES})")
+    sp.add_argument("--builtin-size", type=int_range(16, 4096), default=BUILTIN_DEFAULT_SIZE,
+                    help=f"image size of the built-in concept set, 16 to 4096 px (default {BUILTIN_DEFAULT_SIZE})")
 
 
 def cmd_dissect(a: argparse.Namespace) -> int:
     """Run ``convlens dissect`` (engine.cli.main turns a ConvLensError into exit code 1)."""
-    from engine.cli import EXIT_OK
-
     _dissect(a)
     return EXIT_OK
 
 
 def _dissect(a: argparse.Namespace) -> None:
-    from engine.cli import (
-        check_out_parent,
-        open_model,
-        parse_layers,
-        report_skipped,
-        run_job,
-        shown,
-        spec_from_args,
-        writing,
-    )
     from engine.concepts import open_broden
     from engine.dissection.report import write_report
     from engine.dissection.run import DissectionParams, dissect
@@ -105,3 +107,8 @@ def _dissect(a: argparse.Namespace) -> None:
             print(shown(result.summary_line(name)), file=sys.stderr)
         skipped = f", {len(result.skipped)} images skipped" if result.skipped else ""
         print(shown(f"{result.n_images} images{skipped}; wrote {out / 'index.html'}"), file=sys.stderr)
+
+
+def add_parser(subparsers: Any, _add_model_options: Any = None) -> None:
+    """The former name of :func:`register`."""
+    register(subparsers)

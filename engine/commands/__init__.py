@@ -1,0 +1,1 @@
+"""The built-in commands of ``convlens`` (``cli.py``); methods bring their own in ``engine/<method>/cli.py``."""
