@@ -21,16 +21,19 @@ from __future__ import annotations
 import csv
 import html
 import json
+import os
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from PIL import Image, ImageDraw
 
 from engine.backends.base import Backend
 from engine.cache import atomic_dir
+from engine.cache import safe_name as layer_folder
 from engine.concepts import ConceptDataset
 from engine.data.images import ImageLoader, load_image
 from engine.dissection.run import (
@@ -50,8 +53,6 @@ _PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#
 _OUTLINE = (255, 230, 0)
 
 
-from engine.cache import safe_name as layer_folder
-
 
 def write_report(result: DissectionResult, concepts: ConceptDataset, out_dir: str | Path, *,
                  backend: Backend | None = None) -> Path:
@@ -66,7 +67,7 @@ def write_report(result: DissectionResult, concepts: ConceptDataset, out_dir: st
         tiles = render_tiles(backend, concepts, result, tmp) if backend is not None else {}
         rows = result.to_rows()
         _write_csv(tmp / "dissection.csv", rows, result.categories)
-        with open(tmp / "thresholds.csv", "w", newline="", encoding="utf-8") as f:
+        with open(tmp / "thresholds.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["layer", "unit", "threshold"])
             for name, ld in result.layers.items():
@@ -114,7 +115,7 @@ def _write_csv(path: Path, rows: list[dict[str, object]], categories: Sequence[s
     header = ["layer", "unit", "category", "label", "iou", "detector"]
     for cat in categories:
         header += [f"best_{cat}", f"iou_{cat}"]
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.DictWriter(f, header, lineterminator="\n")
         w.writeheader()
         for r in rows:
@@ -178,8 +179,8 @@ def _overlay(picture: np.ndarray, mask: np.ndarray, cell: int) -> np.ndarray:
     """The picture at ``cell`` px with the mask region bright, the rest dimmed, edges marked."""
     img = np.asarray(Image.fromarray(picture).resize((cell, cell), Image.Resampling.BILINEAR),
                      dtype=np.float32)
-    m = torch.from_numpy(mask)[None, None].float()
-    m = F.interpolate(m, size=(cell, cell), mode="nearest")[0, 0].numpy() > 0.5
+    small = torch.from_numpy(mask)[None, None].float()
+    m = nnf.interpolate(small, size=(cell, cell), mode="nearest")[0, 0].numpy() > 0.5
     out = np.where(m[:, :, None], img, img * 0.3)
     inner = m.copy()
     inner[1:, :] &= m[:-1, :]
@@ -213,8 +214,8 @@ def layers_svg(result: DissectionResult) -> str:
     bar, gap, left, base, height = 18, 24, 48, 230, 200
     group = bar * len(cats) + gap
     width = left + group * len(layers) + 140
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{base + 60}" '
-             f'viewBox="0 0 {width} {base + 60}" font-family="sans-serif" font-size="11">',
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{base + 60}" '
+             f'viewBox="0 0 {width} {base + 60}" font-family="sans-serif" font-size="11">'),
              '<title>Detectors per category per layer</title>',
              f'<line x1="{left}" y1="{base}" x2="{width - 130}" y2="{base}" stroke="#333"/>',
              f'<line x1="{left}" y1="{base - height}" x2="{left}" y2="{base}" stroke="#333"/>']
@@ -229,17 +230,17 @@ def layers_svg(result: DissectionResult) -> str:
             x = x0 + g * bar
             parts.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{bar - 2}" '
                          f'height="{h:.1f}" fill="{_PALETTE[g % len(_PALETTE)]}">'
-                         f'<title>{html.escape(name)} {html.escape(cats[g])}: {v}</title></rect>')
+                         f'<title>{_escape(name)} {_escape(cats[g])}: {v}</title></rect>')
             if v:
                 parts.append(f'<text x="{x + (bar - 2) / 2:.1f}" y="{base - h - 3:.1f}" '
                              f'text-anchor="middle">{v}</text>')
         parts.append(f'<text x="{x0 + bar * len(cats) / 2:.1f}" y="{base + 16}" '
-                     f'text-anchor="middle">{html.escape(name)}</text>')
+                     f'text-anchor="middle">{_escape(name)}</text>')
     for g, cat in enumerate(cats):
         y = base - height + g * 16
         parts.append(f'<rect x="{width - 120}" y="{y}" width="10" height="10" '
                      f'fill="{_PALETTE[g % len(_PALETTE)]}"/>')
-        parts.append(f'<text x="{width - 104}" y="{y + 9}">{html.escape(cat)}</text>')
+        parts.append(f'<text x="{width - 104}" y="{y + 9}">{_escape(cat)}</text>')
     parts.append(f'<text x="{left}" y="{base + 40}">detectors (IoU &gt; '
                  f'{result.params.iou_threshold:g}) per category</text>')
     parts.append("</svg>")
@@ -269,9 +270,21 @@ document.querySelectorAll('table.sortable th').forEach(function (th, col) {
 """
 
 
+def _escape(text: object) -> str:
+    """``text`` for HTML and SVG: names that are not valid UTF-8 (surrogate escapes from
+    ``os.fsdecode``, e.g. a folder named in Latin-1) show their raw bytes as ``\\xNN``, so the
+    page stays valid UTF-8."""
+    return html.escape(str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+
+
+def _href(name: str) -> str:
+    """A relative link to a file named ``name``: its bytes percent-encoded (raw bytes included)."""
+    return html.escape(urllib.parse.quote(os.fsencode(name)))
+
+
 def _html(result: DissectionResult, summary: dict[str, object], rows: list[dict[str, object]],
           svg: str, tiles: dict[tuple[str, int], Path]) -> str:
-    e = html.escape
+    e = _escape
     cats = result.categories
     p = result.params
     head = ("<tr><th>layer</th><th>units</th><th>detectors</th><th>unique concepts</th>"
@@ -287,7 +300,7 @@ def _html(result: DissectionResult, summary: dict[str, object], rows: list[dict[
     unit_rows = []
     for r in rows:
         tile = tiles.get((str(r["layer"]), int(r["unit"])))  # type: ignore[call-overload]
-        img = (f'<img loading="lazy" src="tiles/{e(layer_folder(str(r["layer"])))}/'
+        img = (f'<img loading="lazy" src="tiles/{_href(layer_folder(str(r["layer"])))}/'
                f'unit_{r["unit"]}.png" alt="unit {r["unit"]}">' if tile is not None else "")
         iou = float(r["iou"])  # type: ignore[arg-type]
         unit_rows.append(
