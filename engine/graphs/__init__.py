@@ -1,0 +1,39 @@
+"""Inference graphs for CNN interpretation (Konforti, Shpigler, Lerner, Bar Hillel; ECCV 2020).
+
+Per modelled layer a diagonal Gaussian mixture over the spatial columns (:mod:`.gmm`), visual
+words and transition statistics between consecutive layers (:mod:`.transitions`), the fit job
+and the explanations (:mod:`.run`), a static figure (:mod:`.figure`), the ``graph`` command
+(:mod:`.cli`). Importing this package imports neither torch nor the submodules: the names below
+load on first use (PEP 562), so the CLI can build its ``--help`` cheaply.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GraphParams": "run", "GraphFit": "run", "LayerModel": "run", "GraphExplanation": "run",
+    "run": "run", "explain": "run", "save_result": "run", "load_result": "run", "image_words": "run",
+    "default_k": "run", "graph_key": "run", "CACHE_KIND": "run", "FORMAT_VERSION": "run",
+    "Mixture": "gmm", "SuffStats": "gmm", "EMSettings": "gmm", "fit_gmm": "gmm", "assign": "gmm",
+    "e_step": "gmm", "m_step": "gmm", "ArraySource": "gmm",
+    "TransitionTable": "transitions", "transition_counts": "transitions", "window_bounds": "transitions",
+    "select_nodes": "transitions", "build_graph": "transitions", "layout": "transitions",
+    "render_graph": "figure",
+}
+
+__all__ = [str(name) for name in sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'engine.graphs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"engine.graphs.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
