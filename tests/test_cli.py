@@ -98,6 +98,7 @@ def test_cache_command_reports_and_clears(rnet_spec, demo_images: Path, tmp_path
     capsys.readouterr()
     assert main(["cache"]) == 0
     usage = json.loads(capsys.readouterr().out)
-    assert usage["kinds"]["activations"]["entries"] == 1 and usage["total_bytes"] > 200 * 64 * 9 * 2
+    # per-layer cache: one entry for the model outputs, one for conv3
+    assert usage["kinds"]["activations"]["entries"] == 2 and usage["total_bytes"] > 200 * 64 * 9 * 2
     assert main(["-q", "cache", "--clear", "activations"]) == 0
     assert "activations" not in json.loads(capsys.readouterr().out)["kinds"]
