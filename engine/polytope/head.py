@@ -348,7 +348,7 @@ class HeadProgram:
                     y = z.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
             elif pattern is None:
                 fn = self._op(node, args, kwargs)
-                y = fn(z)
+                y = fn(z.clone())  # an in-place op (ReLU(inplace=True)) must leave z as it was
                 g = _slope(fn, z, y, info)
                 o = y - g * z
                 pat_out[node.name] = (g, o)
@@ -389,7 +389,7 @@ def _slope(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, y: torch
             lo, hi = float("-inf"), info.thresholds[0]
         return ((z > lo) & (z < hi)).to(z.dtype)
     # LeakyReLU, PReLU: the derivative (one forward-mode product), exact for a linear piece
-    _, g = torch.func.jvp(fn, (z,), (torch.ones_like(z),))
+    _, g = torch.func.jvp(lambda t: fn(t.clone()), (z,), (torch.ones_like(z),))
     return g.detach()
 
 

@@ -602,6 +602,8 @@ def suggest_earlier(backend: Any, layer: str, limit: int = 3) -> list[str]:
         return []
     out: list[str] = []
     for c in reversed(cands[:cands.index(layer)]):
+        if any(c.startswith(o + ".") for o in out):  # the last child of a block already listed
+            continue
         try:
             prog = HeadProgram(backend.split(c).head)
         except ConvLensError:
@@ -623,8 +625,6 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layer: str, params: P
     device = torch.device(params.device) if params.device else backend.torch_device
     if device != backend.torch_device:
         raise ConvLensError(f"device {params.device}: the split runs where the model is ({backend.torch_device})")
-    head_info = _head_info(prog, layer)
-    head_info["suggested_layers"] = suggest_earlier(backend, layer) if head_info["affine"] else []
     feats: list[Any] = []
     idx: list[np.ndarray] = []
     loader = ImageLoader(image_set, backend.spec.preprocess, batch_size=params.batch_size)
@@ -648,7 +648,9 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layer: str, params: P
         raise ConvLensError(f"{image_set.source}: a gallery needs at least two readable images, got {n}")
     psi = torch.cat(feats)
     t1 = time.perf_counter()
-    core, _prog = yield from _scaled(analyse(psi, sp.head, params, device), 0.3, 0.9)
+    core, prog = yield from _scaled(analyse(psi, sp.head, params, device), 0.3, 0.9)
+    head_info = _head_info(prog, layer)
+    head_info["suggested_layers"] = suggest_earlier(backend, layer) if head_info["affine"] else []
     features = psi.reshape(n, -1).double().numpy()
     base = baselines(core, features)
     sanity = None
