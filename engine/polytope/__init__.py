@@ -26,7 +26,7 @@ _EXPORTS = {
     "gallery_figure": "engine.polytope.figure",
 }
 
-__all__ = ["CACHE_KIND", "FORMAT_VERSION", "HeadProgram", "NotPiecewiseLinearError", "PolytopeParams",  # noqa: RUF022
+__all__ = ["CACHE_KIND", "FORMAT_VERSION", "HeadProgram", "NotPiecewiseLinearError", "PolytopeParams",
            "PolytopeResult", "default_layer", "gallery_figure", "load_result", "run", "save_result", "scsc_greedy"]
 
 

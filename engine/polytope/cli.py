@@ -23,11 +23,12 @@ SET_FILES = ("metrics.json", "images.csv")
 
 def _common() -> Any:
     """The shared CLI helpers (``engine.cli_common`` when present, else ``engine.cli``)."""
+    import importlib
+
     try:
-        import engine.cli_common as common
+        return importlib.import_module("engine.cli_common")
     except ImportError:  # pragma: no cover - before the command registry
-        import engine.cli as common
-    return common
+        return importlib.import_module("engine.cli")
 
 
 def register(subparsers: Any) -> None:

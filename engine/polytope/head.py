@@ -274,7 +274,7 @@ class HeadProgram:
     """
 
     def __init__(self, head: nn.Module, dtype: torch.dtype = torch.float64) -> None:
-        gm = head
+        gm: Any = head
         while not isinstance(gm, fx.GraphModule) and hasattr(gm, "fn"):
             gm = gm.fn  # a chunked split of a static-batch program
         if not isinstance(gm, fx.GraphModule):
@@ -305,13 +305,14 @@ class HeadProgram:
 
     def _maxpool_with_indices(self, node: fx.Node, z: torch.Tensor, args: tuple[Any, ...],
                               kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        f: Any
         if node.op == "call_module":
-            mod = self.gm.get_submodule(str(node.target))
+            mod: Any = self.gm.get_submodule(str(node.target))
             if isinstance(mod, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
                 f = F.adaptive_max_pool1d if isinstance(mod, nn.AdaptiveMaxPool1d) else F.adaptive_max_pool2d
-                return f(z, mod.output_size, return_indices=True)  # type: ignore[arg-type]
+                return f(z, mod.output_size, return_indices=True)
             f = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}[type(mod)]
-            return f(z, mod.kernel_size, mod.stride, mod.padding, mod.dilation,  # type: ignore[call-arg]
+            return f(z, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
                      ceil_mode=mod.ceil_mode, return_indices=True)
         name = _target_name(node).strip("_").replace("_with_indices", "")
         f = getattr(F, name)
@@ -389,7 +390,7 @@ def _slope(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, y: torch
             lo, hi = float("-inf"), info.thresholds[0]
         return ((z > lo) & (z < hi)).to(z.dtype)
     # LeakyReLU, PReLU: the derivative (one forward-mode product), exact for a linear piece
-    _, g = torch.func.jvp(lambda t: fn(t.clone()), (z,), (torch.ones_like(z),))
+    _, g = torch.func.jvp(lambda t: fn(t.clone()), (z,), (torch.ones_like(z),))  # type: ignore[misc]
     return g.detach()
 
 
@@ -410,7 +411,7 @@ def linear_parts(prog: HeadProgram, psi: torch.Tensor, record: Record) -> tuple[
     def f(p: torch.Tensor) -> torch.Tensor:
         return prog.run(p).output
 
-    _, a_psi = torch.func.jvp(f, (psi,), (psi,))
+    _, a_psi = torch.func.jvp(f, (psi,), (psi,))  # type: ignore[misc]
     with torch.no_grad():
         zero = prog.run(torch.zeros_like(psi), record.pattern)
     return a_psi.detach(), zero
@@ -429,7 +430,7 @@ def boundary_rows(prog: HeadProgram, psi: torch.Tensor, select: Sequence[Sequenc
         rec = prog.run(p)
         return (rec.output, *[rec.z[n].reshape(b, -1) for n in names])
 
-    outs, vjp_fn = torch.func.vjp(f, psi)
+    outs, vjp_fn = torch.func.vjp(f, psi)  # type: ignore[misc]
     cot = [torch.zeros((k, *o.shape), dtype=o.dtype, device=o.device) for o in outs]
     for bi, items in enumerate(select):
         for r, (what, i, j) in enumerate(items):

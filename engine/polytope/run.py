@@ -675,7 +675,8 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layer: str, params: P
     return PolytopeResult(
         model=backend.spec.path, model_sha256=model_sha, layer=layer, image_source=image_set.root,
         paths=tuple(image_set.relative_path(image_set.records[int(i)]) for i in records),
-        record_indices=records.astype(np.int64), class_names=tuple(backend.spec.classes) if backend.spec.classes else None,
+        record_indices=records.astype(np.int64),
+        class_names=tuple(backend.spec.classes) if backend.spec.classes else None,
         params=params, head=head_info, logits=core.logits, pred=core.pred, certificate=core.certificate,
         boundary_certificate=core.boundary_certificate, region_id=core.region_id, active=core.active,
         q_image=core.q["image"], q_kind=core.q["kind"], q_a=core.q["a"], q_b=core.q["b"],
@@ -769,7 +770,8 @@ def load_result(folder: str | Path) -> PolytopeResult:
             class_names=tuple(meta["class_names"]) if meta["class_names"] is not None else None,
             params=params, head=meta["head"], boundary_certificate=float(meta["boundary_certificate"]),
             baselines=meta["baselines"], seconds=meta["seconds"], throughput=meta["throughput"],
-            sanity=meta["sanity"], skipped=tuple(tuple(s) for s in meta["skipped"]), **arrays)
+            sanity=meta["sanity"], skipped=tuple(tuple(s) for s in meta["skipped"]),
+            **arrays)  # type: ignore[arg-type]
     except (TypeError, ValueError, KeyError) as e:
         raise DamagedEntry(f"{folder}: meta.json does not describe a polytope result ({e})") from e
 
