@@ -12,6 +12,7 @@ Definition used here: ``T_k = numpy.quantile(values_k, 1 - q, method="linear")``
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -34,6 +35,12 @@ def _rank_plan(total: int, q: float) -> tuple[int, int, float]:
         return total - 1, total - 1, 0.0
     lo = math.floor(h)
     return lo, lo + 1, h - lo
+
+
+def _pow2_ceil(x: np.ndarray) -> np.ndarray:
+    """The least power of two >= each (positive) value, exactly."""
+    m, e = np.frexp(x)  # x = m * 2**e with 0.5 <= m < 1
+    return np.ldexp(1.0, (e - (m == 0.5)).astype(np.int64))
 
 
 def _lerp(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
@@ -61,9 +68,10 @@ class TopQuantile:
 
     **Approximate mode** (``exact is False``), used when ``K * m * 4 > max_bytes``: per unit a
     histogram of ``n_bins = max_bytes // (16 * K)`` bins of equal width ``w_k``, each holding
-    its count and the exact minimum and maximum of the values that fell in it. Bin ``i``
-    holds ``[o_k + i w_k, o_k + (i + 1) w_k)`` shifted by a per-unit integer start; ``o_k`` is
-    the first minimum seen. When a batch does not fit, ``w_k`` is doubled (pairs of bins
+    its count and the exact minimum and maximum of the values that fell in it. ``w_k`` is a
+    power of two and bin ``i`` holds ``[(s_k + i) w_k, (s_k + i + 1) w_k)`` for a per-unit
+    integer start ``s_k`` (a grid anchored at 0, so any two sketches' bins nest and
+    :meth:`merge` is exact). When a batch does not fit, ``w_k`` is doubled (pairs of bins
     merge exactly, counts and min/max included) until the whole range seen fits. Since bins
     are ordered like the values, the two order statistics ``a <= b`` that the quantile
     interpolates are located exactly in their bins; each lies within its bin's
@@ -76,7 +84,8 @@ class TopQuantile:
 
     (up to the float64 rounding of the final interpolation), where ``max_k - min_k`` is the
     range of all values of unit ``k`` and ``w0_k`` the initial width: the first batch's range
-    divided by ``n_bins - 1``, or ``max(|o_k|, 1) * 2**-24`` when that range is zero (a width
+    divided by ``n_bins - 1``, or ``max(|min|, 1) * 2**-24`` when that range is zero, rounded
+    up to a power of two (so ``w0_k / 2 <= range / (n_bins - 1)`` for a nonzero range; a width
     that is only kept while the unit's values all fit in ``n_bins`` such bins). A bin whose
     values are all equal (ties, e.g. ReLU zeros) contributes no error. ``max_bytes`` bounds
     the kept state, not the temporaries of one batch (a few times the batch size).
@@ -121,8 +130,7 @@ class TopQuantile:
         self._bmin = torch.full((k, nb), math.inf, dtype=torch.float32, device=self.device)
         self._bmax = torch.full((k, nb), -math.inf, dtype=torch.float32, device=self.device)
         # Per-unit geometry, on the CPU in float64: bin i covers absolute index start + i,
-        # i.e. values v with floor((v - origin) / width) == start + i.
-        self._origin = np.zeros(k)
+        # i.e. values v with floor(v / width) == start + i.
         self._width = np.zeros(k)
         self._start = np.zeros(k)
         self._occ_lo = np.full(k, math.inf)  # absolute indices of the occupied bins
@@ -187,17 +195,16 @@ class TopQuantile:
         xmax = x.amax(dim=1).double().cpu().numpy()
         if self.count == 0:
             spread = xmax - xmin
-            self._origin = xmin.copy()
-            self._width = np.where(
+            self._width = _pow2_ceil(np.where(
                 spread > 0, spread / (nb - 1), np.maximum(np.abs(xmin), 1.0) * 2.0**-24
-            )
+            ))
         # Doublings d_k so that old occupied bins and the batch fit in n_bins bins.
         d = np.zeros(self.n_units)
         while True:
             scale = np.ldexp(1.0, d.astype(np.int64))
             width = self._width * scale
-            lo = np.minimum(np.floor((xmin - self._origin) / width), np.floor(self._occ_lo / scale))
-            hi = np.maximum(np.floor((xmax - self._origin) / width), np.floor(self._occ_hi / scale))
+            lo = np.minimum(np.floor(xmin / width), np.floor(self._occ_lo / scale))
+            hi = np.maximum(np.floor(xmax / width), np.floor(self._occ_hi / scale))
             too_wide = hi - lo + 1 > nb
             if not too_wide.any():
                 break
@@ -208,10 +215,9 @@ class TopQuantile:
         self._width, self._start = width, start
         self._occ_lo, self._occ_hi = lo, hi
         dev = self.device
-        origin = torch.as_tensor(self._origin, device=dev)[:, None]
         w = torch.as_tensor(width, device=dev)[:, None]
         s = torch.as_tensor(start, device=dev)[:, None]
-        idx = (torch.floor((x.double() - origin) / w) - s).long()
+        idx = (torch.floor(x.double() / w) - s).long()
         self._counts.scatter_add_(1, idx, torch.ones_like(idx))
         self._bmin.scatter_reduce_(1, idx, x, reduce="amin")
         self._bmax.scatter_reduce_(1, idx, x, reduce="amax")
@@ -233,6 +239,76 @@ class TopQuantile:
         self._bmax = torch.full_like(self._bmax, -math.inf).scatter_reduce_(
             1, idx, self._bmax, reduce="amax"
         )
+
+    def merge(self, other: TopQuantile) -> TopQuantile:
+        """The sketch of both sketches' values together (neither is changed).
+
+        Shards of one data set each build a ``TopQuantile`` with the same ``n_units``,
+        ``total`` (the whole data set's count), ``q`` and ``max_bytes``, and see disjoint parts
+        of the values; merging them in any order gives the sketch of all values. Exact mode:
+        the same top values, so :meth:`thresholds` equals the one-pass result bit for bit.
+        Approximate mode: the bins of both are coarsened onto the wider (power-of-two) grid,
+        doubled until the union's range fits, then counts added and minima/maxima combined,
+        all exactly; the class docstring's bound holds for the merged sketch, with ``w0_k``
+        the larger of the shards' initial widths.
+        """
+        same = (self.n_units, self.total, self.q, self.exact) == (other.n_units, other.total, other.q,
+                                                                  other.exact)
+        if not same or (not self.exact and self.n_bins != other.n_bins):
+            raise ConvLensError(
+                "TopQuantile.merge needs sketches of the same units, total, q and size; got "
+                f"{self.n_units}/{self.total}/{self.q} and {other.n_units}/{other.total}/{other.q}."
+            )
+        if self.count + other.count > self.total:
+            raise ConvLensError(
+                f"TopQuantile was told to expect {self.total} values per unit but the merge "
+                f"brings the count to {self.count + other.count}."
+            )
+        out = copy.copy(self)
+        out.count = self.count + other.count
+        out._error_bound = None
+        if self.exact:
+            merged = torch.cat((self._top, other._top.to(self.device)), dim=1)
+            if merged.shape[1] > self.m:
+                merged = torch.topk(merged, self.m, dim=1, sorted=False).values
+            out._top = merged
+            return out
+        parts = [s for s in (self, other) if s.count > 0]
+        if len(parts) < 2:
+            src = parts[0] if parts else self
+            out._counts, out._bmin, out._bmax = (t.to(self.device).clone()
+                                                 for t in (src._counts, src._bmin, src._bmax))
+            out._width, out._start = src._width.copy(), src._start.copy()
+            out._occ_lo, out._occ_hi = src._occ_lo.copy(), src._occ_hi.copy()
+            return out
+        nb, dev = self.n_bins, self.device
+        base = np.maximum(self._width, other._width)
+        d = np.zeros(self.n_units)
+        while True:
+            width = base * np.ldexp(1.0, d.astype(np.int64))
+            ratios = [width / s._width for s in parts]  # powers of two >= 1
+            lo = np.minimum(*(np.floor(s._occ_lo / r) for s, r in zip(parts, ratios, strict=True)))
+            hi = np.maximum(*(np.floor(s._occ_hi / r) for s, r in zip(parts, ratios, strict=True)))
+            too_wide = hi - lo + 1 > nb
+            if not too_wide.any():
+                break
+            d[too_wide] += 1
+        counts = torch.zeros_like(self._counts)
+        bmin = torch.full_like(self._bmin, math.inf)
+        bmax = torch.full_like(self._bmax, -math.inf)
+        start_t = torch.as_tensor(lo, device=dev)[:, None]
+        for s, r in zip(parts, ratios, strict=True):
+            old_abs = torch.as_tensor(s._start, device=dev)[:, None] + torch.arange(
+                nb, device=dev, dtype=torch.float64)
+            idx = (torch.floor(old_abs / torch.as_tensor(r, device=dev)[:, None]) - start_t).long()
+            c = s._counts.to(dev)
+            idx = torch.where(c > 0, idx, torch.zeros_like(idx))
+            counts.scatter_add_(1, idx, c)
+            bmin.scatter_reduce_(1, idx, s._bmin.to(dev), reduce="amin")
+            bmax.scatter_reduce_(1, idx, s._bmax.to(dev), reduce="amax")
+        out._counts, out._bmin, out._bmax = counts, bmin, bmax
+        out._width, out._start, out._occ_lo, out._occ_hi = width, lo, lo, hi
+        return out
 
     def thresholds(self) -> np.ndarray:
         """(K,) float64 thresholds ``T_k`` (see the class docstring for exactness)."""

@@ -30,6 +30,7 @@ repeat is instant; a cancelled run (``gen.close()``) writes nothing.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import deque
@@ -757,6 +758,18 @@ class _SparseTally:
         self.inter.index_add_(0, unit, inter)
         self.extra_union.index_add_(0, unit, union_part)
         clock.lap(f"tally[{name}]")
+
+    def merge(self, other: _SparseTally) -> _SparseTally:
+        """The tally of both tallies' images together (int64 sums: any split and order of the
+        images gives the one-pass counts exactly); neither is changed."""
+        if other.inter.shape != self.inter.shape or not torch.equal(other.cut.cpu(), self.cut.cpu()) \
+                or other.params.result_key() != self.params.result_key():
+            raise ConvLensError("cannot merge IoU tallies of different layers, labels, thresholds or settings.")
+        out = copy.copy(self)
+        out.inter = self.inter + other.inter.to(self.device)
+        out.extra_union = self.extra_union + other.extra_union.to(self.device)
+        out.label_area = self.label_area + other.label_area.to(self.device)
+        return out
 
     def iou(self) -> np.ndarray:
         """(K, L) float64 IoU over the data set (0 for unscored labels and empty unions)."""

@@ -229,6 +229,21 @@ class IoUTally:
             counted = hit > 0  # (B, K, G): unit's mask touches the category's labels
         self._mask_area_cat += (mask_area[:, :, None] * counted).sum(dim=0)
 
+    def merge(self, other: IoUTally) -> IoUTally:
+        """The tally of both tallies' images together (neither is changed): every count is an
+        int64 sum over images, so shards of a data set merged in any order equal one pass."""
+        if (other.n_units, other.n_labels, other.n_categories, other.mode) != (
+                self.n_units, self.n_labels, self.n_categories, self.mode) or not torch.equal(
+                other._label_category.cpu(), self._label_category.cpu()):
+            raise ConvLensError("IoUTally.merge needs tallies of the same units, labels, categories and mode.")
+        out = IoUTally.__new__(IoUTally)
+        out.__dict__.update(self.__dict__)
+        out.n_images = self.n_images + other.n_images
+        out._inter = self._inter + other._inter.to(self.device)
+        out._label_area = self._label_area + other._label_area.to(self.device)
+        out._mask_area_cat = self._mask_area_cat + other._mask_area_cat.to(self.device)
+        return out
+
     def _check_category(self, cat: int) -> None:
         if not 0 <= cat < self.n_categories:
             raise ConvLensError(f"Category index {cat} is outside 0..{self.n_categories - 1}.")
