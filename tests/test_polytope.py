@@ -65,7 +65,9 @@ def test_certificate_below_1e4_on_every_demo_image(demo_result) -> None:
     assert res.layer == "prelu3" and res.n == 200
     assert not res.head["affine"] and res.head["piecewise_linear"]
     assert [(d["module"], d["op"], d["units"]) for d in res.head["nonlinear"]] == [("prelu4", "PReLU", 128)]
-    assert res.certificate.shape == (200,) and float(res.certificate.max()) < 1e-4
+    assert res.certificate.shape == (200,) and float(res.certificate.max()) < 1e-10
+    # against the model's own float32 logits (what a user sees) too
+    assert float((res.certificate + res.float32_gap).max()) < 1e-4
     assert res.boundary_certificate < 1e-8
     # the logits are the model's own: compare with a plain forward pass of 8 images
     from engine.data.images import ImageLoader
@@ -251,6 +253,10 @@ def test_cli_gallery_of_one_image_and_metric_table(demo, tmp_path: Path, monkeyp
     assert js["covered"] == len(js["neighbours"]) and js["predicted"] in ("face", "non-face")
     assert all(n["distance"] >= 0 for n in js["neighbours"])
     assert [n["distance"] for n in js["neighbours"]] == sorted(n["distance"] for n in js["neighbours"])
+    lm = js["local_map"]
+    assert lm["A_shape"] == [2, 576] and lm["hidden_boundaries"] == 128 and lm["certificate_error"] < 1e-10
+    with np.load(tmp_path / "one" / "local_map.npz", allow_pickle=False) as z:
+        assert z["A"].shape == (2, 576) and z["W"].shape == (128, 576) and z["b"].shape == (128,)
     png = Image.open(tmp_path / "one" / "gallery.png")
     assert png.size[0] > 400 and png.size[1] > 150
     a = p.parse_args([*base, "--out", str(tmp_path / "bad"), "--image", str(tmp_path / "nope.png")])
@@ -294,3 +300,31 @@ def test_closing_the_job_mid_way_writes_no_cache_entry(tmp_path: Path) -> None:
     assert not res.from_cache and res.n == 10
     same = run_sync(run(be, "vgg", iset, PolytopeParams(candidates=20, batch_size=5), cache=cache))
     assert same.from_cache  # the batch size does not change the result
+
+
+def test_full_local_map_of_one_image_on_the_vgg_style_head() -> None:
+    from engine.polytope.head import local_affine_map
+
+    torch.manual_seed(0)
+    be = _backend(_VGGish())
+    sp, prog = split_checked(be, "features.4")
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(1, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        psi = sp.psi(x)
+        ref = sp.head(psi)
+    lm = local_affine_map(prog, psi)
+    assert lm.a.shape == (4, 16 * 16 * 16) and lm.w.shape == (64 + 32, 16 * 16 * 16) and len(lm.units) == 96
+    assert lm.certificate < 1e-12
+    torch.testing.assert_close(lm.a @ psi.double().reshape(-1) + lm.c, ref[0].double(), atol=1e-5, rtol=0)
+    # each hidden unit's hyperplane gives its pre-activation at psi
+    rec = prog.run(psi.double())
+    z = torch.cat([rec.z["classifier_1"][0], rec.z["classifier_4"][0]])
+    torch.testing.assert_close(lm.w @ psi.double().reshape(-1) + lm.b, z, atol=1e-10, rtol=0)
+    assert set(lm.pattern) == {"classifier_1", "classifier_4"} and 0 < lm.pattern["classifier_1"] <= 64
+    # moving psi a little inside the region: the same affine map still gives the logits
+    step = 1e-6 * torch.randn_like(psi)
+    with torch.no_grad():
+        moved = sp.head(psi + step)[0].double()
+    torch.testing.assert_close(lm.a @ (psi + step).double().reshape(-1) + lm.c, moved, atol=1e-5, rtol=0)
+    with pytest.raises(ConvLensError, match="full local map"):
+        local_affine_map(prog, psi, max_elements=1000)

@@ -5,7 +5,10 @@ et al., ICCV 2021) from the command line.
                       [--image PATH] [--candidates N] [--delta D] [--seed S] [--sanity]
 
 With ``--image`` (one file of the set): ``OUT/polytope.json`` (P(x), coverage, certificate
-error, the ranked neighbours with distances and predicted classes) and ``OUT/gallery.png``.
+error, the ranked neighbours with distances and predicted classes, the local affine map's
+summary), ``OUT/gallery.png`` and ``OUT/local_map.npz`` (``A``, ``c``, ``W``, ``b`` of the image's
+linear region: ``logits = A psi + c``, hidden boundaries ``W psi + b = 0``; written when at most
+16M numbers).
 Without it: ``OUT/metrics.json`` (precision and coverage of the gallery and of the baselines,
 the certificate maximum, timings) and ``OUT/images.csv`` (one row per image); the metric table
 is printed. Exit codes: 0 success, 1 a problem with the input (the message names it).
@@ -17,7 +20,7 @@ import argparse
 from typing import Any
 
 #: the files the command writes into OUT
-IMAGE_FILES = ("polytope.json", "gallery.png")
+IMAGE_FILES = ("polytope.json", "gallery.png", "local_map.npz")
 SET_FILES = ("metrics.json", "images.csv")
 
 
@@ -76,6 +79,10 @@ def cmd_polytope(a: argparse.Namespace) -> int:
     try:
         quiet = bool(getattr(a, "quiet", False))
         result = c.run_job(run(backend, loaded.cache_id, images, params), "polytope", quiet=quiet)
+        local = None
+        if a.image:
+            j = result.index_of(a.image)
+            local = _local_map(backend, images, result, j, out)
     finally:
         backend.close()
     if result.skipped:
@@ -84,9 +91,8 @@ def cmd_polytope(a: argparse.Namespace) -> int:
         sug = result.head.get("suggested_layers") or []
         c.warn(result.head["note"] + (f" (e.g. --layer {', '.join(sug)})" if sug else ""))
     if a.image:
-        j = result.index_of(a.image)
         data = {**result.image_summary(j), "layer": result.layer, "head": result.head,
-                "candidates": len(result.q_kind), "params": result.params.result_key()}
+                "candidates": len(result.q_kind), "params": result.params.result_key(), "local_map": local}
         c.write_json_output(out / "polytope.json", data)
         with c.writing(out / "gallery.png"):
             gallery_figure(result, j, out / "gallery.png", top=a.top)
@@ -115,6 +121,42 @@ def cmd_polytope(a: argparse.Namespace) -> int:
     return 0
 
 
+def _local_map(backend: Any, images: Any, result: Any, j: int, out: Any) -> dict[str, Any]:
+    """The full local affine map of image ``j`` (summary for the JSON; ``local_map.npz`` with A,
+    c, W, b when it is at most 16M numbers)."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from engine.cache import atomic_write_bytes
+    from engine.data.images import ImageLoader
+    from engine.polytope.head import local_affine_map
+    from engine.polytope.run import split_checked
+    from engine.types import ConvLensError
+
+    sp, prog = split_checked(backend, result.layer)
+    rec = int(result.record_indices[j])
+    batch = next(iter(ImageLoader(images, backend.spec.preprocess, batch_size=1, indices=[rec])), None)
+    if batch is None:
+        raise ConvLensError(f"{images.records[rec].path}: the image could not be read again")
+    with torch.no_grad():
+        psi = sp.psi(backend.to_tensor(batch.array))
+    summary: dict[str, Any] = {"psi_shape": list(psi.shape[1:])}
+    try:
+        lm = local_affine_map(prog, psi, max_elements=2**24)
+    except ConvLensError as e:
+        summary["note"] = str(e)
+        return summary
+    summary.update({"certificate_error": lm.certificate, "A_shape": list(lm.a.shape), "c": lm.c.tolist(),
+                    "hidden_boundaries": len(lm.units), "units_on_identity_piece": lm.pattern,
+                    "file": "local_map.npz"})
+    buf = io.BytesIO()
+    np.savez(buf, A=lm.a.cpu().numpy(), c=lm.c.cpu().numpy(), W=lm.w.cpu().numpy(), b=lm.b.cpu().numpy())
+    atomic_write_bytes(out / "local_map.npz", buf.getvalue())
+    return summary
+
+
 def _say(a: argparse.Namespace, msg: str) -> None:
     import sys
 
@@ -130,7 +172,8 @@ def metric_table(result: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     lines = [f"{result.n} images, layer {result.layer}, |Q| = {len(result.q_kind)}, mean |P(x)| = "
-             f"{f(m.get('mean_boundaries'))}, certificate max {result.certificate.max():.2e}",
+             f"{f(m.get('mean_boundaries'))}, certificate max {result.certificate.max():.2e} "
+             f"(float32 model vs float64 head: {result.float32_gap.max():.2e})",
              f"{'method':<16}{'precision':>10}{'coverage':>10}{'mean size':>11}"]
     for name in ("gallery", "knn_euclidean", "knn_cosine", "exact_region"):
         r = m[name]

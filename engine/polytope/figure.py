@@ -53,7 +53,8 @@ def gallery_figure(result: Any, j: int, out: str | os.PathLike[str], top: int = 
              f"covered {s['covered']} ({s['covered_different_class']} other-class, delta {s['delta']})")
     prec = "n/a" if s["precision"] is None else f"{s['precision']:.3f}"
     cov = "n/a" if s["coverage"] is None else f"{s['coverage']:.3f}"
-    line2 = f"precision {prec}  coverage {cov}  certificate max|A psi + c - f(x)| = {s['certificate_error']:.2e}"
+    line2 = (f"precision {prec}  coverage {cov}  certificate max|A psi + c - G(psi)| = {s['certificate_error']:.2e}"
+             f"  (float32 model: {s['float32_gap']:.1e})")
     draw.text((pad, 6), title, fill=INK, font=font)
     draw.text((pad, 22), line2, fill=INK, font=font)
     img.paste(_thumb(path_of[j], 2 * thumb), (pad, head_h))

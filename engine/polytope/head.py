@@ -473,3 +473,62 @@ def default_layer(backend: Any) -> str:
         else:
             break
     return chosen
+
+
+@dataclass
+class LocalMap:
+    """One image's linear region of the head: ``logits = A psi + c`` there, and each hidden
+    unit's boundary ``<W_i, psi> + b_i = 0`` (``units[i]``: nonlinearity node, flat unit index,
+    threshold). ``pattern``: per nonlinearity, how many units are on their identity piece
+    (slope 1). ``certificate``: ``max |A psi + c - G(psi)|`` (float64 head, float64 psi)."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+    units: list[tuple[str, int, float]]
+    pattern: dict[str, int]
+    certificate: float
+
+
+def local_affine_map(prog: HeadProgram, psi: torch.Tensor, max_elements: int = 2**26) -> LocalMap:
+    """The local affine map of one image (``psi``: (1, ...)) with full Jacobians (``jacrev``).
+
+    ``max_elements`` bounds the size of ``W`` (hidden units x psi size); a head with more is
+    refused (ConvLensError): sample boundaries instead (the gallery job does)."""
+    psi = psi.to(prog.dtype)
+    d = psi[0].numel()
+    with torch.no_grad():
+        rec = prog.run(psi)
+    elem = [n for n in prog.report.nonlinear if n.kind == "elementwise"]
+    units = [(n.node, i, t) for n in elem for i in range(rec.z[n.node][0].numel()) for t in n.thresholds]
+    if (len(units) + rec.output.shape[1]) * d > max_elements:
+        raise ConvLensError(f"the full local map has {len(units)} hidden boundaries of dimension {d}: more than "
+                            f"{max_elements} numbers; use the sampled boundaries of the gallery instead")
+
+    def out(p: torch.Tensor) -> torch.Tensor:
+        r = prog.run(p.reshape(psi.shape))
+        return torch.cat([r.output[0], *[r.z[n.node][0].reshape(-1) for n in elem]])
+
+    jac = torch.func.jacrev(out)(psi.reshape(-1)).detach()
+    with torch.no_grad():
+        zero = prog.run(torch.zeros_like(psi), rec.pattern)
+    n_out = rec.output.shape[1]
+    a, w_z = jac[:n_out], jac[n_out:]
+    c = zero.output[0]
+    z0 = torch.cat([zero.z[n.node][0].reshape(-1) for n in elem]) if elem else psi.new_zeros(0)
+    # one row per (unit, threshold): z_i - t
+    rows, bias = [], []
+    offset = 0
+    for n in elem:
+        k = rec.z[n.node][0].numel()
+        for t in n.thresholds:
+            rows.append(w_z[offset:offset + k])
+            bias.append(z0[offset:offset + k] - t)
+        offset += k
+    w = torch.cat(rows) if rows else psi.new_zeros((0, d))
+    b = torch.cat(bias) if bias else psi.new_zeros(0)
+    units = [(n.node, i, t) for n in elem for t in n.thresholds for i in range(rec.z[n.node][0].numel())]
+    pattern = {n.node: int((rec.pattern[n.node][0] == 1).sum()) for n in elem}
+    cert = float((a @ psi.reshape(-1) + c - rec.output[0]).abs().max())
+    return LocalMap(a, c, w, b, units, pattern, cert)

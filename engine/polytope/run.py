@@ -9,8 +9,10 @@ For every image x of an image set R (the reference set):
    units, ``suggested_layers``).
 2. **Local affine map and certificate**: the activation pattern of G at psi(x) (its region id:
    images with the same pattern share one linear region), ``A psi`` by forward-mode autograd on G
-   and ``c`` from G with the pattern frozen, evaluated at 0; ``certificate[x] = max |A psi(x) + c -
-   f(x)|`` against the model's own float32 logits (float64 head).
+   and ``c`` from G with the pattern frozen, evaluated at 0, all in float64 on psi(x);
+   ``certificate[x] = max |A psi(x) + c - G(psi(x))|`` (G in float64: how exactly the affine map
+   reproduces the head), and ``float32_gap[x] = max |G(psi(x)) - f(x)|`` against the model's own
+   float32 logits (the model's rounding, which grows with the logits' size).
 3. **Candidates Q**: ``params.candidates`` boundaries sampled from the images of R (seeded):
    an image, then one of its boundaries: a hidden unit's pre-activation hyperplane ``z_i = t``
    (``W_i = dz_i/dpsi``, ``b_i`` from the frozen head at 0, minus the threshold t) or a decision
@@ -120,6 +122,7 @@ class PolytopeResult:
     logits: np.ndarray
     pred: np.ndarray
     certificate: np.ndarray
+    float32_gap: np.ndarray
     boundary_certificate: float
     region_id: np.ndarray
     active: np.ndarray
@@ -179,7 +182,8 @@ class PolytopeResult:
         nl = self.head.get("nonlinear", [])
         if int(self.q_kind[q]) == 0:
             a = int(self.q_a[q])
-            what = {"kind": "hidden unit", "module": nl[a]["module"] if a < len(nl) else "", "unit": int(self.q_b[q]),
+            what = {"kind": "hidden unit", "module": nl[a]["module"] if a < len(nl) else "",
+                    "node": nl[a]["node"] if a < len(nl) else "", "unit": int(self.q_b[q]),
                     "threshold": float(self.q_threshold[q])}
         else:
             what = {"kind": "decision", "classes": [self.class_name(int(self.q_a[q])),
@@ -199,6 +203,7 @@ class PolytopeResult:
             "predicted": self.class_name(int(self.pred[j])),
             "logits": [float(v) for v in self.logits[j]],
             "certificate_error": float(self.certificate[j]),
+            "float32_gap": float(self.float32_gap[j]),
             "region_id": int(self.region_id[j]),
             "active_hidden_units": int(self.active[j]),
             "boundaries": [self.describe_boundary(int(q)) for q in self.boundaries(j)],
@@ -224,6 +229,7 @@ class PolytopeResult:
             "model": self.model, "layer": self.layer, "images": self.n, "classes": len(self.logits[0]) if self.n else 0,
             "candidates": len(self.q_kind), "params": self.params.result_key(), "head": self.head,
             "certificate_max": float(self.certificate.max()) if self.n else None,
+            "float32_gap_max": float(self.float32_gap.max()) if self.n else None,
             "boundary_certificate_max": self.boundary_certificate,
             "linear_regions": len(np.unique(self.region_id)),
             "metrics": self.baselines, "sanity": self.sanity, "seconds": self.seconds,
@@ -241,6 +247,7 @@ class _Core:
     logits: np.ndarray
     pred: np.ndarray
     certificate: np.ndarray
+    float32_gap: np.ndarray
     boundary_certificate: float
     region_id: np.ndarray
     active: np.ndarray
@@ -285,6 +292,7 @@ def analyse(psi: Any, head: Any, params: PolytopeParams, device: Any) -> Job[tup
     elem = [i for i, info in enumerate(nl) if info.kind == "elementwise"]
     logits = []
     cert = np.zeros(n)
+    gap = np.zeros(n)
     active = np.zeros(n, np.int64)
     sigs: list[bytes] = []
     for s in range(0, n, bs):
@@ -294,8 +302,9 @@ def analyse(psi: Any, head: Any, params: PolytopeParams, device: Any) -> Job[tup
             true = head(p32).to(torch.float64)
             rec = prog.run(p64)
         a_psi, zero = linear_parts(prog, p64, rec)
-        err = (a_psi + zero.output - true).abs().reshape(len(p32), -1).amax(dim=1)
+        err = (a_psi + zero.output - rec.output).abs().reshape(len(p32), -1).amax(dim=1)
         cert[s:s + len(p32)] = err.cpu().numpy()
+        gap[s:s + len(p32)] = (rec.output - true).abs().reshape(len(p32), -1).amax(dim=1).cpu().numpy()
         for i in elem:
             g, _o = rec.pattern[nl[i].node]
             active[s:s + len(p32)] += (g == 1).reshape(len(p32), -1).sum(1).cpu().numpy()
@@ -437,7 +446,7 @@ def analyse(psi: Any, head: Any, params: PolytopeParams, device: Any) -> Job[tup
     t4 = time.perf_counter()
     offsets = np.zeros(n + 1, np.int64)
     offsets[1:] = np.cumsum([len(c) for c in chosen])
-    core = _Core(logits_np, pred, cert, bcert, region_id, active,
+    core = _Core(logits_np, pred, cert, gap, bcert, region_id, active,
                  {"image": q_image, "kind": q_kind, "a": q_a, "b": q_b, "threshold": q_th, "bias": q_bias},
                  margins, np.concatenate(chosen) if chosen else np.zeros(0, np.int64), offsets, deltas, feas, covers)
     core.seconds = {"local_maps": t1 - t0, "boundaries": t2 - t1, "margins": t3 - t2, "greedy": t4 - t3}
@@ -450,18 +459,24 @@ def analyse(psi: Any, head: Any, params: PolytopeParams, device: Any) -> Job[tup
 def baselines(core: _Core, features: np.ndarray) -> dict[str, Any]:
     """Precision and coverage of the gallery and of the baselines at equal gallery size."""
     n = len(core.pred)
-    eu, co = distance_matrices(features)
+    f64 = np.asarray(features, dtype=np.float64)
+    sq = (f64 ** 2).sum(axis=1)
+    eu = co = np.zeros((0, n))
+    base = 0
     rows: dict[str, dict[str, list[float | None]]] = {
         k: {"precision": [], "coverage": [], "size": []} for k in ("gallery", "knn_euclidean", "knn_cosine",
                                                                    "exact_region")}
     for j in range(n):
+        if j - base >= len(eu):  # distances from the next rows only: memory O(256 N)
+            base = j
+            eu, co = _distance_rows(f64, sq, j, min(n, j + 256))
         cov = scsc.members(core.covers[j], n)
         g = cov[cov != j]
         k = len(g)
         galleries = {"gallery": g}
         if k:
-            galleries["knn_euclidean"] = scsc.nearest(eu[j], j, k)
-            galleries["knn_cosine"] = scsc.nearest(co[j], j, k)
+            galleries["knn_euclidean"] = scsc.nearest(eu[j - base], j, k)
+            galleries["knn_cosine"] = scsc.nearest(co[j - base], j, k)
         reg = np.flatnonzero(core.region_id == core.region_id[j])
         galleries["exact_region"] = reg[reg != j]
         for name, gal in galleries.items():
@@ -476,25 +491,29 @@ def baselines(core: _Core, features: np.ndarray) -> dict[str, Any]:
                      "images": sum(1 for p in r["precision"] if p is not None)}
     out["mean_boundaries"] = float(np.mean(np.diff(core.chosen_offsets))) if n else None
     out["certificate_max"] = float(core.certificate.max()) if n else None
+    out["float32_gap_max"] = float(core.float32_gap.max()) if n else None
     return out
 
 
-def distance_matrices(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(squared Euclidean, cosine) distances between all pairs of feature rows (float64)."""
-    f = np.asarray(features, dtype=np.float64)
-    gram = f @ f.T
-    sq = np.diag(gram).copy()
-    eu = np.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0.0)
+def _distance_rows(f: np.ndarray, sq: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(squared Euclidean, cosine) distances from rows lo..hi of ``f`` to every row (float64)."""
+    gram = f[lo:hi] @ f.T
+    eu = np.maximum(sq[lo:hi, None] + sq[None, :] - 2 * gram, 0.0)
     norms = np.sqrt(sq)
-    co = 1.0 - gram / np.maximum(norms[:, None] * norms[None, :], 1e-300)
+    co = 1.0 - gram / np.maximum(norms[lo:hi, None] * norms[None, :], 1e-300)
     return eu, co
 
 
 def _knn_table(features: np.ndarray, k: int = 64) -> np.ndarray:
     n = len(features)
     k = min(k, n - 1)
-    eu, _ = distance_matrices(features)
-    return np.stack([scsc.nearest(eu[j], j, k) for j in range(n)]) if n else np.zeros((0, 0), np.int64)
+    f = np.asarray(features, dtype=np.float64)
+    sq = (f ** 2).sum(axis=1)
+    rows = []
+    for lo in range(0, n, 256):
+        eu, _ = _distance_rows(f, sq, lo, min(n, lo + 256))
+        rows += [scsc.nearest(eu[j - lo], j, k) for j in range(lo, min(n, lo + 256))]
+    return np.stack(rows) if rows else np.zeros((0, 0), np.int64)
 
 
 def _randomised(head: Any, seed: int) -> Any:
@@ -678,6 +697,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layer: str, params: P
         record_indices=records.astype(np.int64),
         class_names=tuple(backend.spec.classes) if backend.spec.classes else None,
         params=params, head=head_info, logits=core.logits, pred=core.pred, certificate=core.certificate,
+        float32_gap=core.float32_gap,
         boundary_certificate=core.boundary_certificate, region_id=core.region_id, active=core.active,
         q_image=core.q["image"], q_kind=core.q["kind"], q_a=core.q["a"], q_b=core.q["b"],
         q_threshold=core.q["threshold"], q_bias=core.q["bias"], margins=core.margins, chosen=core.chosen,
@@ -703,7 +723,7 @@ def _scaled(job: Job[_R], lo: float, hi: float) -> Job[_R]:
 
 _ARRAYS: dict[str, Any] = {
     "record_indices": (np.int64, (None,)), "logits": (np.float32, (None, None)), "pred": (np.int64, (None,)),
-    "certificate": (np.float64, (None,)), "region_id": (np.int64, (None,)), "active": (np.int64, (None,)),
+    "certificate": (np.float64, (None,)), "float32_gap": (np.float64, (None,)), "region_id": (np.int64, (None,)), "active": (np.int64, (None,)),
     "q_image": (np.int64, (None,)), "q_kind": (np.int8, (None,)), "q_a": (np.int64, (None,)),
     "q_b": (np.int64, (None,)), "q_threshold": (np.float64, (None,)), "q_bias": (np.float64, (None,)),
     "margins": (np.float64, (None, None)), "chosen": (np.int64, (None,)), "chosen_offsets": (np.int64, (None,)),
@@ -750,7 +770,7 @@ def load_result(folder: str | Path) -> PolytopeResult:
     shapes = {name: check_array(folder, name, dtype, shape) for name, (dtype, shape) in _ARRAYS.items()}
     n = shapes["pred"][0]
     q = shapes["q_kind"][0]
-    want = {"logits": n, "certificate": n, "region_id": n, "active": n, "record_indices": n, "delta": n,
+    want = {"logits": n, "certificate": n, "float32_gap": n, "region_id": n, "active": n, "record_indices": n, "delta": n,
             "feasible": n, "features_norm": n, "knn": n, "q_image": q, "q_a": q, "q_b": q, "q_threshold": q,
             "q_bias": q}
     bad = [k for k, v in want.items() if shapes[k][0] != v]
