@@ -355,15 +355,105 @@ def spec_from_args(a: argparse.Namespace) -> ModelSpec:
     )
 
 
-def open_model(spec: ModelSpec) -> tuple[Any, Any]:
-    """Load and open ``spec``; what the user should know about the load goes to stderr."""
+#: preprocessing values a model file seldom records: when nothing says them, they are assumed
+_TRACKED = {"input_size": ("input size", "--input-size HxW"), "mean": ("mean", "--mean"),
+            "std": ("std", "--std"), "channels": ("channel order", "--channels rgb|bgr")}
+
+
+def _known_keys(spec: ModelSpec, flags: dict[str, Any] | None, config: str | None) -> set[str]:
+    """The spec's keys that something stated: an option, the model config, what ConvLens knows
+    of the architecture or the ONNX file, or a value other than the built-in default."""
+    from .models.config import arch_defaults, find_config_beside, is_code_arch, read_config
+    from .types import Preprocess
+
+    known = {k for k, v in (flags or {}).items() if v is not None}
+    cfg = Path(config) if config else find_config_beside(spec.path)
+    if cfg is not None:
+        known |= set(read_config(cfg))
+    known |= set(arch_defaults(spec.arch, spec.path))
+    default, pre = Preprocess(), spec.preprocess
+    known |= {k for k in _TRACKED if getattr(pre, k) != getattr(default, k)}
+    if spec.output_index != 0:
+        known.add("output_index")
+    if (spec.arch and not is_code_arch(spec.arch)) or pre.grayscale:  # torchvision and rnet take RGB
+        known.add("channels")
+    return known
+
+
+def assumed_values(spec: ModelSpec, flags: dict[str, Any] | None = None, config: str | None = None) -> dict[str, str]:
+    """Preprocessing values nothing stated (see :func:`_known_keys`), as shown to the user:
+    ``{"input_size": "224x224", "mean": "0.485,0.456,0.406", ...}``."""
+    known = _known_keys(spec, flags, config)
+    pre = spec.preprocess
+    shown_values = {"input_size": "x".join(map(str, pre.input_size)), "mean": ",".join(f"{v:g}" for v in pre.mean),
+                    "std": ",".join(f"{v:g}" for v in pre.std), "channels": pre.channels}
+    return {k: shown_values[k] for k in _TRACKED if k not in known}
+
+
+def assumed_line(name: str, assumed: dict[str, str]) -> str:
+    """The one line every command prints when values were assumed."""
+    said = ", ".join(f"{_TRACKED[k][0]} {v}" for k, v in assumed.items())
+    opts = ", ".join(_TRACKED[k][1] for k in assumed)
+    return (f"{name}: assumed {said} (neither the model file, a model config nor an option says); "
+            f"if the model was trained otherwise, give {opts}")
+
+
+class OpenedModel:
+    """What :func:`open_model` opened; unpacks as ``loaded, backend``."""
+
+    def __init__(self, loaded: Any, backend: Any, choice: Any, assumed: dict[str, str]) -> None:
+        self.loaded, self.backend, self.choice, self.assumed = loaded, backend, choice, assumed
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The spec in use: ``output_index`` is the output chosen as class scores."""
+        spec: ModelSpec = self.loaded.spec
+        return spec
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.loaded, self.backend))
+
+
+def open_model(spec: ModelSpec, a: argparse.Namespace | None = None) -> OpenedModel:
+    """Load and open ``spec``; what the user should know goes to stderr: the loader's notes, the
+    values assumed (``a``: the parsed options, to tell given values from defaults), and which
+    output is used as class scores when the model has several or none (see
+    :func:`engine.predict.choose_output`). A model that fails on a probe image says which option
+    to try. Unpacks as ``loaded, backend``; ``.spec`` has the chosen ``output_index``."""
+    import dataclasses
+
     from .backends import open_backend
     from .models.loading import load_model
+    from .predict import choose_output, probe_batch
 
     loaded = load_model(spec)
     for note in loaded.notes:
-        print(f"convlens: warning: {note}", file=sys.stderr)
-    return loaded, open_backend(loaded)
+        warn(note)
+    flags = dict(vars(a)) if a is not None else None
+    config = getattr(a, "model_config", None)
+    assumed = assumed_values(spec, flags, config)
+    name = Path(spec.path).name
+    if assumed:
+        warn(assumed_line(name, assumed))
+    backend = open_backend(loaded)
+    try:
+        result = backend.forward(probe_batch(spec))
+    except ConvLensError as e:
+        backend.close()
+        size = "x".join(map(str, spec.preprocess.input_size))
+        why = (f"the input size {size} was assumed: give the size the model was trained at with --input-size HxW"
+               if "input_size" in assumed else f"check --input-size (now {size}) and --channels/--grayscale")
+        raise ConvLensError(f"{e} ({why})") from None
+    given = spec.output_index if "output_index" in _known_keys(spec, flags, config) else None
+    choice = choose_output(result.outputs, len(spec.classes) if spec.classes else None, given)
+    message = choice.message(name)
+    if message:
+        warn(message)
+    if choice.index is not None and choice.index != spec.output_index:
+        backend.close()
+        loaded = dataclasses.replace(loaded, spec=spec.with_(output_index=choice.index))
+        backend = open_backend(loaded)
+    return OpenedModel(loaded, backend, choice, assumed)
 
 
 def parse_layers(value: str | None, spec: ModelSpec, backend: Any) -> list[str]:

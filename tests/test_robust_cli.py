@@ -251,7 +251,9 @@ def test_skipped_files_counted_for_csv_lists_and_named_on_a_cached_rerun(rnet_sp
         assert len(skipped) == 7 and skipped[str(imgs / "gone4.png")] == "does not exist"
         assert "not a readable image" in skipped[str(imgs / "broken.png")]
     assert main(["predict", "--model", rnet_spec.path, "--images", str(listing), "--out", str(out)]) == 0
-    assert "10 images, 7 skipped: no labels; wrote" in capsys.readouterr().err
+    # labels a and b exist but name no class: said, with the labels and the class names
+    assert ("10 images, 7 skipped: no accuracy: no label matches a class name (labels: a, b; classes: non-face, "
+            "face; give the names with --classes); wrote") in capsys.readouterr().err
 
 
 def test_unreadable_files_named_on_every_run_and_status_column(rnet_spec, tmp_path: Path, capsys) -> None:

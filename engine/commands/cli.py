@@ -70,11 +70,12 @@ def register(subparsers: Any) -> None:
 def cmd_info(a: argparse.Namespace) -> int:
     if a.out is not None:
         check_out_file(a.out, "JSON file")
-    spec = spec_from_args(a)
-    loaded, backend = open_model(spec)
+    opened = open_model(spec_from_args(a), a)
+    loaded, backend, spec = opened.loaded, opened.backend, opened.spec
     layers = backend.layers()
     from engine.models.layers import default_layers
 
+    chosen = opened.choice.chosen
     info = {
         "model": str(Path(spec.path).resolve()),
         "format": loaded.format,
@@ -84,13 +85,26 @@ def cmd_info(a: argparse.Namespace) -> int:
         "gradients": backend.supports_gradients,
         "input_shape": [None, spec.preprocess.n_channels, *spec.preprocess.input_size],
         "preprocess": spec.preprocess.to_dict(),
-        "classes": list(spec.classes) if spec.classes else None,
+        "classes": _info_classes(spec, chosen.n_classes if chosen else None),
+        **opened.choice.to_dict(),
+        "assumed": opened.assumed,
         "default_layers": default_layers(layers),
         "layers": [{"name": li.name, "kind": li.kind, "shape": list(li.shape)} for li in layers],
         "notes": loaded.notes,
     }
     emit_json(info, a.out)
     return EXIT_OK
+
+
+def _info_classes(spec: ModelSpec, n: int | None) -> list[str] | None:
+    """The class names ``predict`` uses (ImageNet's for a torchvision architecture with 1000
+    outputs), or those given; None without names."""
+    from engine.predict import class_names, imagenet_names_apply
+
+    if n is not None and ((spec.classes is None and imagenet_names_apply(spec, n))
+                          or (spec.classes is not None and len(spec.classes) == n)):
+        return list(class_names(spec, n))
+    return list(spec.classes) if spec.classes else None
 
 
 def _extract_for(a: argparse.Namespace, layers_arg: str | None, with_layers: bool) -> tuple[Any, Any, Any, Any]:
@@ -100,11 +114,12 @@ def _extract_for(a: argparse.Namespace, layers_arg: str | None, with_layers: boo
     check_out_dir(a.out, ["summary.json", *([] if with_layers else ["predictions.csv"])])
     spec = spec_from_args(a)
     images = open_image_set(a.images)
-    loaded, backend = open_model(spec)
+    opened = open_model(spec, a)
+    loaded, backend, spec = opened.loaded, opened.backend, opened.spec
     layers = parse_layers(layers_arg, spec, backend) if with_layers else []
     acts = run_job(extract(backend, loaded.cache_id, images, layers, batch_size=a.batch_size,
                            store_maps=not getattr(a, "no_maps", False)), "extract", a.quiet)
-    return spec, images, backend, acts
+    return spec, images, opened, acts
 
 
 def _prediction_summary(preds: Any, acts: Any, images: Any, spec: ModelSpec) -> dict[str, Any]:
@@ -127,13 +142,25 @@ def _write_predictions(preds: Any, out: Path) -> Path:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from engine.predict import predictions_from
+    from engine.predict import predictions_from, write_unscored_csv
 
-    spec, images, _backend, acts = _extract_for(a, None, with_layers=False)
-    preds = predictions_from(acts, spec)
+    spec, images, opened, acts = _extract_for(a, None, with_layers=False)
     out = Path(a.out)
+    if opened.choice.index is None:  # not a classifier: no classes, no accuracy (said when opened)
+        with writing(out / "predictions.csv"):
+            write_unscored_csv(acts, out / "predictions.csv")
+        summary = {"images": acts.n_images, "listed": listed_count(images), "skipped": skipped_files(acts, images),
+                   "classes": None, "score_kind": None, "scored": 0, "accuracy": None, "unmatched_labels": [],
+                   "model": spec.path, "class_scores": False, **opened.choice.to_dict(), "assumed": opened.assumed}
+        write_json_output(out / "summary.json", summary)
+        report_skipped(summary["skipped"], out / "summary.json")
+        say(a, f"{_images_note(summary)}: the model's output is not class scores, so no predictions or accuracy; "
+               f"wrote {out / 'predictions.csv'} (paths, labels and status)")
+        return EXIT_OK
+    preds = predictions_from(acts, spec)
     _write_predictions(preds, out)
-    summary = _prediction_summary(preds, acts, images, spec)
+    summary = {**_prediction_summary(preds, acts, images, spec), "class_scores": True,
+               **opened.choice.to_dict(), "assumed": opened.assumed}
     write_json_output(out / "summary.json", summary)
     report_skipped(summary["skipped"], out / "summary.json")
     say(a, _prediction_line(summary, out / "predictions.csv"))
@@ -145,15 +172,27 @@ def _images_note(s: dict[str, Any]) -> str:
     return f"{s['listed']} images{skipped}"
 
 
+def _few(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
 def _prediction_line(s: dict[str, Any], csv_path: Path) -> str:
-    acc = "no labels" if s["accuracy"] is None else f"accuracy {s['accuracy']:.2%} on {s['scored']} labelled"
+    if s["accuracy"] is not None:
+        acc = f"accuracy {s['accuracy']:.2%} on {s['scored']} labelled"
+        if s["unmatched_labels"]:
+            acc += f" (labels that match no class name, not scored: {_few(s['unmatched_labels'])})"
+    elif s["unmatched_labels"]:
+        acc = (f"no accuracy: no label matches a class name (labels: {_few(s['unmatched_labels'])}; "
+               f"classes: {_few(list(s['classes']))}; give the names with --classes)")
+    else:
+        acc = "no labels"
     return f"{_images_note(s)}: {acc}; wrote {csv_path}"
 
 
 def cmd_activations(a: argparse.Namespace) -> int:
     from engine.activations import write_unit_tables
 
-    _spec, images, _backend, acts = _extract_for(a, a.layers, with_layers=True)
+    _spec, images, _opened, acts = _extract_for(a, a.layers, with_layers=True)
     out = Path(a.out)
     with writing(out):
         files = write_unit_tables(acts, out)

@@ -88,7 +88,7 @@ def _dissect(a: argparse.Namespace) -> None:
     check_out_parent(a.out)  # before any work: the report can be built beside OUT and renamed in
     check_replaceable(a.out)  # ... and a folder of the user's is never replaced
     spec = spec_from_args(a)
-    loaded, backend = open_model(spec)
+    loaded, backend = open_model(spec, a)
     layers = parse_layers(a.layers, spec, backend)
     backend.check_capture(layers)
     if a.concepts == "builtin":
