@@ -9,6 +9,7 @@ LR and coloured by LR (blue below 0, grey at 0, red above), labelled with P(t|s)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -116,19 +117,19 @@ def render_graph(explanation: Any, path: str | Path | None = None, *,
     side = GRID * CELL + (GRID + 1) * PAD
     node_w, node_h = side, side + LABEL_H
     xs = sorted({nd["x"] for nd in nodes.values()})
-    dx = min((b - a for a, b in zip(xs, xs[1:], strict=False)), default=1.0) or 1.0
+    dx = min((b - a for a, b in itertools.pairwise(xs)), default=1.0) or 1.0
     ygaps = []
     for li in {nd["layer_index"] for nd in nodes.values()}:
         ys = sorted(nd["y"] for nd in nodes.values() if nd["layer_index"] == li)
-        ygaps += [b - a for a, b in zip(ys, ys[1:], strict=False) if b > a]
+        ygaps += [b - a for a, b in itertools.pairwise(ys) if b > a]
     dy = min(ygaps, default=1.0)
     sx, sy = (node_w + COL_GAP) / dx, (node_h + ROW_GAP) / dy
     x0 = min(nd["x"] for nd in nodes.values())
     y1 = max(nd["y"] for nd in nodes.values())
     y0 = min(nd["y"] for nd in nodes.values())
-    width = int(round((xs[-1] - x0) * sx)) + node_w + 2 * MARGIN
-    height = int(round((y1 - y0) * sy)) + node_h + 2 * MARGIN + TITLE_H
-    at = {k: (MARGIN + int(round((nd["x"] - x0) * sx)), MARGIN + TITLE_H + int(round((y1 - nd["y"]) * sy)))
+    width = round((xs[-1] - x0) * sx) + node_w + 2 * MARGIN
+    height = round((y1 - y0) * sy) + node_h + 2 * MARGIN + TITLE_H
+    at = {k: (MARGIN + round((nd["x"] - x0) * sx), MARGIN + TITLE_H + round((y1 - nd["y"]) * sy))
           for k, nd in nodes.items()}
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
@@ -142,7 +143,7 @@ def render_graph(explanation: Any, path: str | Path | None = None, *,
     for e in explanation.edges:  # class (right) -> lower layers (left): from the left side of the source
         (ax, ay), (bx, by) = at[e["source"]], at[e["target"]]
         p, q = (ax, ay + side // 2), (bx + node_w, by + side // 2)
-        w = max(1, int(round(1 + 4 * max(e["lr"], 0.0) / top_lr)))
+        w = max(1, round(1 + 4 * max(e["lr"], 0.0) / top_lr))
         draw.line([p, q], fill=_lr_colour(e["lr"], top_lr), width=w)
         labels.append(((p[0] + (q[0] - p[0]) * 0.36, p[1] + (q[1] - p[1]) * 0.36),
                        f"P={e['p_t_given_s']:.2f} LR={e['lr']:.2f}"))
