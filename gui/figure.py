@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 #: what Qt's offscreen platform says about every top-level window; nothing a user can act on
 _QT_NOISE = ("This plugin does not support propagateSizeHints()",)
@@ -234,7 +235,16 @@ def _figure(a: argparse.Namespace, quiet: bool) -> int:
     from PySide6.QtCore import QSettings, QTemporaryDir
     from PySide6.QtWidgets import QApplication
 
-    from engine.cli_common import check_out_file, error, shown, spec_from_args, writing
+    from engine.cli_common import (
+        assumed_line,
+        assumed_values,
+        check_out_file,
+        error,
+        shown,
+        spec_from_args,
+        warn,
+        writing,
+    )
     from engine.types import ConvLensError
 
     from .export import FORMATS, export_figure
@@ -245,9 +255,12 @@ def _figure(a: argparse.Namespace, quiet: bool) -> int:
         if not a.out.lower().endswith(tuple(f".{f}" for f in FORMATS)):
             raise ConvLensError(f"{a.out}: the figure must be .png, .svg or .pdf")
         check_out_file(a.out, "figure")
+        assumed = assumed_values(spec, dict(vars(a)), a.model_config)
     except ConvLensError as e:
         error(e)
         return 1
+    if assumed:  # the same line as every command's
+        warn(assumed_line(Path(spec.path).name, assumed))
     _quiet_qt()
     app = QApplication.instance() or QApplication(sys.argv[:1])
     tmp = QTemporaryDir()

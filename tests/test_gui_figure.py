@@ -140,3 +140,13 @@ def test_unknown_layer_unit_or_image_fails_before_export(rnet_spec, demo_images:
         assert proc.returncode == 1, (extra, proc.stderr)
         assert "convlens: error: " in proc.stderr and needle in proc.stderr, (extra, proc.stderr)
         assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_figure_names_the_values_it_assumed(ocr_onnx: Path, demo_images: Path, tmp_path: Path) -> None:
+    """A dynamic-input ONNX model: the figure says which preprocessing was assumed, as every command does."""
+    out = tmp_path / "f.png"
+    proc = _run(["--view", "images", "--model", str(ocr_onnx), "--images", str(demo_images), "--out", str(out),
+                 "--dpi", "50"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("assumed input size 224x224, mean 0.485,0.456,0.406") == 1, proc.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"
