@@ -1,0 +1,1206 @@
+"""Interpretable filters (Zhang, Wu, Zhu, "Interpretable Convolutional Neural Networks", CVPR 2018).
+
+The dock runs the engine's filter metrics (:mod:`engine.filters.metrics`) on one spatial layer
+of the open model, and the training job (:mod:`engine.filters.train`) that fine-tunes a
+converted copy with the filter loss, and the ordinary baseline from the same start.
+
+*Data*: the open image set (with an optional landmark CSV ``image,landmark,x,y`` for location
+instability and an optional Broden-layout folder with a ``part`` category for part
+interpretability), or the built-in part data set (:mod:`engine.concepts.parts`, generated on
+first use into the cache; metrics on its ``val.csv`` with its landmarks and part masks,
+training on ``train.csv`` with ``val.csv`` for validation accuracy).
+
+*Metrics*: "Run metrics" submits one job through ``ctx.session.run`` (key
+``"filters-metrics"``; a new run supersedes the previous one). The result fills a sortable
+table with one row per filter (category, inter-category entropy, spatial entropy, location
+instability, best part and its IoU), headline numbers and a histogram of both entropies.
+Clicking a row sets ``ctx.selection.layer`` / ``unit`` so the Heatmaps view shows the filter;
+a filter selected elsewhere selects its row.
+
+*Training*: the start model is the open model (a PyTorch model whose classes the training
+images carry) or a new PartNet (:mod:`engine.filters.partnet`, seeded random start, 48 px,
+converted at its top conv layer ``relu4``) for the built-in part data. One job measures the
+start model, trains the interpretable CNN and then the ordinary baseline (same start, data
+order and budget) into ``<cache>/filters-train/<settings hash>/{interpretable,ordinary}``
+(resumable: the engine resumes from a matching checkpoint), and measures both trained models
+at the converted layer (``<layer>.mask``) on the same data. Live curves (pyqtgraph): the task
+loss per batch of each run (from the job's progress) and, after every epoch, the filter loss
+per batch and the train / validation accuracy per epoch (read from the engine's atomic
+``checkpoint.pt``). "Cancel" stops between batches. The comparison tab shows the three models'
+headline numbers and, per filter index, the start model's metrics beside both trained ones.
+The trained checkpoints are not opened as a second model (the session holds one model): the
+comparison table is the side-by-side view; the status line names the checkpoint folders, each
+with a ``model.toml`` that File > Open model reads.
+
+*Figures*: ``metrics`` (headline numbers, histograms of the entropies and of part IoU, the
+most interpretable filters) and ``training`` (the loss and accuracy curves and the comparison
+table).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtGui import QColor, QPainter, QPen, QPolygonF
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QSplitter,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from engine.types import ConvLensError, Progress
+
+from ..context import AppContext
+from ..figures import BarChart, Element, Figure, FigureKind, FigureOption, FigureOptions, Legend, Row, Stack, Text
+from ..figures.model import CAPTION_PT, INK, MUTED, font, metrics
+from ..jobs import JobHandle
+from ..widgets.result_table import Column, ResultTable
+from .base import View
+
+__all__ = ["COLUMNS", "COMPARISON_COLUMNS", "FiltersView", "LineChart", "TrainProgress"]
+
+COLUMNS: tuple[Column, ...] = (
+    Column("filter", "Filter", "int"),
+    Column("category", "Category", searchable=True),
+    Column("inter", "Inter-category entropy", "float", format=".4f",
+           tooltip="H(T'|X): how much the filter fires on images of other categories (lower: one category)"),
+    Column("spatial", "Spatial entropy", "float", format=".4f",
+           tooltip="How spread the filter's activation is over positions (lower: one place)"),
+    Column("instability", "Instability", "float", format=".4f",
+           tooltip="Std of the landmark-to-peak distance / image diagonal over the top images (needs landmarks)"),
+    Column("part", "Part", searchable=True),
+    Column("part_iou", "Part IoU", "float", format=".3f", tooltip="IoU of the filter's mask with its best part"),
+)
+"""The per-filter table's columns."""
+
+RUNS = ("original", "ordinary", "interpretable")
+_SHORT = {"original": "start", "ordinary": "ord.", "interpretable": "interp."}
+COMPARISON_COLUMNS: tuple[Column, ...] = (
+    Column("filter", "Filter", "int"),
+    *(Column(f"{m}_{r}", f"{t} {_SHORT[r]}", "float", format=".4f" if m != "part_iou" else ".3f")
+      for m, t in (("spatial", "Spatial H"), ("instability", "Instab."), ("part_iou", "Part IoU"))
+      for r in RUNS),
+)
+"""The comparison table: per filter index, the start model's and both trained models' metrics."""
+
+BUILTIN_SIZE = 48
+PARTNET_LAYER = "relu4"
+NEED_MODEL = "Load a model to measure its filters."
+_RUN_COLORS = {"interpretable": "#d62728", "ordinary": "#1f77b4", "original": "#7f7f7f"}
+_BATCH_RE = re.compile(r"epoch (\d+)/(\d+), batch (\d+)/(\d+), task loss ([-+0-9.eEnaif]+)")
+
+
+# --------------------------------------------------------------------------------------------
+# training progress: what the job reports beside the engine's Progress
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainProgress(Progress):
+    """Progress of the training job with the curves so far (a snapshot: the runner may drop
+    intermediate reports, each one carries everything up to now)."""
+
+    run: str = ""
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+
+def _empty_curves() -> dict[str, list[float]]:
+    return {"task_loss": [], "filter_loss": [], "train_accuracy": [], "val_accuracy": []}
+
+
+def _snapshot(curves: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]]:
+    return {run: {k: list(v) for k, v in c.items()} for run, c in curves.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# a line chart element for figures
+# --------------------------------------------------------------------------------------------
+
+
+def _ticks(lo: float, hi: float, count: int = 4) -> list[float]:
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo]
+    raw = (hi - lo) / count
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+@dataclass
+class LineChart(Element):
+    """Line series on shared axes (x: 1-based index unless ``xs`` given), ticks, labels, legend."""
+
+    series: Sequence[tuple[str, Sequence[float], QColor]]
+    x_label: str = ""
+    y_label: str = ""
+    title: str = ""
+    plot_height: float = 90.0
+    xs: Sequence[Sequence[float]] | None = None
+
+    def _points(self) -> list[list[tuple[float, float]]]:
+        out = []
+        for j, (_n, ys, _c) in enumerate(self.series):
+            xs = self.xs[j] if self.xs is not None else [i + 1.0 for i in range(len(ys))]
+            out.append([(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(y)])
+        return out
+
+    def _legend(self) -> Legend:
+        return Legend([(n, c) for n, _v, c in self.series])
+
+    def height(self, width: float, dpi: int) -> float:
+        fm = metrics(font(CAPTION_PT))
+        title = fm.height() + 3 if self.title else 0
+        bottom = fm.height() + 3 + (fm.height() + 2 if self.x_label else 0)
+        return title + self.plot_height + bottom + self._legend().height(width, dpi) + 3
+
+    def paint(self, painter: QPainter, rect: QRectF, dpi: int) -> None:
+        f, fb = font(CAPTION_PT), font(CAPTION_PT, True)
+        fm = metrics(f)
+        y = rect.top()
+        painter.setFont(fb)
+        painter.setPen(INK)
+        if self.title:
+            painter.drawText(QRectF(rect.left(), y, rect.width(), fm.height() + 1), int(Qt.AlignmentFlag.AlignLeft),
+                             self.title)
+            y += fm.height() + 3
+        pts = self._points()
+        flat = [p for s in pts for p in s]
+        xlo, xhi = (min(p[0] for p in flat), max(p[0] for p in flat)) if flat else (0.0, 1.0)
+        ylo, yhi = (min(p[1] for p in flat), max(p[1] for p in flat)) if flat else (0.0, 1.0)
+        if xhi - xlo < 1e-12:
+            xlo, xhi = xlo - 0.5, xhi + 0.5
+        if yhi - ylo < 1e-12:
+            ylo, yhi = ylo - 0.5, yhi + 0.5
+        pad = (yhi - ylo) * 0.05
+        ylo, yhi = ylo - pad, yhi + pad
+        yt = _ticks(ylo, yhi)
+        xt = _ticks(xlo, xhi)
+        left = max(fm.horizontalAdvance(f"{t:.3g}") for t in yt) + 5 + (fm.height() + 2 if self.y_label else 0)
+        plot = QRectF(rect.left() + left, y, rect.width() - left - 4, self.plot_height)
+
+        def to(px: float, py: float) -> QPointF:
+            return QPointF(plot.left() + plot.width() * (px - xlo) / (xhi - xlo),
+                           plot.bottom() - plot.height() * (py - ylo) / (yhi - ylo))
+
+        painter.setFont(f)
+        painter.setPen(QPen(QColor(225, 225, 225), 0.5))
+        for t in yt:
+            painter.drawLine(to(xlo, t), to(xhi, t))
+        painter.setPen(QPen(INK, 0.7))
+        painter.setBrush(Qt.BrushStyle.NoBrush)
+        painter.drawRect(plot)
+        for t in yt:
+            p = to(xlo, t)
+            painter.drawText(QRectF(rect.left(), p.y() - fm.height() / 2, left - 4, fm.height()),
+                             int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter), f"{t:.3g}")
+        for t in xt:
+            p = to(t, ylo)
+            painter.drawLine(p, QPointF(p.x(), p.y() + 2))
+            painter.drawText(QRectF(p.x() - 30, plot.bottom() + 2, 60, fm.height()),
+                             int(Qt.AlignmentFlag.AlignHCenter), f"{t:.4g}")
+        if self.x_label:
+            painter.setPen(MUTED)
+            painter.drawText(QRectF(plot.left(), plot.bottom() + fm.height() + 3, plot.width(), fm.height() + 1),
+                             int(Qt.AlignmentFlag.AlignHCenter), self.x_label)
+        if self.y_label:
+            painter.save()
+            painter.setPen(MUTED)
+            painter.translate(rect.left(), plot.center().y())
+            painter.rotate(-90)
+            painter.drawText(QRectF(-plot.height() / 2, 0, plot.height(), fm.height() + 1),
+                             int(Qt.AlignmentFlag.AlignHCenter), self.y_label)
+            painter.restore()
+        for s, (_n, _v, color) in zip(pts, self.series):
+            painter.setPen(QPen(color, 1.2))
+            if len(s) > 1:
+                painter.drawPolyline(QPolygonF([to(px, py) for px, py in s]))
+            elif s:
+                painter.setBrush(color)
+                painter.drawEllipse(to(*s[0]), 1.5, 1.5)
+                painter.setBrush(Qt.BrushStyle.NoBrush)
+        bottom = plot.bottom() + fm.height() + 3 + (fm.height() + 2 if self.x_label else 0)
+        legend = self._legend()
+        legend.paint(painter, QRectF(plot.left(), bottom, plot.width(), legend.height(plot.width(), dpi)), dpi)
+
+
+# --------------------------------------------------------------------------------------------
+# the view
+# --------------------------------------------------------------------------------------------
+
+
+class FiltersView(View):
+    """Filter metrics, interpretable training and the comparison; see the module docstring."""
+
+    title = "Interpretable filters"
+    object_name = "filters"
+    order = 40
+
+    #: filter metrics finished and are shown (engine FilterMetrics)
+    metrics_ready = Signal(object)
+    #: the curves changed (a TrainProgress arrived)
+    curves_changed = Signal()
+    #: training and the comparison finished (dict, see :meth:`_train_finished`)
+    training_done = Signal(object)
+
+    def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
+        super().__init__(ctx, parent)
+        self.result: Any = None  # engine FilterMetrics on the table
+        self.data_note = ""  # what data the metrics ran on
+        self.curves: dict[str, dict[str, list[float]]] = {}
+        self.comparison: dict[str, Any] | None = None
+        self._handle: JobHandle | None = None
+        self._train_handle: JobHandle | None = None
+        self._syncing = False
+        self._build()
+        ctx.session.model_loaded.connect(self._model_loaded)
+        ctx.selection.unit_changed.connect(self._selection_changed)
+        ctx.selection.layer_changed.connect(self._selection_changed)
+        if ctx.session.model is not None:
+            self._model_loaded(ctx.session.model)
+        self._update_controls()
+
+    # ------------------------------------------------------------------ layout
+
+    def _build(self) -> None:
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("The spatial layer whose filters are measured (and, for the open model, trained)")
+        self.layer_combo.setMinimumContentsLength(12)
+        self.layer_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.data_combo = QComboBox()
+        self.data_combo.addItem("Open image set", "images")
+        self.data_combo.addItem("Built-in part data", "builtin")
+        self.data_combo.currentIndexChanged.connect(lambda _i: self._update_controls())
+        self.n_images_spin = QSpinBox()
+        self.n_images_spin.setRange(3, 100_000)
+        self.n_images_spin.setSingleStep(100)
+        self.n_images_spin.setValue(300)
+        self.n_images_spin.setSuffix(" images")
+        self.n_images_spin.setToolTip(f"Images of the built-in part set ({BUILTIN_SIZE} px; every fifth is val)")
+        self.landmarks_edit = QLineEdit()
+        self.landmarks_edit.setPlaceholderText("optional: CSV image,landmark,x,y")
+        self.landmarks_button = QPushButton("…")
+        self.landmarks_button.setToolTip("Choose a landmark CSV")
+        self.landmarks_button.clicked.connect(self._choose_landmarks)
+        self.parts_edit = QLineEdit()
+        self.parts_edit.setPlaceholderText("optional: Broden folder with a 'part' category")
+        self.parts_button = QPushButton("…")
+        self.parts_button.setToolTip("Choose a part-mask folder")
+        self.parts_button.clicked.connect(self._choose_parts)
+        self.run_button = QPushButton("Run metrics")
+        self.run_button.clicked.connect(self.run_metrics)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel_metrics)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+
+        lm = QHBoxLayout()
+        lm.addWidget(self.landmarks_edit, 1)
+        lm.addWidget(self.landmarks_button)
+        pm = QHBoxLayout()
+        pm.addWidget(self.parts_edit, 1)
+        pm.addWidget(self.parts_button)
+        data_row = QHBoxLayout()
+        data_row.addWidget(self.data_combo, 1)
+        data_row.addWidget(self.n_images_spin)
+        form = QFormLayout()
+        form.addRow("Layer", self.layer_combo)
+        form.addRow("Data", data_row)
+        form.addRow("Landmarks", lm)
+        form.addRow("Parts", pm)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.progress, 1)
+        metrics_box = QGroupBox("Filter metrics")
+        mv = QVBoxLayout(metrics_box)
+        mv.addLayout(form)
+        mv.addLayout(buttons)
+        mv.addWidget(self.status)
+
+        self.start_combo = QComboBox()
+        self.start_combo.addItem("Open model", "model")
+        self.start_combo.addItem("New PartNet (built-in data)", "partnet")
+        self.start_combo.setToolTip("The common start of both runs: the open PyTorch model, or a new seeded "
+                                    f"PartNet converted at {PARTNET_LAYER}")
+        self.start_combo.currentIndexChanged.connect(lambda _i: self._update_controls())
+        self.epochs_spin = QSpinBox()
+        self.epochs_spin.setRange(1, 1000)
+        self.epochs_spin.setValue(5)
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 4096)
+        self.batch_spin.setValue(32)
+        self.lr_spin = QDoubleSpinBox()
+        self.lr_spin.setDecimals(5)
+        self.lr_spin.setRange(1e-5, 1.0)
+        self.lr_spin.setSingleStep(1e-4)
+        self.lr_spin.setValue(1e-3)
+        self.weight_spin = QDoubleSpinBox()
+        self.weight_spin.setDecimals(3)
+        self.weight_spin.setRange(0.0, 1e4)
+        self.weight_spin.setValue(1.0)
+        self.weight_spin.setToolTip("Filter loss weight before the paper's 1/t schedule")
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2**31 - 1)
+        self.train_button = QPushButton("Train")
+        self.train_button.setToolTip("Train the interpretable CNN and the ordinary baseline from the same start")
+        self.train_button.clicked.connect(self.train)
+        self.train_cancel = QPushButton("Cancel")
+        self.train_cancel.clicked.connect(self.cancel_training)
+        self.train_progress = QProgressBar()
+        self.train_progress.setRange(0, 1000)
+        self.train_status = QLabel()
+        self.train_status.setWordWrap(True)
+        self.train_status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        tgrid = QGridLayout()
+        for i, (label, w) in enumerate((("Start", self.start_combo), ("Epochs", self.epochs_spin),
+                                        ("Batch", self.batch_spin), ("LR", self.lr_spin),
+                                        ("Weight", self.weight_spin), ("Seed", self.seed_spin))):
+            r, c = divmod(i, 3)
+            tgrid.addWidget(QLabel(label), r, 2 * c)
+            tgrid.addWidget(w, r, 2 * c + 1)
+        tbuttons = QHBoxLayout()
+        tbuttons.addWidget(self.train_button)
+        tbuttons.addWidget(self.train_cancel)
+        tbuttons.addWidget(self.train_progress, 1)
+        train_box = QGroupBox("Training: interpretable and ordinary from the same start")
+        tv = QVBoxLayout(train_box)
+        tv.addLayout(tgrid)
+        tv.addLayout(tbuttons)
+        tv.addWidget(self.train_status)
+
+        settings = QWidget()
+        sl = QHBoxLayout(settings)
+        sl.setContentsMargins(0, 0, 0, 0)
+        sl.addWidget(metrics_box, 1)
+        sl.addWidget(train_box, 1)
+
+        # metrics tab: headline numbers, entropy histogram, the table
+        self.summary_label = QLabel()
+        self.summary_label.setWordWrap(True)
+        self.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.hist = _plot("filters", "entropy (bits)")
+        self.hist.setTitle("Entropies of the filters", color="k", size="9pt")
+        self.hist.addLegend(offset=(-5, 5))
+        self.filter_table = ResultTable(COLUMNS, row_id="filter", placeholder="Filter by category or part…",
+                                        sort=("filter", False))
+        self.filter_table.row_selected.connect(self._row_selected)
+        self.table, self.model, self.proxy = self.filter_table.view, self.filter_table.model, self.filter_table.proxy
+        top = QWidget()
+        tl = QHBoxLayout(top)
+        tl.setContentsMargins(0, 0, 0, 0)
+        tl.addWidget(self.summary_label, 1)
+        tl.addWidget(self.hist, 1)
+        metrics_tab = QSplitter(Qt.Orientation.Vertical)
+        metrics_tab.addWidget(top)
+        metrics_tab.addWidget(self.filter_table)
+        metrics_tab.setStretchFactor(0, 1)
+        metrics_tab.setStretchFactor(1, 2)
+        metrics_tab.setChildrenCollapsible(False)
+
+        # training tab: curves, the comparison
+        self.loss_plot = _plot("task loss", "batch")
+        self.loss_plot.setTitle("Loss per batch", color="k", size="9pt")
+        self.loss_plot.addLegend(offset=(-5, 5))
+        self.acc_plot = _plot("accuracy", "epoch")
+        self.acc_plot.setTitle("Accuracy per epoch", color="k", size="9pt")
+        self.acc_plot.addLegend(offset=(-5, -5))
+        self._lines: dict[tuple[str, str], pg.PlotDataItem] = {}
+        for run in ("interpretable", "ordinary"):
+            color = _RUN_COLORS[run]
+            self._lines[(run, "task_loss")] = self.loss_plot.plot([], [], pen=pg.mkPen(color, width=1.5),
+                                                                  name=f"{run}: task")
+            self._lines[(run, "filter_loss")] = self.loss_plot.plot(
+                [], [], pen=pg.mkPen(color, width=1, style=Qt.PenStyle.DashLine), name=f"{run}: filter")
+            self._lines[(run, "train_accuracy")] = self.acc_plot.plot(
+                [], [], pen=pg.mkPen(color, width=1.5), symbol="o", symbolSize=5, symbolBrush=color,
+                name=f"{run}: train")
+            self._lines[(run, "val_accuracy")] = self.acc_plot.plot(
+                [], [], pen=pg.mkPen(color, width=1, style=Qt.PenStyle.DashLine), symbol="t", symbolSize=5,
+                symbolBrush=color, name=f"{run}: val")
+        curves = QWidget()
+        cl = QHBoxLayout(curves)
+        cl.setContentsMargins(0, 0, 0, 0)
+        cl.addWidget(self.loss_plot, 1)
+        cl.addWidget(self.acc_plot, 1)
+        self.compare_label = QLabel("Train to compare the start model with both trained models, filter by filter.")
+        self.compare_label.setWordWrap(True)
+        self.compare_label.setTextFormat(Qt.TextFormat.RichText)
+        self.compare_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.compare_table = ResultTable(COMPARISON_COLUMNS, row_id="filter", sort=("filter", False))
+        self.compare_table.row_selected.connect(self._compare_selected)
+        lower = QWidget()
+        ll = QVBoxLayout(lower)
+        ll.setContentsMargins(0, 0, 0, 0)
+        ll.addWidget(self.compare_label)
+        ll.addWidget(self.compare_table, 1)
+        train_tab = QSplitter(Qt.Orientation.Vertical)
+        train_tab.addWidget(curves)
+        train_tab.addWidget(lower)
+        train_tab.setChildrenCollapsible(False)
+
+        self.tabs = QTabWidget()
+        self.tabs.addTab(metrics_tab, "Metrics")
+        self.tabs.addTab(train_tab, "Training and comparison")
+
+        self.settings_scroll = QScrollArea()
+        self.settings_scroll.setWidget(settings)
+        self.settings_scroll.setWidgetResizable(True)
+        self.settings_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.settings_scroll.setMinimumHeight(90)
+        self.outer = QSplitter(Qt.Orientation.Vertical)
+        self.outer.addWidget(self.settings_scroll)
+        self.outer.addWidget(self.tabs)
+        self.outer.setStretchFactor(0, 0)
+        self.outer.setStretchFactor(1, 1)
+        self.outer.setChildrenCollapsible(False)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.outer, 1)
+
+    # ------------------------------------------------------------------ View API
+
+    def analysis_actions(self) -> list[tuple[str, Callable[[], None]]]:
+        return [("Run filter metrics", self.run_metrics), ("Train interpretable filters", self.train)]
+
+    def save_state(self) -> dict[str, Any]:
+        return {"layer": self.layer_combo.currentText(), "data": self.data_combo.currentData(),
+                "n_images": self.n_images_spin.value(), "landmarks": self.landmarks_edit.text(),
+                "parts": self.parts_edit.text(), "start": self.start_combo.currentData(),
+                "epochs": self.epochs_spin.value(), "batch_size": self.batch_spin.value(),
+                "lr": self.lr_spin.value(), "weight": self.weight_spin.value(), "seed": self.seed_spin.value()}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        for key, combo in (("data", self.data_combo), ("start", self.start_combo)):
+            i = combo.findData(state.get(key))
+            if i >= 0:
+                combo.setCurrentIndex(i)
+        if isinstance(state.get("layer"), str) and self.layer_combo.findText(state["layer"]) >= 0:
+            self.layer_combo.setCurrentText(state["layer"])
+        for key, spin in (("n_images", self.n_images_spin), ("epochs", self.epochs_spin),
+                          ("batch_size", self.batch_spin), ("seed", self.seed_spin)):
+            if isinstance(state.get(key), int) and not isinstance(state.get(key), bool):
+                spin.setValue(state[key])
+        for key, dspin in (("lr", self.lr_spin), ("weight", self.weight_spin)):
+            if isinstance(state.get(key), (int, float)) and not isinstance(state.get(key), bool):
+                dspin.setValue(float(state[key]))
+        for key, edit in (("landmarks", self.landmarks_edit), ("parts", self.parts_edit)):
+            if isinstance(state.get(key), str):
+                edit.setText(state[key])
+        self._update_controls()
+
+    def shutdown(self) -> None:
+        for h in (self._handle, self._train_handle):
+            if h is not None:
+                h.cancel()
+
+    # ------------------------------------------------------------------ settings
+
+    def set_layer(self, layer: str) -> None:
+        """Measure ``layer`` (a spatial layer of the open model)."""
+        i = self.layer_combo.findText(layer)
+        if i < 0:
+            raise ValueError(f"no spatial layer '{layer}' in the open model")
+        self.layer_combo.setCurrentIndex(i)
+
+    def set_data(self, data: str, n_images: int | None = None) -> None:
+        """``"images"`` (the open image set) or ``"builtin"`` (the part set of ``n_images``)."""
+        self.data_combo.setCurrentIndex(self.data_combo.findData(data))
+        if n_images is not None:
+            self.n_images_spin.setValue(n_images)
+        self._update_controls()
+
+    def set_training(self, *, start: str = "model", epochs: int = 5, batch_size: int = 32, lr: float = 1e-3,
+                     weight: float = 1.0, seed: int = 0) -> None:
+        self.start_combo.setCurrentIndex(self.start_combo.findData(start))
+        self.epochs_spin.setValue(epochs)
+        self.batch_spin.setValue(batch_size)
+        self.lr_spin.setValue(lr)
+        self.weight_spin.setValue(weight)
+        self.seed_spin.setValue(seed)
+        self._update_controls()
+
+    def _choose_landmarks(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Landmark CSV (image,landmark,x,y)", self.landmarks_edit.text(),
+                                              "CSV (*.csv);;All files (*)")
+        if path:
+            self.landmarks_edit.setText(path)
+
+    def _choose_parts(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Broden-layout folder with a 'part' category",
+                                                  self.parts_edit.text())
+        if folder:
+            self.parts_edit.setText(folder)
+
+    def _model_loaded(self, info: Any) -> None:
+        spatial = [li.name for li in info.layers if li.is_spatial]
+        current = self.layer_combo.currentText()
+        self.layer_combo.clear()
+        for li in info.layers:
+            if li.is_spatial:
+                self.layer_combo.addItem(li.name)
+                self.layer_combo.setItemData(self.layer_combo.count() - 1,
+                                             f"{li.name}: {' x '.join(str(s) for s in li.shape)}",
+                                             Qt.ItemDataRole.ToolTipRole)
+        defaults = [n for n in info.default_layers if n in spatial]
+        pick = current if current in spatial else (defaults[-1] if defaults else (spatial[-1] if spatial else ""))
+        if pick:
+            self.layer_combo.setCurrentText(pick)
+        self._update_controls()
+
+    def _update_controls(self) -> None:
+        builtin = self.data_combo.currentData() == "builtin"
+        self.n_images_spin.setVisible(builtin)
+        for w in (self.landmarks_edit, self.landmarks_button, self.parts_edit, self.parts_button):
+            w.setEnabled(not builtin)
+        running, training = self._handle is not None, self._train_handle is not None
+        has_model = self.ctx.session.model is not None
+        self.run_button.setEnabled(not running and has_model)
+        self.cancel_button.setEnabled(running)
+        self.progress.setVisible(running)
+        partnet = self.start_combo.currentData() == "partnet"
+        self.train_button.setEnabled(not training and (has_model or partnet))
+        self.train_cancel.setEnabled(training)
+        self.train_progress.setVisible(training)
+        if not has_model and not running:
+            self.status.setText(NEED_MODEL)
+        elif self.status.text() in ("", NEED_MODEL):
+            self.status.setText("Choose a layer and the data, then press Run metrics.")
+        if not training and not self.train_status.text():
+            self.train_status.setText("Trains on the labelled data chosen above (built-in: train.csv, val.csv).")
+
+    def _data_plan(self) -> tuple[str, int, str | None, str | None]:
+        """(data kind, built-in images, landmark CSV, part folder) of the controls."""
+        lm, parts = self.landmarks_edit.text().strip() or None, self.parts_edit.text().strip() or None
+        return self.data_combo.currentData(), self.n_images_spin.value(), lm, parts
+
+    def _metrics_params(self) -> Any:
+        from engine.filters.metrics import MetricsParams
+
+        return MetricsParams()
+
+    # ------------------------------------------------------------------ metrics
+
+    def run_metrics(self) -> JobHandle | None:
+        """Measure the chosen layer on the chosen data (superseding a run under way)."""
+        session = self.ctx.session
+        layer = self.layer_combo.currentText()
+        if session.model is None:
+            self.status.setText(NEED_MODEL)
+            return None
+        if not layer:
+            self.status.setText("The open model has no spatial layer: filter metrics need (filters, h, w) maps.")
+            return None
+        kind, n_images, lm, parts_dir = self._data_plan()
+        images = self.ctx.selection.images
+        if kind == "images" and images is None:
+            self.status.setText("Open an image folder first (or choose the built-in part data).")
+            return None
+        params = self._metrics_params()
+
+        def job(backend: Any, loaded: Any) -> Generator[Progress, None, tuple[Any, str]]:
+            from engine.filters.metrics import filter_metrics
+            from engine.jobs import subjob
+
+            data, landmarks, parts, note, share = yield from _open_data(kind, n_images, lm, parts_dir, images, "val")
+            result = yield from subjob(filter_metrics(backend, loaded.cache_id, data, layer, params,
+                                                      landmarks=landmarks, parts=parts), share, 1.0)
+            return result, note
+
+        handle = session.run(f"Filter metrics: {layer}", job, key="filters-metrics", on_done=self._metrics_done)
+        if handle is None:
+            return None
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = handle
+        handle.progress.connect(lambda p: _show_progress(self.progress, p))
+        handle.failed.connect(lambda e, h=handle: self._metrics_failed(h, e))
+        handle.cancelled.connect(lambda h=handle: self._metrics_cancelled(h))
+        self.progress.setValue(0)
+        self.progress.setFormat("starting…")
+        self.status.setText(f"Measuring the filters of {layer}…")
+        self._update_controls()
+        return handle
+
+    def cancel_metrics(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def _metrics_failed(self, handle: JobHandle, error: BaseException) -> None:
+        if handle is self._handle:
+            self._handle = None
+            self.status.setText(f"Filter metrics failed: {_message(error)}")
+            self._update_controls()
+
+    def _metrics_cancelled(self, handle: JobHandle) -> None:
+        if handle is self._handle:
+            self._handle = None
+            self.status.setText("Filter metrics cancelled.")
+            self._update_controls()
+
+    def _metrics_done(self, value: tuple[Any, str]) -> None:
+        self._handle = None
+        self.set_result(*value)
+        self._update_controls()
+
+    def set_result(self, result: Any, note: str = "") -> None:
+        """Show an engine ``FilterMetrics``."""
+        self.result, self.data_note = result, note
+        self.filter_table.set_rows(table_rows(result))
+        self.summary_label.setText("\n".join(self.summary_lines()))
+        took = " (from the cache)" if result.from_cache else ""
+        self.status.setText(f"Measured {result.units} filters of {result.layer} on {result.n_images} images{took}.")
+        self._draw_hist()
+        self._selection_changed()
+        self.metrics_ready.emit(result)
+
+    def summary_lines(self) -> list[str]:
+        """The headline numbers of the shown metrics."""
+        if self.result is None:
+            return []
+        return headline(self.result, self.data_note)
+
+    def _draw_hist(self) -> None:
+        r = self.result
+        self.hist.clear()
+        vals = np.concatenate([r.inter, r.spatial])
+        vals = vals[np.isfinite(vals)]
+        if not len(vals):
+            return
+        edges = np.histogram_bin_edges(vals, bins=16)
+        for name, data, color in (("inter-category", r.inter, "#1f77b4"), ("spatial", r.spatial, "#ff7f0e")):
+            counts, _ = np.histogram(data[np.isfinite(data)], bins=edges)
+            self.hist.plot(edges, counts, stepMode="center", fillLevel=0, fillOutline=True,
+                           brush=pg.mkBrush(QColor(color).red(), QColor(color).green(), QColor(color).blue(), 90),
+                           pen=pg.mkPen(color), name=name)
+
+    def visible_rows(self) -> list[dict[str, Any]]:
+        return self.filter_table.visible_rows()
+
+    def _row_selected(self, row_id: Any) -> None:
+        if self.result is None:
+            return
+        self._select(self.result.layer, int(row_id))
+
+    def _compare_selected(self, row_id: Any) -> None:
+        comp = self.comparison
+        if comp and comp.get("layer_in_session"):
+            self._select(comp["layer"], int(row_id))
+
+    def _select(self, layer: str, unit: int) -> None:
+        sel = self.ctx.selection
+        self._syncing = True
+        try:
+            sel.layer = layer
+            sel.unit = unit
+        finally:
+            self._syncing = False
+
+    def _selection_changed(self, *_args: object) -> None:
+        if self._syncing:
+            return
+        sel = self.ctx.selection
+        if self.result is not None and sel.layer == self.result.layer:
+            self.filter_table.select_id(sel.unit)
+        if self.comparison and self.comparison.get("layer_in_session") and sel.layer == self.comparison["layer"]:
+            self.compare_table.select_id(sel.unit)
+
+    # ------------------------------------------------------------------ training
+
+    def train_params(self) -> Any:
+        from engine.filters.train import TrainParams
+
+        layer = PARTNET_LAYER if self.start_combo.currentData() == "partnet" else self.layer_combo.currentText()
+        return TrainParams(layer=layer, epochs=self.epochs_spin.value(), batch_size=self.batch_spin.value(),
+                           lr=self.lr_spin.value(), weight=self.weight_spin.value(), seed=self.seed_spin.value())
+
+    def train(self) -> JobHandle | None:
+        """Measure the start model, train both runs, measure both; one job (see the module docstring)."""
+        session = self.ctx.session
+        start = self.start_combo.currentData()
+        kind, n_images, lm, parts_dir = self._data_plan()
+        images = self.ctx.selection.images
+        if start == "model" and session.model is None:
+            self.train_status.setText("Load a PyTorch model first, or start from a new PartNet.")
+            return None
+        if start == "model" and not self.layer_combo.currentText():
+            self.train_status.setText("The open model has no spatial layer to convert.")
+            return None
+        if kind == "images" and images is None:
+            self.train_status.setText("Open a labelled image folder first (or choose the built-in part data).")
+            return None
+        try:
+            params = self.train_params()
+            params.check()
+        except ConvLensError as e:
+            self.train_status.setText(str(e))
+            return None
+        mparams = self._metrics_params()
+        from engine.cache import default_cache_root
+
+        digest = hashlib.sha256(json.dumps(
+            [start, session.model.sha256 if start == "model" and session.model else "", kind, n_images, lm, parts_dir,
+             images.fingerprint() if kind == "images" and images is not None else "", params.result_key()],
+            sort_keys=True, default=str).encode()).hexdigest()[:16]
+        out = default_cache_root() / "filters-train" / digest
+        layer_in_session = start == "model"
+
+        def job(backend: Any, loaded: Any) -> Generator[Progress, None, dict[str, Any]]:
+            return (yield from _train_job(backend, loaded, start, params, mparams, kind, n_images, lm, parts_dir,
+                                          images, out, layer_in_session))
+
+        title = "Interpretable filters: training"
+        if start == "model":
+            handle = session.run(title, job, key="filters-train", on_done=self._train_finished)
+        else:
+            handle = self.ctx.runner.submit(title, lambda: job(None, None), key="filters-train")
+            handle.finished.connect(self._train_finished)
+        if handle is None:
+            return None
+        if self._train_handle is not None:
+            self._train_handle.cancel()
+        self._train_handle = handle
+        self.curves = {}
+        self.comparison = None
+        self._draw_curves()
+        handle.progress.connect(self._train_progress)
+        handle.failed.connect(lambda e, h=handle: self._train_failed(h, e))
+        handle.cancelled.connect(lambda h=handle: self._train_cancelled(h))
+        self.train_progress.setValue(0)
+        self.train_progress.setFormat("starting…")
+        self.train_status.setText(f"Training at {params.layer} into {out}…")
+        self.tabs.setCurrentIndex(1)
+        self._update_controls()
+        return handle
+
+    def cancel_training(self) -> None:
+        if self._train_handle is not None:
+            self._train_handle.cancel()
+
+    def _train_progress(self, p: Progress) -> None:
+        _show_progress(self.train_progress, p)
+        if isinstance(p, TrainProgress) and p.curves:
+            self.curves = p.curves
+            self._draw_curves()
+            self.curves_changed.emit()
+
+    def _draw_curves(self) -> None:
+        for (run, key), line in self._lines.items():
+            ys = np.asarray(self.curves.get(run, {}).get(key, []), dtype=float)
+            line.setData(np.arange(1, len(ys) + 1, dtype=float), ys)
+
+    def _train_failed(self, handle: JobHandle, error: BaseException) -> None:
+        if handle is self._train_handle:
+            self._train_handle = None
+            self.train_status.setText(f"Training failed: {_message(error)}")
+            self._update_controls()
+
+    def _train_cancelled(self, handle: JobHandle) -> None:
+        if handle is self._train_handle:
+            self._train_handle = None
+            self.train_status.setText("Training cancelled (the last finished epoch's checkpoint is kept; "
+                                      "Train again with the same settings resumes from it).")
+            self._update_controls()
+
+    def _train_finished(self, value: dict[str, Any]) -> None:
+        self._train_handle = None
+        self.set_comparison(value)
+        self._update_controls()
+
+    def set_comparison(self, comp: dict[str, Any]) -> None:
+        """Show a finished training job's curves and the three models' metrics."""
+        self.comparison = comp
+        self.curves = comp["curves"]
+        self._draw_curves()
+        self.compare_table.set_rows(comparison_rows(comp))
+        self.compare_label.setText("<br>".join(self.comparison_lines()))
+        runs = comp["runs"]
+        self.train_status.setText(
+            f"Trained at {comp['layer']} (measured at {comp['measured_layer']}); checkpoints: "
+            + ", ".join(f"{name}: {r['out_dir']}" for name, r in runs.items()))
+        self._selection_changed()
+        self.training_done.emit(comp)
+
+    def comparison_lines(self) -> list[str]:
+        """One line per model: accuracy and the headline metrics."""
+        comp = self.comparison
+        if not comp:
+            return []
+        out = []
+        for name in RUNS:
+            m = comp["metrics"].get(name)
+            if m is None:
+                continue
+            s = m.summary()
+            acc = "" if name == "original" else _acc(comp["runs"][name]["final"])
+            where = comp["layer"] if name == "original" else comp["measured_layer"]
+            text = (f"{name} ({where}){acc}: inter-category entropy {s['mean_inter_category_entropy']:.4f}, "
+                    f"spatial entropy {s['mean_spatial_entropy']:.4f}")
+            if s.get("mean_location_instability") is not None:
+                text += f", location instability {s['mean_location_instability']:.4f}"
+            if "part_interpretability" in s:
+                text += f", part interpretability {s['part_interpretability']:.3f} (mean IoU {s['mean_part_iou']:.3f})"
+            out.append(text)
+        return out
+
+    # ------------------------------------------------------------------ figures
+
+    def figure_kinds(self) -> list[FigureKind]:
+        return [FigureKind("metrics", "Filter metrics: headline numbers and entropy histograms"),
+                FigureKind("training", "Training curves and the comparison of the three models")]
+
+    def figure_options(self) -> list[FigureOption]:
+        return [FigureOption("summary", "Headline numbers", True),
+                FigureOption("histograms", "Histograms of the entropies and part IoU", True, ("metrics",)),
+                FigureOption("top", "The filters with the lowest spatial entropy", True, ("metrics",)),
+                FigureOption("curves", "Loss and accuracy curves", True, ("training",)),
+                FigureOption("table", "Per-filter comparison (first filters)", True, ("training",))]
+
+    def figure(self, options: FigureOptions | None = None) -> Figure:
+        options = options or FigureOptions()
+        kind = self.figure_kind(options)
+        include = self.figure_includes(options, kind)
+        model = self.ctx.session.model
+        name = model.name if model is not None else "the model"
+        if kind == "training":
+            return self._training_figure(options, include)
+        r = self.result
+        if r is None:
+            raise ValueError("Interpretable filters: nothing to export yet: run the filter metrics first")
+        elements: list[Element] = []
+        if include.get("summary", True):
+            elements.append(Text("\n".join(self.summary_lines())))
+        if include.get("histograms", True):
+            charts: list[Element] = [_histogram(r.inter, "inter-category entropy (bits)", QColor("#1f77b4")),
+                                     _histogram(r.spatial, "spatial entropy (bits)", QColor("#ff7f0e"))]
+            if r.has_parts:
+                _idx, iou = r.best_part()
+                charts.append(_histogram(iou, "best part IoU", QColor("#2ca02c")))
+            elements.append(Row(charts, gap=10))
+        if include.get("top", True):
+            rows = sorted(table_rows(r), key=lambda d: d["spatial"])[:8]
+            lines = [f"filter {d['filter']}: category {d['category'] or '-'}, inter {d['inter']:.3f}, "
+                     f"spatial {d['spatial']:.3f}"
+                     + (f", instability {d['instability']:.3f}" if math.isfinite(d["instability"]) else "")
+                     + (f", {d['part']} IoU {d['part_iou']:.3f}" if d["part"] else "") for d in rows]
+            elements.append(Stack([Text("Filters with the lowest spatial entropy", bold=True), Text("\n".join(lines))]))
+        subtitle = (f"Zhang, Wu, Zhu (CVPR 2018) filter metrics · {self.data_note or f'{r.n_images} images'} · "
+                    f"entropies in bits, from p(T|x) with n² positive templates and the negative one")
+        return Figure(f"Filter metrics of {name}: {r.layer}", subtitle, elements, options.width_pt, options.dpi)
+
+    def _training_figure(self, options: FigureOptions, include: dict[str, bool]) -> Figure:
+        curves, comp = self.curves, self.comparison
+        if not any(any(v) for c in curves.values() for v in c.values()):
+            raise ValueError("Interpretable filters: no training curves yet: press Train first")
+        elements: list[Element] = []
+        if include.get("summary", True) and comp:
+            elements.append(Text("\n".join(self.comparison_lines())))
+        if include.get("curves", True):
+            loss = [(f"{run}: {k.replace('_', ' ')}", c[k], QColor(_RUN_COLORS[run]))
+                    for run, c in curves.items() for k in ("task_loss", "filter_loss") if c.get(k)]
+            acc = [(f"{run}: {k.replace('_', ' ')}", c[k], QColor(_RUN_COLORS[run]))
+                   for run, c in curves.items() for k in ("train_accuracy", "val_accuracy") if c.get(k)]
+            charts: list[Element] = [LineChart(loss, x_label="batch", y_label="loss", title="Loss per batch")]
+            if acc:
+                charts.append(LineChart(acc, x_label="epoch", y_label="accuracy", title="Accuracy per epoch"))
+            elements.append(Row(charts, gap=10))
+        if include.get("table", True) and comp:
+            rows = comparison_rows(comp)[:12]
+            head = "filter  " + "  ".join(f"{c.title:>14}" for c in COMPARISON_COLUMNS[1:])
+            lines = [head] + [f"{d['filter']:>6}  " + "  ".join(
+                f"{d[c.key]:>14.3f}" if math.isfinite(d[c.key]) else f"{'-':>14}" for c in COMPARISON_COLUMNS[1:])
+                for d in rows]
+            elements.append(Stack([Text(f"Per filter (first {len(rows)}): start model vs ordinary vs interpretable",
+                                        bold=True), Text("\n".join(lines), size=5.0)]))
+        where = f" at {comp['layer']}" if comp else ""
+        model = self.ctx.session.model
+        start = comp.get("start_name") if comp else (model.name if model is not None else "the model")
+        subtitle = "ordinary (no filter loss) and interpretable (task + filter loss, 1/t schedule) from the same start"
+        return Figure(f"Interpretable training of {start}{where}", subtitle, elements, options.width_pt, options.dpi)
+
+
+# --------------------------------------------------------------------------------------------
+# plain functions (worker side and data shaping)
+# --------------------------------------------------------------------------------------------
+
+
+def _plot(y: str, x: str) -> pg.PlotWidget:
+    p = pg.PlotWidget(background="w")
+    p.setMinimumHeight(90)
+    p.setMenuEnabled(False)
+    p.hideButtons()
+    p.setLabel("left", y)
+    p.setLabel("bottom", x)
+    for side in ("left", "bottom"):
+        axis = p.getAxis(side)
+        axis.setPen("k")
+        axis.setTextPen("k")
+    return p
+
+
+def _show_progress(bar: QProgressBar, p: Progress) -> None:
+    if p.fraction is None:
+        bar.setRange(0, 0)
+    else:
+        bar.setRange(0, 1000)
+        bar.setValue(round(1000 * p.fraction))
+    bar.setFormat(f"%p% {p.message}" if p.message else "%p%")
+
+
+def _message(e: BaseException) -> str:
+    return str(e) if isinstance(e, ConvLensError) else f"{type(e).__name__}: {e}"
+
+
+def _acc(final: dict[str, Any]) -> str:
+    parts = [f"{k.split('_')[0]} acc. {final[k]:.3f}" for k in ("train_accuracy", "val_accuracy") if k in final]
+    return f", {', '.join(parts)}" if parts else ""
+
+
+def _histogram(values: np.ndarray, label: str, color: QColor, bins: int = 8) -> BarChart:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return BarChart(["-"], [(label, [0.0], color)], y_label="filters", x_label=label)
+    counts, edges = np.histogram(v, bins=bins)
+    cats = [f"{edges[i]:.2g}–{edges[i + 1]:.2g}" for i in range(bins)]
+    return BarChart(cats, [(label, [float(c) for c in counts], color)], y_label="filters", x_label=label,
+                    plot_height=70)
+
+
+def table_rows(result: Any) -> list[dict[str, Any]]:
+    """The per-filter table's rows of an engine ``FilterMetrics``."""
+    idx, iou = result.best_part()
+    inst = result.instability if result.has_landmarks else np.full(result.units, np.nan)
+    rows = []
+    for f in range(result.units):
+        c = int(result.category[f])
+        rows.append({"filter": f, "category": result.classes[c] if c >= 0 else "",
+                     "inter": float(result.inter[f]), "spatial": float(result.spatial[f]),
+                     "instability": float(inst[f]),
+                     "part": result.part_names[int(idx[f])] if result.has_parts else "",
+                     "part_iou": float(iou[f]) if result.has_parts else float("nan")})
+    return rows
+
+
+def comparison_rows(comp: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per filter index: spatial entropy, instability and part IoU of the three models."""
+    per = {name: {d["filter"]: d for d in table_rows(m)} for name, m in comp["metrics"].items()}
+    n = min(m.units for m in comp["metrics"].values())
+    rows = []
+    for f in range(n):
+        row: dict[str, Any] = {"filter": f}
+        for key in ("spatial", "instability", "part_iou"):
+            for run in RUNS:
+                row[f"{key}_{run}"] = per[run][f][key] if run in per else float("nan")
+        rows.append(row)
+    return rows
+
+
+def headline(result: Any, note: str = "") -> list[str]:
+    s = result.summary()
+    lines = [f"{s['layer']}: {s['filters']} filters of {' x '.join(str(v) for v in s['shape'][1:])} on "
+             f"{s['images']} images{f' ({note})' if note else ''}",
+             f"mean inter-category entropy {s['mean_inter_category_entropy']:.4f}, "
+             f"mean spatial entropy {s['mean_spatial_entropy']:.4f}, mean -MI {s['mean_loss']:.4f}"]
+    if s["filters_per_category"]:
+        lines.append("filters per category: " + ", ".join(f"{c} {n}" for c, n in s["filters_per_category"].items()))
+    if "mean_location_instability" in s:
+        v = s["mean_location_instability"]
+        lines.append(f"location instability {'-' if v is None else f'{v:.4f}'} "
+                     f"({s['filters_with_instability']} filters with landmarks: {', '.join(s['landmarks'])})")
+    if "part_interpretability" in s:
+        lines.append(f"part interpretability {s['part_interpretability']:.3f}: {s['part_detectors']} filters "
+                     f"with part IoU > {result.params.iou_threshold:g} (mean best IoU {s['mean_part_iou']:.3f}, "
+                     f"{s['part_images']} part images)")
+    return lines
+
+
+def _open_data(kind: str, n_images: int, landmarks: str | None, parts_dir: str | None, images: Any,
+               split: str) -> Generator[Progress, None, tuple[Any, str | None, Any, str, float]]:
+    """(image set, landmark CSV, part dataset, a note, progress share used) on the worker."""
+    from engine.concepts import open_broden
+    from engine.data.images import open_image_set
+    from engine.jobs import subjob
+
+    if kind == "builtin":
+        from engine.concepts.parts import builtin_parts
+
+        ds = yield from subjob(builtin_parts(n_images, BUILTIN_SIZE), 0.0, 0.2, "built-in parts: ")
+        root = Path(ds.root)
+        data = open_image_set(str(root / f"{split}.csv"))
+        return (data, str(root / "landmarks.csv"), open_broden(str(root), split="val"),
+                f"built-in part data, {split}.csv of {n_images}", 0.2)
+    if landmarks is not None and not Path(landmarks).is_file():
+        raise ConvLensError(f"{landmarks}: the landmark CSV does not exist")
+    parts = open_broden(parts_dir) if parts_dir else None
+    yield Progress(0.0, "data ready")
+    return images, landmarks, parts, Path(images.source).name if getattr(images, "source", None) else "", 0.0
+
+
+def _read_history(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(per-epoch history, per-batch rows) from the engine's checkpoint, when one is there."""
+    import torch
+
+    ckpt = folder / "checkpoint.pt"
+    if not ckpt.is_file():
+        return [], []
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a checkpoint being replaced: the next epoch reads it again
+        return [], []
+    return list(state.get("history", [])), list(state.get("batches", []))
+
+
+def _fill_from_history(c: dict[str, list[float]], history: list[dict[str, Any]],
+                       batches: list[dict[str, Any]]) -> None:
+    if batches:
+        c["task_loss"] = [float(b["task_loss"]) for b in batches]
+        c["filter_loss"] = [float(b["filter_loss"]) for b in batches]
+    c["train_accuracy"] = [float(h.get("train_accuracy", float("nan"))) for h in history]
+    c["val_accuracy"] = [float(h["val_accuracy"]) for h in history if "val_accuracy" in h]
+
+
+def _train_job(backend: Any, loaded: Any, start: str, params: Any, mparams: Any, kind: str, n_images: int,
+               lm: str | None, parts_dir: str | None, images: Any, out: Path,
+               layer_in_session: bool) -> Generator[Progress, None, dict[str, Any]]:
+    """The training job (worker side): start model, its metrics, both runs, their metrics."""
+    import torch
+
+    from engine.backends.torch_backend import TorchBackend
+    from engine.data.images import open_image_set
+    from engine.filters.metrics import filter_metrics
+    from engine.filters.train import train_filters
+    from engine.jobs import subjob
+    from engine.models.loading import load_model
+    from engine.types import ModelSpec, Preprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    train, landmarks, parts, _note, _s = yield from subjob(_open_data(kind, n_images, lm, parts_dir, images, "train"),
+                                                          0.0, 0.05, "data: ")
+    if kind == "builtin":
+        root = Path(train.source).parent
+        val = open_image_set(str(root / "val.csv"))
+        measure = val
+    else:
+        val, measure = None, train
+    if start == "partnet":
+        from engine.filters.partnet import PARTNET_ARCH, PartNet
+
+        if not train.has_labels:
+            raise ConvLensError(f"{train.source}: the images have no labels; training needs class subfolders")
+        classes = train.labels
+        torch.manual_seed(params.seed)
+        net = PartNet(len(classes))
+        start_path = out / "start.pt"
+        buf = __import__("io").BytesIO()
+        torch.save(net.state_dict(), buf)
+        from engine.cache import atomic_write_bytes
+
+        atomic_write_bytes(start_path, buf.getvalue())
+        spec = ModelSpec(path=str(start_path), arch=PARTNET_ARCH, classes=classes,
+                         preprocess=Preprocess(input_size=(BUILTIN_SIZE, BUILTIN_SIZE), mean=(0.5,) * 3,
+                                               std=(0.25,) * 3))
+        loaded = load_model(spec)
+        backend = TorchBackend(loaded.module, spec, "cpu")
+        start_name = "a new PartNet"
+    else:
+        if getattr(backend, "name", "") != "torch" or not hasattr(backend, "trainable_copy"):
+            raise ConvLensError(f"{backend.spec.path}: training needs the PyTorch backend (a torch model on "
+                                "PyTorch, not ONNX Runtime)")
+        start_name = Path(backend.spec.path).name
+    sha = loaded.cache_id
+    metrics: dict[str, Any] = {}
+    metrics["original"] = yield from subjob(filter_metrics(backend, sha, measure, params.layer, mparams,
+                                                           landmarks=landmarks, parts=parts), 0.05, 0.1,
+                                            "start model metrics: ")
+    curves: dict[str, dict[str, list[float]]] = {}
+    runs: dict[str, Any] = {}
+    plan = [("interpretable", params), ("ordinary", params.baseline())]
+    for j, (name, p) in enumerate(plan):
+        lo, hi = 0.1 + 0.4 * j, 0.1 + 0.4 * (j + 1)
+        c = curves.setdefault(name, _empty_curves())
+        folder = out / name
+        gen = train_filters(backend, sha, train, p, folder, val_images=val, source_format=loaded.format)
+        epoch_seen = 0
+        try:
+            while True:
+                try:
+                    prog = next(gen)
+                except StopIteration as stop:
+                    res = stop.value
+                    break
+                m = _BATCH_RE.search(prog.message)
+                if m:
+                    epoch = int(m.group(1))
+                    if epoch != epoch_seen:
+                        if epoch_seen:
+                            hist, batches = _read_history(folder)
+                            _fill_from_history(c, hist, batches)
+                        epoch_seen = epoch
+                    try:
+                        c["task_loss"].append(float(m.group(5)))
+                    except ValueError:
+                        pass
+                f = None if prog.fraction is None else lo + (hi - lo) * 0.9 * prog.fraction
+                yield TrainProgress(f, f"{name}: {prog.message}", run=name, curves=_snapshot(curves))
+        finally:
+            gen.close()  # a cancelled job closes the engine's run too (its finally blocks)
+        _fill_from_history(c, res.history, _batch_rows(folder, res))
+        yield TrainProgress(lo + (hi - lo) * 0.9, f"{name}: measuring the trained model", run=name,
+                            curves=_snapshot(curves))
+        if "class_file" in res.files:
+            tspec = ModelSpec(path=res.files["state_dict"], arch=f"{res.files['class_file']}:InterpretableNet",
+                              preprocess=backend.spec.preprocess, classes=res.classes,
+                              output_index=backend.spec.output_index)
+        else:
+            tspec = ModelSpec(path=res.files["torchscript"], preprocess=backend.spec.preprocess, classes=res.classes,
+                              output_index=backend.spec.output_index)
+        trained = load_model(tspec)
+        tb = TorchBackend(trained.module, trained.spec, backend.device)
+        metrics[name] = yield from subjob(filter_metrics(tb, trained.cache_id, measure, res.measured_layer, mparams,
+                                                         landmarks=landmarks, parts=parts),
+                                          lo + (hi - lo) * 0.9, hi, f"{name} metrics: ")
+        runs[name] = {"out_dir": res.out_dir, "final": res.final, "files": res.files, "history": res.history,
+                      "resumed_from": res.resumed_from}
+    yield TrainProgress(1.0, "done", curves=_snapshot(curves))
+    return {"layer": params.layer, "measured_layer": f"{params.layer}.mask", "start_name": start_name,
+            "layer_in_session": layer_in_session, "metrics": metrics, "runs": runs, "curves": curves,
+            "out_dir": str(out), "params": params.to_dict()}
+
+
+def _batch_rows(folder: Path, res: Any) -> list[dict[str, Any]]:
+    """The per-batch rows of a finished run (its batches.csv)."""
+    import csv
+
+    path = Path(res.files.get("batches", folder / "batches.csv"))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [{"task_loss": float(r["task_loss"]), "filter_loss": float(r["filter_loss"])}
+                    for r in csv.DictReader(f)]
+    except (OSError, KeyError, ValueError):
+        return []

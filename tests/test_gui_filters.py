@@ -1,0 +1,236 @@
+"""The Interpretable filters dock: real filter metrics of the demo RNet, a real tiny training run on
+the built-in part data (a new PartNet), cancel, the figures and the 1024x640 layout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QSettings, Qt
+from pytestqt.wait_signal import SignalBlocker
+
+from gui.context import AppContext
+from gui.views.filters import COLUMNS, FiltersView, LineChart
+from tests.conftest import wait_job
+
+LAYER = "conv3"  # RNet conv3: 64 filters of 3 x 3
+N_PARTS = 30  # built-in part images: 24 train, 6 val
+JOB_MS = 300_000
+
+
+def _wait(signal: object, timeout: int = JOB_MS) -> list[object]:
+    blocker = SignalBlocker(timeout=timeout, raising=True)
+    blocker.connect(signal)
+    blocker.wait()
+    return blocker.args
+
+
+@pytest.fixture(scope="module")
+def view(ctx: AppContext) -> Iterator[FiltersView]:
+    """A shown view after the metrics of LAYER on the open demo images."""
+    w = FiltersView(ctx)
+    w.resize(1200, 800)
+    w.show()
+    assert w.layer_combo.currentText() == LAYER  # the demo's last default layer
+    w.set_data("images")
+    handle = w.run_metrics()
+    assert handle is not None and not w.run_button.isEnabled() and w.cancel_button.isEnabled()
+    handle.failed.connect(lambda _e: pytest.fail(handle.traceback))
+    _wait(w.metrics_ready)
+    yield w
+    w.close()
+    w.deleteLater()
+
+
+def test_metrics_fill_the_table_with_the_engine_result(view: FiltersView, demo, tmp_path: Path) -> None:  # noqa: ANN001
+    from engine.backends import open_backend
+    from engine.cache import Cache
+    from engine.data.images import open_image_set
+    from engine.filters.metrics import filter_metrics
+    from engine.jobs import run_sync
+    from engine.models import load_model
+
+    spec, images = demo
+    loaded = load_model(spec)
+    backend = open_backend(loaded)
+    try:
+        expected = run_sync(filter_metrics(backend, loaded.cache_id, open_image_set(str(images)), LAYER,
+                                           cache=Cache(tmp_path / "c")))
+    finally:
+        backend.close()
+    assert view.model.rowCount() == expected.units == 64 and view.proxy.rowCount() == 64
+    rows = sorted(view.visible_rows(), key=lambda r: r["filter"])
+    assert [r["filter"] for r in rows] == list(range(64))
+    np.testing.assert_allclose([r["inter"] for r in rows], expected.inter, rtol=1e-9)
+    np.testing.assert_allclose([r["spatial"] for r in rows], expected.spatial, rtol=1e-9)
+    assert [r["category"] for r in rows] == [expected.classes[c] for c in expected.category]
+    assert all(np.isnan(r["instability"]) and np.isnan(r["part_iou"]) for r in rows)  # no landmarks, no parts
+    assert f"{LAYER}: 64 filters of 3 x 3 on 200 images" in view.summary_label.text()
+    assert f"{expected.summary()['mean_spatial_entropy']:.4f}" in view.summary_label.text()
+    assert [c.key for c in COLUMNS] == ["filter", "category", "inter", "spatial", "instability", "part", "part_iou"]
+    # sortable: by spatial entropy, numerically
+    view.table.sortByColumn(3, Qt.SortOrder.AscendingOrder)
+    spatial = [r["spatial"] for r in view.visible_rows()]
+    assert spatial == sorted(spatial) and spatial[0] == expected.spatial.min()
+    assert not view.progress.isVisibleTo(view) and view.run_button.isEnabled()
+
+
+def test_clicking_a_row_selects_the_filter(qtbot, view: FiltersView, ctx: AppContext) -> None:  # noqa: ANN001
+    ctx.selection.layer = "conv1"
+    row = 3
+    expected = view.visible_rows()[row]
+    rect = view.table.visualRect(view.proxy.index(row, 0))
+    qtbot.mouseClick(view.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    assert (ctx.selection.layer, ctx.selection.unit) == (LAYER, expected["filter"])
+    # a filter chosen elsewhere (the Heatmaps view) selects its row
+    ctx.selection.unit = 7
+    current = view.table.currentIndex()
+    assert view.model.row_data(view.proxy.mapToSource(current).row())["filter"] == 7
+
+
+def test_metrics_figure(view: FiltersView, tmp_path: Path) -> None:
+    from gui.figures import BarChart, FigureOptions
+    from tests.figure_checks import check_figure, svg_texts
+
+    fig, root = check_figure(view, FigureOptions(kind="metrics", size="full", dpi=100), tmp_path, "filters-metrics")
+    assert fig.title.endswith(f": {LAYER}")
+    texts = " ".join(svg_texts(root))
+    assert "inter-category entropy (bits)" in texts and "spatial entropy (bits)" in texts
+    charts = [p for p in __import__("tests.figure_checks").figure_checks.parts(fig) if isinstance(p, BarChart)]
+    assert len(charts) == 2 and sum(charts[1].series[0][1]) == 64  # every filter in the histogram
+    assert view.summary_lines()[1].split(",")[0] in texts
+
+
+def test_metrics_on_the_builtin_parts_have_instability_and_part_iou(view: FiltersView) -> None:
+    view.set_data("builtin", N_PARTS)
+    view.run_metrics()
+    result = _wait(view.metrics_ready)[0]
+    assert result.has_landmarks and result.has_parts and result.n_images == N_PARTS // 5
+    rows = sorted(view.visible_rows(), key=lambda r: r["filter"])
+    _idx, iou = result.best_part()
+    np.testing.assert_allclose([r["part_iou"] for r in rows], iou)
+    np.testing.assert_array_equal(np.isnan([r["instability"] for r in rows]), np.isnan(result.instability))
+    assert "part interpretability" in view.summary_label.text()
+    view.set_data("images")
+
+
+def test_training_can_be_cancelled(qtbot, view: FiltersView) -> None:  # noqa: ANN001
+    view.set_data("builtin", N_PARTS)
+    view.set_training(start="partnet", epochs=50, batch_size=4, seed=3)
+    handle = view.train()
+    assert handle is not None and view.train_cancel.isEnabled() and not view.train_button.isEnabled()
+    qtbot.waitUntil(lambda: len(view.curves.get("interpretable", {}).get("task_loss", [])) >= 2, timeout=JOB_MS)
+    with qtbot.waitSignal(handle.cancelled, timeout=JOB_MS):
+        view.cancel_training()
+    assert handle.state == "cancelled" and "cancelled" in view.train_status.text()
+    steps = 50 * 6
+    assert 2 <= len(view.curves["interpretable"]["task_loss"]) < steps and not view.curves.get("ordinary")
+    assert view.train_button.isEnabled() and not view.train_progress.isVisibleTo(view)
+    view.set_data("images")
+
+
+def test_tiny_training_updates_the_curves_and_compares(qtbot, view: FiltersView, tmp_path: Path) -> None:  # noqa: ANN001
+    from gui.figures import FigureOptions
+    from tests.figure_checks import check_figure, parts, svg_texts
+
+    view.set_data("builtin", N_PARTS)
+    view.set_training(start="partnet", epochs=2, batch_size=8, seed=1)
+    changes: list[int] = []
+    view.curves_changed.connect(lambda: changes.append(len(view.curves.get("interpretable", {}).get("task_loss", []))))
+    handle = view.train()
+    assert handle is not None
+    handle.failed.connect(lambda _e: pytest.fail(handle.traceback))
+    comp = _wait(view.training_done)[0]
+    steps = 2 * 3  # 24 training images in batches of 8, two epochs
+    assert changes and changes[0] < steps  # the curves grew while training ran
+    for run in ("interpretable", "ordinary"):
+        c = view.curves[run]
+        assert len(c["task_loss"]) == len(c["filter_loss"]) == steps
+        assert len(c["train_accuracy"]) == len(c["val_accuracy"]) == 2
+        assert all(0 <= a <= 1 for a in c["val_accuracy"])
+        xs, ys = view._lines[(run, "task_loss")].getData()
+        np.testing.assert_allclose(ys, c["task_loss"])
+        assert (Path(comp["runs"][run]["out_dir"]) / "model.pt").is_file()
+    assert max(view.curves["interpretable"]["filter_loss"]) != 0 and not any(view.curves["ordinary"]["filter_loss"])
+    # the same filter index of the three models side by side
+    assert set(comp["metrics"]) == {"original", "ordinary", "interpretable"}
+    assert comp["measured_layer"] == "relu4.mask"
+    assert view.compare_table.model.rowCount() == 64
+    rows = sorted(view.compare_table.visible_rows(), key=lambda r: r["filter"])
+    np.testing.assert_allclose([r["spatial_interpretable"] for r in rows], comp["metrics"]["interpretable"].spatial)
+    np.testing.assert_allclose([r["spatial_original"] for r in rows], comp["metrics"]["original"].spatial)
+    assert len(view.comparison_lines()) == 3 and "val acc." in view.comparison_lines()[2]
+
+    fig, root = check_figure(view, FigureOptions(kind="training", size="full", dpi=100), tmp_path, "training")
+    charts = [p for p in parts(fig) if isinstance(p, LineChart)]
+    assert len(charts) == 2 and len(charts[0].series) == 4
+    texts = " ".join(svg_texts(root))
+    assert "Loss per batch" in texts and "interpretable: task loss" in texts and "accuracy" in texts
+
+
+def test_state_round_trip(view: FiltersView, ctx: AppContext) -> None:
+    view.set_training(start="partnet", epochs=3, batch_size=16, lr=0.002, weight=0.5, seed=9)
+    state = view.save_state()
+    other = FiltersView(ctx)
+    try:
+        other.restore_state(state)
+        assert other.save_state() == state
+        p = other.train_params()
+        assert (p.layer, p.epochs, p.batch_size, p.lr, p.weight, p.seed) == ("relu4", 3, 16, 0.002, 0.5, 9)
+    finally:
+        other.deleteLater()
+
+
+def test_bad_landmarks_say_which_file(view: FiltersView, tmp_path: Path) -> None:
+    view.set_data("images")
+    view.landmarks_edit.setText(str(tmp_path / "missing.csv"))
+    handle = view.run_metrics()
+    assert handle is not None
+    _wait(handle.failed)
+    assert "missing.csv" in view.status.text() and "does not exist" in view.status.text()
+    view.landmarks_edit.clear()
+
+
+def test_dock_lays_out_at_1024x640(qtbot, demo, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from PySide6.QtCore import QPoint, QRect
+    from PySide6.QtWidgets import QAbstractScrollArea, QWidget
+
+    from gui.main_window import MainWindow
+
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    win = MainWindow(settings=QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(win)
+    win.show()
+    try:
+        spec, images = demo
+        win.session.load_model(spec)
+        with qtbot.waitSignal(win.session.predictions_changed, timeout=JOB_MS, check_params_cb=lambda p: p is not None):
+            win.session.open_images(str(images))
+        win.resize(1024, 640)
+        view = win.views["filters"]
+        assert isinstance(view, FiltersView)
+        win.docks["filters"].show()
+        win.docks["filters"].raise_()
+        qtbot.waitUntil(lambda: view.isVisible() and not view.visibleRegion().isEmpty(), timeout=5000)
+        wait_job(view.run_metrics())
+        qtbot.wait(50)
+        assert win.size().toTuple() == (1024, 640)
+        win.grab().save(str(tmp_path / "filters-1024x640.png"))
+
+        def outside(w: QWidget) -> bool:
+            p = w.parentWidget()
+            while p is not None and p is not view:
+                if isinstance(p, QAbstractScrollArea) and p.viewport().isAncestorOf(w):
+                    return False
+                p = p.parentWidget()
+            rect = QRect(w.mapTo(view, QPoint(0, 0)), w.size())
+            return not view.rect().adjusted(-1, -1, 1, 1).contains(rect)
+
+        off = [f"{type(w).__name__} {w.objectName()}".strip() for w in view.findChildren(QWidget)
+               if w.isVisibleTo(view) and w.isVisible() and outside(w)]
+        assert off == []
+        assert view.table.viewport().height() >= 60 and view.model.rowCount() == 64
+    finally:
+        win.close()
