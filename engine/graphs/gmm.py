@@ -86,7 +86,7 @@ class Mixture:
     def log_joint(self, x: np.ndarray) -> np.ndarray:
         """``log w_k + log N(x | k)`` for rows ``x`` (n, D), float64: (n, K)."""
         t = self.tensors(torch.float64, torch.device("cpu"))
-        return t.log_joint(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
+        return t.log_joint(_tensor(np.asarray(x, dtype=np.float64))).numpy()
 
     def log_likelihood(self, x: np.ndarray) -> float:
         """Mean log-likelihood per row of ``x``."""
@@ -161,12 +161,18 @@ def _torch_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "float32" else torch.float64
 
 
+def _tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.from_numpy(np.require(x, requirements="W"))  # read-only memory maps: a copy
+
+
 def e_step(x: np.ndarray | torch.Tensor, mixture: Mixture | _Terms, *, dtype: str = "float64",
            device: str | torch.device = "cpu") -> SuffStats:
     """Sufficient statistics of rows ``x`` (n, D) under ``mixture``."""
     dev, dt = torch.device(device), _torch_dtype(dtype)
     terms = mixture.tensors(dt, dev) if isinstance(mixture, Mixture) else mixture
-    xt = torch.as_tensor(x).to(dev, dt)
+    xt = _tensor(x).to(dev, dt)
     lj = terms.log_joint(xt)
     top = lj.max(1, keepdim=True).values  # log-space normalisation: one exp per entry
     r = torch.exp(lj - top)
@@ -363,7 +369,7 @@ def assign(source: ColumnSource, mix: Mixture, top: int, *, dtype: str = "float3
     best_i = torch.full((k, top), -1, dtype=torch.int64, device=dev)
     done = 0
     for lo, rows in source.batches():
-        lj = terms.log_joint(torch.as_tensor(rows).to(dev, dt))
+        lj = terms.log_joint(_tensor(rows).to(dev, dt))
         score, w = lj.max(1)
         words[lo:lo + len(rows)] = w.cpu().numpy()
         masked = torch.full((k, len(rows)), -math.inf, dtype=torch.float64, device=dev)
