@@ -688,10 +688,10 @@ class _RowWriter:
         assert self.fd is not None
         block = np.ascontiguousarray(data, dtype=self.dtype)
         if isinstance(rows, slice):
-            _pwrite_all(self.fd, memoryview(block).cast("B"), self.offset + rows.start * self.row_bytes)
+            _pwrite_all(self.fd, block.data.cast("B"), self.offset + rows.start * self.row_bytes)
             return
         for j, r in enumerate(np.asarray(rows).tolist()):
-            _pwrite_all(self.fd, memoryview(block[j]).cast("B"), self.offset + r * self.row_bytes)
+            _pwrite_all(self.fd, np.ascontiguousarray(block[j]).data.cast("B"), self.offset + r * self.row_bytes)
 
     def close(self) -> None:
         if self.fd is not None:
