@@ -198,6 +198,36 @@ def test_figure_renders_in_every_format(qtbot, ctx, view: PolytopeView, tmp_path
     assert not any(isinstance(p, Text) and "|P(x)|" in p.text for p in parts(small))
 
 
+def test_hidden_view_waits_restores_its_state_and_can_be_cancelled(qtbot, ctx, view: PolytopeView) -> None:  # noqa: ANN001
+    view.set_params(layer="prelu3", delta=2, candidates=30)
+    _ready(qtbot, view, delta=2, candidates=30)
+    state = view.save_state()
+    assert state == {"layer": "prelu3", "delta": 2, "candidates": 30}
+    other = PolytopeView(ctx)  # never shown: lists the split points, computes nothing
+    qtbot.addWidget(other)
+    other.restore_state({"layer": "pool2", "delta": None, "candidates": 7})
+    with qtbot.waitSignal(other.layers_ready, timeout=JOB_MS):
+        pass
+    assert other.layer() == "pool2" and other.delta() is None and other.q_spin.value() == 7
+    assert other._handle is None and other.result is None
+    assert "computed when this view is shown" in other.status.text()
+    other.restore_state(state)
+    assert other.layer() == "prelu3" and other.delta() == 2 and other._handle is None
+    other.show()  # shown: computes (the engine finds it in its disk cache)
+    assert other._handle is not None
+    _ready(qtbot, other, delta=2, candidates=30)
+    assert other.result.from_cache and digest(other.result) == digest(view.result)
+    # a job cancelled from the jobs panel leaves the view saying so, not waiting forever
+    other.set_params(candidates=31)
+    handle = other._handle
+    assert handle is not None
+    with qtbot.waitSignal(handle.cancelled, timeout=JOB_MS):
+        handle.cancel()
+    assert other._handle is None and "cancelled" in other.status.text()
+    other.shutdown()
+    other.close()
+
+
 def test_intruder_frame() -> None:
     img = np.full((24, 24, 3), 100, np.uint8)
     out = framed(img, 2)

@@ -437,6 +437,8 @@ class PolytopeView(View):
             return
         self._clicked = -1
         self._query = image
+        if self.result is None:
+            self._request()  # after a failure or a cancellation: try again
         self._render()
 
     def _tile_clicked(self, image: int) -> None:
@@ -471,7 +473,7 @@ class PolytopeView(View):
             self._error = ""
             self._render()
             return
-        if key == self._handle_key or not (force or self.isVisible()):
+        if (key == self._handle_key and self._handle is not None) or not (force or self.isVisible()):
             return
         from engine.polytope.run import PolytopeParams
 
@@ -487,6 +489,7 @@ class PolytopeView(View):
             return
         self._handle, self._handle_key = handle, key
         handle.failed.connect(lambda e, h=handle: self._failed(h, e))
+        handle.cancelled.connect(lambda h=handle: self._cancelled(h))
         handle.progress.connect(self._progress)
         self.progress.setValue(0)
         self.progress.show()
@@ -517,6 +520,14 @@ class PolytopeView(View):
         self.progress.hide()
         self.result = None
         self._error = str(error) if isinstance(error, ConvLensError) else f"{type(error).__name__}: {error}"
+        self._render()
+
+    def _cancelled(self, handle: JobHandle) -> None:
+        if handle is not self._handle:  # superseded: the newer job reports
+            return
+        self._handle = self._handle_key = None
+        self.progress.hide()
+        self._error = "cancelled (change a setting or select an image to compute it again)"
         self._render()
 
     def _progress(self, p: Progress) -> None:
@@ -826,7 +837,8 @@ class PolytopeView(View):
                      f"covered {s['covered']}: "
                      f"{s['covered_same_class']} same class, {s['covered_different_class']} different class "
                      f"(delta {s['delta']}, smallest feasible {s['smallest_feasible_delta']})",
-                     f"coverage {_fmt(s['coverage'])}, precision {_fmt(s['precision'])}; kNN at k = {k['k']}: "
+                     f"coverage {_fmt(s['coverage'])}, precision {_fmt(s['precision'])}; kNN at k = {k['k']}"
+                     f"{' (capped)' if k['capped'] else ''}: "
                      f"coverage {_fmt(k['coverage'])}, precision {_fmt(k['precision'])}",
                      f"certificate max|A psi(x) + c - f(x)| = {s['certificate_error']:.2e} "
                      f"(over the set {_fmt(m.get('certificate_max'), '.2e')})",
