@@ -97,7 +97,7 @@ def test_unreadable_files_are_skipped_and_counted(rnet, tmp_path: Path, cache, e
     (tmp_path / "face").mkdir()
     for i, arr in enumerate(lfw_subset()[:5]):
         Image.fromarray((arr * 255).astype(np.uint8)).save(tmp_path / "face" / f"{i}.png")
-    (tmp_path / "face" / "notes.png").write_text("not an image")
+    (tmp_path / "face" / "2notes.png").write_text("not an image")  # sorts among the good ones
     Image.new("RGB", (1, 1)).save(tmp_path / "face" / "tiny.png")
     images = open_image_set(tmp_path)
     acts = run_sync(extract(be, loaded.cache_id, images, ["conv1"], cache=cache))
@@ -108,6 +108,11 @@ def test_unreadable_files_are_skipped_and_counted(rnet, tmp_path: Path, cache, e
     assert "notes.png" in logged and "tiny.png" in logged
     preds = predictions_from(acts, be.spec)
     assert np.isnan(acts.stats("conv1").max[~acts.valid]).all()
+    with ImageLoader(images, be.spec.preprocess, batch_size=64) as loader:
+        batch = next(iter(loader))  # the 5 good images: rows 0-2, 4-6, written row by row
+    ref = be.forward(batch.array, ["conv1"]).activations["conv1"]
+    np.testing.assert_allclose(np.asarray(acts.maps("conv1"), np.float32)[batch.indices], ref, rtol=1e-3, atol=1e-3)
+    assert not np.asarray(acts.maps("conv1"))[~acts.valid].any()  # rows of skipped images stay zero
     assert preds.accuracy == 1.0 and preds.n_scored == 5
 
 
