@@ -2,7 +2,7 @@
 
 Per modelled layer a diagonal Gaussian mixture over the spatial columns (:mod:`.gmm`), visual
 words and transition statistics between consecutive layers (:mod:`.transitions`), the fit job
-and the explanations (:mod:`.run`), a static figure (:mod:`.figure`), the ``graph`` command
+and the explanations (:mod:`.model`), a static figure (:mod:`.figure`), the ``graph`` command
 (:mod:`.cli`). Importing this package imports neither torch nor the submodules: the names below
 load on first use (PEP 562), so the CLI can build its ``--help`` cheaply.
 """
@@ -13,9 +13,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "GraphParams": "run", "GraphFit": "run", "LayerModel": "run", "GraphExplanation": "run",
-    "run": "run", "explain": "run", "save_result": "run", "load_result": "run", "image_words": "run",
-    "default_k": "run", "graph_key": "run", "CACHE_KIND": "run", "FORMAT_VERSION": "run",
+    "GraphParams": "model", "GraphFit": "model", "LayerModel": "model", "GraphExplanation": "model",
+    "run": "model", "explain": "model", "save_result": "model", "load_result": "model", "image_words": "model",
+    "default_k": "model", "graph_key": "model", "CACHE_KIND": "model", "FORMAT_VERSION": "model",
     "Mixture": "gmm", "SuffStats": "gmm", "EMSettings": "gmm", "fit_gmm": "gmm", "assign": "gmm",
     "e_step": "gmm", "m_step": "gmm", "ArraySource": "gmm",
     "TransitionTable": "transitions", "transition_counts": "transitions", "window_bounds": "transitions",

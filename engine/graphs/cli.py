@@ -95,7 +95,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     from engine.data.images import open_image_set
     from engine.models.config import write_config
 
-    from .run import GraphParams, run, save_result
+    from .model import GraphParams, run, save_result
 
     c = _common()
     out = c.check_out_dir(a.out, ["meta.json", "summary.json", "model.toml"])
@@ -131,7 +131,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
 def _open_fit(folder: str) -> Any:
     from engine.types import ConvLensError
 
-    from .run import load_result
+    from .model import load_result
 
     p = Path(folder)
     if not p.is_dir():
@@ -146,7 +146,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     from engine.types import ConvLensError
 
     from .figure import render_graph
-    from .run import explain
+    from .model import explain
 
     c = _common()
     out = c.check_out_dir(a.out, ["graph.json", "graph.graphml", "graph.png"])

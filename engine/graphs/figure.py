@@ -107,7 +107,7 @@ def _montage(node: dict[str, Any], images: _Images) -> Image.Image:
 
 def render_graph(explanation: Any, path: str | Path | None = None, *,
                  preprocess: dict[str, Any] | None = None, title: str | None = None) -> Image.Image:
-    """Draw ``explanation`` (a :class:`~engine.graphs.run.GraphExplanation`) and save it to
+    """Draw ``explanation`` (a :class:`~engine.graphs.model.GraphExplanation`) and save it to
     ``path`` (PNG, or any format PIL writes by extension) when given. ``preprocess`` (the fit's
     preprocessing as a dict) cuts the patches from the images exactly as the model saw them."""
     nodes = {nd["id"]: nd for nd in explanation.nodes}
