@@ -198,7 +198,7 @@ def test_figure_renders_in_every_format(qtbot, ctx, view: PolytopeView, tmp_path
     assert not any(isinstance(p, Text) and "|P(x)|" in p.text for p in parts(small))
 
 
-def test_hidden_view_waits_restores_its_state_and_can_be_cancelled(qtbot, ctx, view: PolytopeView) -> None:  # noqa: ANN001
+def test_hidden_view_waits_restores_its_state_and_can_be_cancelled(qtbot, ctx, view: PolytopeView) -> None:
     view.set_params(layer="prelu3", delta=2, candidates=30)
     _ready(qtbot, view, delta=2, candidates=30)
     state = view.save_state()
