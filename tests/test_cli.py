@@ -28,7 +28,7 @@ def test_predict_writes_csv_and_accuracy(rnet_spec, demo_images: Path, tmp_path:
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     assert main(["-q", "predict", "--model", rnet_spec.path, "--images", str(demo_images), "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    rows = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
     assert len(rows) == 200 and all(r["correct"] == "true" and r["status"] == "ok" for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accuracy"] == 1.0 and summary["classes"] == ["non-face", "face"]
@@ -39,7 +39,7 @@ def test_activations_writes_unit_tables(rnet_spec, demo_images: Path, tmp_path: 
     out = tmp_path / "acts"
     assert main(["-q", "activations", "--model", rnet_spec.path, "--images", str(demo_images),
                  "--layers", "conv2,conv3", "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out / "conv3_units.csv")))
+    rows = list(csv.DictReader((out / "conv3_units.csv").read_text().splitlines()))
     assert len(rows) == 64 and all(r["top_images"] for r in rows)
     top = json.loads((out / "conv2_top.json").read_text())
     assert len(top) == 48 and len(top["0"]) == 16
@@ -49,7 +49,8 @@ def test_activations_writes_unit_tables(rnet_spec, demo_images: Path, tmp_path: 
 @pytest.mark.parametrize(("argv", "needle"), [
     (["info", "--model", "/no/such/model.pt"], "/no/such/model.pt: no such file"),
     (["predict", "--model", "{rnet}", "--images", "/no/such/dir", "--out", "{tmp}"], "/no/such/dir"),
-    (["activations", "--model", "{rnet}", "--images", "{imgs}", "--layers", "conv9", "--out", "{tmp}"], "no layer named 'conv9'"),
+    (["activations", "--model", "{rnet}", "--images", "{imgs}", "--layers", "conv9", "--out", "{tmp}"],
+     "no layer named 'conv9'"),
     (["info", "--model", "{rnet}", "--mean", "127.5,127.5,127.5"], "[0, 1] pixel units"),
 ])
 def test_bad_input_gives_one_line_and_exit_1(argv, needle, rnet_spec, demo_images, tmp_path, capsys) -> None:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("CONVLENS_CACHE", str(cache))
     return cache
@@ -65,7 +65,7 @@ def _model_args(rnet_spec, imgs: Path) -> list[str]:
     ("dissect", "--iou-threshold", "-0.01", "must be in [0, 1]"),
 ])
 def test_numeric_options_are_usage_errors_before_any_work(cmd, opt, value, needle, rnet_spec, demo_images,
-                                                          tmp_path: Path, _tmp_cache: Path, capsys) -> None:
+                                                          tmp_path: Path, tmp_cache: Path, capsys) -> None:
     out = tmp_path / "out"
     base = ["--model", rnet_spec.path, "--out", str(out)]
     base += ["--concepts", "builtin"] if cmd == "dissect" else ["--images", str(demo_images)]
@@ -73,7 +73,7 @@ def test_numeric_options_are_usage_errors_before_any_work(cmd, opt, value, needl
     err = capsys.readouterr().err
     assert f"argument {opt}: {needle}" in err
     _clean(err)
-    assert not out.exists() and not _tmp_cache.exists()  # nothing opened, nothing computed
+    assert not out.exists() and not tmp_cache.exists()  # nothing opened, nothing computed
 
 
 def test_bad_batch_size_is_refused_even_when_the_cache_holds_the_result(rnet_spec, demo_images: Path,
@@ -107,7 +107,7 @@ def _unwritable_folder() -> Path | None:
 
 @pytest.mark.parametrize("cmd", [["predict"], ["activations", "--layers", "conv2"]])
 def test_unwritable_out_fails_before_extraction_naming_the_folder(cmd, rnet_spec, demo_images: Path,
-                                                                  tmp_path: Path, _tmp_cache: Path, capsys) -> None:
+                                                                  tmp_path: Path, tmp_cache: Path, capsys) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     bad = [(notes / "sub", "notes.txt is a file, not a folder")]
@@ -126,7 +126,7 @@ def test_unwritable_out_fails_before_extraction_naming_the_folder(cmd, rnet_spec
         err = capsys.readouterr().err
         assert err.startswith(f"convlens: error: {out}: ") and needle in err, err
         _clean(err)
-        assert not (_tmp_cache / "activations").exists()  # noticed before the extraction
+        assert not (tmp_cache / "activations").exists()  # noticed before the extraction
     assert notes.read_text() == "mine"
 
 
@@ -158,14 +158,14 @@ def test_info_out_checked_before_loading_and_named(rnet_spec, tmp_path: Path, ca
 
 
 def test_a_folder_in_the_place_of_an_output_file(rnet_spec, demo_images: Path, tmp_path: Path,
-                                                 _tmp_cache: Path, capsys) -> None:
+                                                 tmp_cache: Path, capsys) -> None:
     out = tmp_path / "out"
     (out / "predictions.csv").mkdir(parents=True)  # found before any work
     assert main(["-q", "predict", *_model_args(rnet_spec, demo_images), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"convlens: error: {out / 'predictions.csv'}: is a folder"), err
     _clean(err)
-    assert not (_tmp_cache / "activations").exists()
+    assert not (tmp_cache / "activations").exists()
 
     # a unit table's name depends on the layer: that write fails late, and still names the file
     (out / "conv2_units.csv").mkdir()
@@ -177,7 +177,7 @@ def test_a_folder_in_the_place_of_an_output_file(rnet_spec, demo_images: Path, t
     assert sorted(p.name for p in out.iterdir()) == ["conv2_units.csv", "predictions.csv"]  # no temporary left
 
 
-def test_dissect_out_checked_before_any_work(rnet_spec, tmp_path: Path, _tmp_cache: Path, capsys) -> None:
+def test_dissect_out_checked_before_any_work(rnet_spec, tmp_path: Path, tmp_cache: Path, capsys) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     bad = [(notes, "exists and is not a folder"), (notes / "report", "notes.txt is a file, not a folder")]
@@ -189,14 +189,14 @@ def test_dissect_out_checked_before_any_work(rnet_spec, tmp_path: Path, _tmp_cac
         err = capsys.readouterr().err
         assert err.startswith(f"convlens: error: {out}: ") and needle in err, err
         _clean(err)
-        assert not (_tmp_cache / "concepts").exists()  # no concept set generated
+        assert not (tmp_cache / "concepts").exists()  # no concept set generated
     assert notes.read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------- cache --clear
 
 
-def test_cache_clear_removes_only_cache_kinds(rnet_spec, demo_images: Path, tmp_path: Path, _tmp_cache: Path,
+def test_cache_clear_removes_only_cache_kinds(rnet_spec, demo_images: Path, tmp_path: Path, tmp_cache: Path,
                                               capsys) -> None:
     assert main(["-q", "activations", *_model_args(rnet_spec, demo_images), "--layers", "conv3",
                  "--out", str(tmp_path / "o")]) == 0
@@ -211,13 +211,13 @@ def test_cache_clear_removes_only_cache_kinds(rnet_spec, demo_images: Path, tmp_
         assert err.startswith("convlens: error: ") and repr(what) in err and "nothing was removed" in err, err
         _clean(err)
     assert (outside / "keep.txt").read_text() == "mine" and (sibling / "keep.txt").read_text() == "mine"
-    assert any((_tmp_cache / "activations").iterdir())
+    assert any((tmp_cache / "activations").iterdir())
 
     assert main(["cache", "--clear", "activations"]) == 0
     captured = capsys.readouterr()
-    assert f"cleared activations in {_tmp_cache}" in captured.err
+    assert f"cleared activations in {tmp_cache}" in captured.err
     assert "activations" not in json.loads(captured.out)["kinds"]
-    (_tmp_cache / "dissection" / "x").mkdir(parents=True)
+    (tmp_cache / "dissection" / "x").mkdir(parents=True)
     assert main(["cache", "--clear", "all"]) == 0
     captured = capsys.readouterr()
     assert "cleared dissection" in captured.err and json.loads(captured.out)["kinds"] == {}
@@ -268,7 +268,7 @@ def test_unreadable_files_named_on_every_run_and_status_column(rnet_spec, tmp_pa
         err = capsys.readouterr().err
         assert "convlens: warning: 1 file skipped:" in err and f"{imgs / 'face' / 'c.png'}: " in err, err
         assert "3 images, 1 skipped" in err
-    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out / "predictions.csv", newline=""))}
+    rows = {Path(r["path"]).name: r for r in csv.DictReader((out / "predictions.csv").read_text().splitlines())}
     assert rows["c.png"]["status"] == "unreadable" and rows["c.png"]["correct"] == ""
     assert rows["c.png"]["predicted"] == "" and rows["c.png"]["confidence"] == ""
     assert rows["a.png"]["status"] == "ok" and rows["a.png"]["correct"] in ("true", "false")
@@ -298,24 +298,24 @@ def test_non_utf8_names_survive_predict_and_activations(rnet_spec, latin1_images
     assert main(["predict", "--model", rnet_spec.path, "--images", imgs, "--out", out]) == 0
     err = capsys.readouterr().err
     assert "bad\\xe9.png: not a readable image" in err  # shown with its raw byte, not a crash
-    raw = open(os.path.join(out, "predictions.csv"), "rb").read()
+    raw = Path(out, "predictions.csv").read_bytes()
     assert b"/caf\xe9/na\xefve/b\xe9b\xe9.png" in raw  # the file's real name, byte for byte
     with open(os.path.join(out, "predictions.csv"), newline="", errors="surrogateescape") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and all(os.path.isfile(r["path"]) for r in rows)
     assert {r["label"] for r in rows} == {"face", os.fsdecode(b"na\xefve")}
     assert [r["status"] for r in rows].count("unreadable") == 1
-    summary = json.loads(open(os.path.join(out, "summary.json"), encoding="ascii").read())
+    summary = json.loads(Path(out, "summary.json").read_text(encoding="ascii"))
     assert summary["skipped"][0]["path"] == os.fsdecode(latin1_images + b"/face/bad\xe9.png")
 
     acts = os.fsdecode(os.fsencode(tmp_path) + b"/unit\xe9s")
     assert main(["-q", "activations", "--model", rnet_spec.path, "--images", imgs, "--layers", "conv2",
                  "--out", acts]) == 0
-    table = open(os.path.join(acts, "conv2_units.csv"), "rb").read()
+    table = Path(acts, "conv2_units.csv").read_bytes()
     assert b"/caf\xe9/" in table
-    top = json.loads(open(os.path.join(acts, "conv2_top.json"), "rb").read())
+    top = json.loads(Path(acts, "conv2_top.json").read_bytes())
     assert all(os.path.isfile(t["image"]) for t in top["0"])
-    assert json.loads(open(os.path.join(acts, "summary.json"), "rb").read())["valid"] == 4
+    assert json.loads(Path(acts, "summary.json").read_bytes())["valid"] == 4
 
 
 def _dissect_small(rnet_spec, out: str) -> list[str]:
@@ -400,13 +400,13 @@ def test_labels_that_look_like_numbers_but_are_not(rnet_spec, tmp_path: Path, ca
     assert main(["-q", "predict", "--model", rnet_spec.path, "--images", str(imgs), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["unmatched_labels"] == ["7", "²"]  # RNet has outputs 0 and 1
-    rows = {r["label"]: r for r in csv.DictReader(open(out / "predictions.csv", newline="", encoding="utf-8"))}
+    rows = {r["label"]: r for r in csv.DictReader((out / "predictions.csv").read_text(encoding="utf-8").splitlines())}
     assert rows["²"]["correct"] == "" and rows["1"]["correct"] in ("true", "false")
     assert summary["scored"] == 1  # "1" names an output index; "²" and "7" name none
 
 
 def test_empty_out_and_empty_layers_are_errors(rnet_spec, demo_images: Path, tmp_path: Path,
-                                               monkeypatch, _tmp_cache: Path, capsys) -> None:
+                                               monkeypatch, tmp_cache: Path, capsys) -> None:
     monkeypatch.chdir(tmp_path)  # an empty --out would otherwise write here
     for argv in (["predict", *_model_args(rnet_spec, demo_images), "--out", ""],
                  ["info", "--model", rnet_spec.path, "--out", " "],
