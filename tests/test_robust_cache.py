@@ -319,6 +319,47 @@ def test_a_damaged_dissection_entry_is_recomputed(rnet, tmp_path: Path, engine_l
 # ----------------------------------------------------------------------------- stale pixels
 
 
+def _rewrite_keeping_size_and_mtime(path: Path, pixels: np.ndarray) -> None:
+    """Write other pixels into ``path`` with its size and modification time unchanged: a
+    smaller PNG padded after its IEND chunk (which decoders ignore)."""
+    st = path.stat()
+    Image.fromarray(pixels).save(path, compress_level=9)
+    data = path.read_bytes()
+    assert len(data) <= st.st_size
+    path.write_bytes(data + b"\0" * (st.st_size - len(data)))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("what", ["image", "mask"])
+def test_changed_concept_files_with_the_same_size_and_mtime_are_recomputed(rnet, tmp_path: Path, engine_log,
+                                                                          what: str) -> None:
+    from engine.concepts import generate_concepts, open_broden
+    from engine.dissection import dissect
+
+    loaded, be = rnet
+    root = tmp_path / "concepts"
+    run_sync(generate_concepts(root, n_images=12, image_size=48))
+    cache = Cache(tmp_path / "cache")
+    first = run_sync(dissect(be, loaded.cache_id, open_broden(root), ["conv1"], cache=cache))
+    assert first.input_digests is not None and run_sync(
+        dissect(be, loaded.cache_id, open_broden(root), ["conv1"], cache=cache)).from_cache
+    concepts = open_broden(root)
+    files = concepts.content_files()
+    image = Path(concepts.image_path(0))
+    images = {concepts.image_path(i) for i in range(len(concepts))}
+    masks = [f for f in files if f not in images]
+    assert masks and len(files) == len(images) + len(masks)
+    victim = image if what == "image" else Path(masks[0])
+    shape = np.asarray(Image.open(victim)).shape
+    _rewrite_keeping_size_and_mtime(victim, np.zeros(shape, np.uint8))  # black image / unlabelled mask
+    assert open_broden(root).fingerprint() == concepts.fingerprint()  # size and mtime cannot see it
+    again = run_sync(dissect(be, loaded.cache_id, open_broden(root), ["conv1"], cache=cache))
+    assert not again.from_cache and "1 concept file changed" in engine_log.text and str(victim) in engine_log.text
+    assert not np.array_equal(again.input_digests, first.input_digests)
+    assert run_sync(dissect(be, loaded.cache_id, open_broden(root), ["conv1"], cache=cache)).from_cache
+
+
 def test_changed_pixels_with_the_same_size_and_mtime_are_recomputed(rnet, faces: Path, tmp_path: Path,
                                                                      engine_log) -> None:
     loaded, be = rnet

@@ -231,6 +231,12 @@ class ConceptDataset:
         """
         return self._fingerprint
 
+    def content_files(self) -> list[str]:
+        """Absolute paths of every file the rows in use read (each image, then its masks), in
+        row order: what the content digests of a cached result cover."""
+        images = os.path.join(self.root, "images")
+        return [os.path.join(images, rel) for row in self._rows for rel in _row_files(row)]
+
     @cached_property
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -243,8 +249,7 @@ class ConceptDataset:
         images = os.path.join(self.root, "images")
         for row in self._rows:
             h.update(f"row {row.line}\n".encode())
-            files = [row.image] + [e for es in row.entries for e in es if isinstance(e, str)]
-            for rel in files:
+            for rel in _row_files(row):
                 try:
                     st = os.stat(os.path.join(images, rel))
                 except OSError as e:
@@ -253,6 +258,11 @@ class ConceptDataset:
                     ) from e
                 h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
+
+
+def _row_files(row: _Row) -> list[str]:
+    """The image and mask files of an index row, relative to ``images/``."""
+    return [row.image] + [e for es in row.entries for e in es if isinstance(e, str)]
 
 
 def _read_csv(path: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:

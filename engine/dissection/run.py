@@ -57,7 +57,7 @@ from engine.cache import (
     write_meta,
 )
 from engine.concepts import ConceptDataset, ConceptSample, open_broden
-from engine.data.images import ImageLoader, ImageSet
+from engine.data.images import DIGEST_SIZE, ImageLoader, ImageSet, digest_files
 from engine.dissection.quantile import TopQuantile
 from engine.dissection.tally import LayerSummary, summarize
 from engine.jobs import Job
@@ -167,6 +167,9 @@ class DissectionResult:
     n_images: int
     seconds: dict[str, float]
     skipped: tuple[tuple[str, str], ...] = ()
+    input_digests: np.ndarray | None = None
+    """(F, 16) uint8: content digest of each of the concept set's ``content_files()`` as
+    dissected (None for results saved without them)."""
     from_cache: bool = False
 
     def summary_line(self, layer: str) -> str:
@@ -421,11 +424,31 @@ def dissect(
     key = dissection_key(backend, model_sha, concepts, layers, params)
     result = yield from cached_job(
         cache, CACHE_KIND, key, load_result, save=save_result, found="dissection found in cache",
-        compute=lambda: _compute(backend, model_sha, concepts, layers, info, params))
+        compute=lambda: _compute(backend, model_sha, concepts, layers, info, params),
+        accept=lambda r: _inputs_unchanged(r, concepts))
     if result.from_cache:
         return replace(result, params=params)  # batch size and device are not in the key
     yield Progress(1.0, "; ".join(result.summary_line(n) for n in layers))
     return result
+
+
+def _inputs_unchanged(result: DissectionResult, concepts: ConceptDataset) -> bool:
+    """Whether every image and mask file still has the content it had when ``result`` was
+    computed (a file rewritten with the same size and modification time, ``cp -p`` or
+    ``rsync -t``, is not seen by the fingerprint); logs a warning naming the first change."""
+    files = concepts.content_files()
+    stored = result.input_digests
+    if stored is None or stored.shape != (len(files), DIGEST_SIZE):
+        log.warning("%s: cached dissection has no content digests of its %d files; recomputing",
+                    concepts.root, len(files))
+        return False
+    changed = np.flatnonzero((stored != digest_files(files)).any(axis=1))
+    if changed.size:
+        log.warning("%s: %d concept file%s changed since the cached dissection although size and "
+                    "modification time did not (first: %s); recomputing", concepts.root, changed.size,
+                    "s" if changed.size != 1 else "", files[int(changed[0])])
+        return False
+    return True
 
 
 def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers: list[str],
@@ -433,6 +456,10 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
     """The two passes and the summary (a job returning the result, not cached here)."""
     if len(concepts) == 0:
         raise ConvLensError(f"{concepts.root}: the concept data set has no images.")
+    # hashed before they are read: a file changed during the run makes the entry stale, never
+    # a stale entry look fresh
+    yield Progress(0.0, f"hashing {len(concepts)} concept images and their masks")
+    input_digests = digest_files(concepts.content_files())
     device = _compute_device(backend, params)
     labels = _Labels.of(concepts)
     if not labels.scored.any():
@@ -488,7 +515,7 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
         model=backend.spec.path, model_sha256=model_sha, concepts_root=concepts.root,
         params=params, layers=out, concept_names=labels.names,
         concept_categories=labels.categories_of, categories=labels.categories,
-        n_images=len(order), seconds=seconds, skipped=tuple(skipped),
+        n_images=len(order), seconds=seconds, skipped=tuple(skipped), input_digests=input_digests,
     )
     return result
 
@@ -833,6 +860,8 @@ def save_result(result: DissectionResult, folder: str | Path) -> Path:
         np.save(folder / f"{stem}_top_images.npy", np.asarray(ld.top_images, dtype=np.int64))
         np.save(folder / f"{stem}_top_values.npy", np.asarray(ld.top_values, dtype=np.float32))
         layers.append({"name": name, "stem": stem, "units": ld.units, "shape": list(ld.shape)})
+    if result.input_digests is not None:
+        np.save(folder / "input_digests.npy", np.asarray(result.input_digests, dtype=np.uint8))
     write_meta(folder, {
         "version": FORMAT_VERSION,
         "model": result.model,
@@ -846,6 +875,7 @@ def save_result(result: DissectionResult, folder: str | Path) -> Path:
         "n_images": result.n_images,
         "seconds": result.seconds,
         "skipped": [list(s) for s in result.skipped],
+        "input_digests": result.input_digests is not None,
     })
     return folder
 
@@ -900,10 +930,14 @@ def _read_result(folder: Path, meta: dict[str, Any]) -> DissectionResult:
             top_images=load_array(folder, f"{stem}_top_images", mmap=False),
             top_values=load_array(folder, f"{stem}_top_values", mmap=False),
         )
+    digests = None
+    if meta.get("input_digests"):
+        check_array(folder, "input_digests", np.uint8, (None, DIGEST_SIZE))
+        digests = load_array(folder, "input_digests", mmap=False)
     return DissectionResult(
         model=meta["model"], model_sha256=meta["model_sha256"],
         concepts_root=meta["concepts_root"], params=params, layers=layers,
         concept_names=names, concept_categories=cat_names, categories=categories,
         n_images=int(meta["n_images"]), seconds={k: float(v) for k, v in meta["seconds"].items()},
-        skipped=tuple((str(a), str(b)) for a, b in meta["skipped"]),
+        skipped=tuple((str(a), str(b)) for a, b in meta["skipped"]), input_digests=digests,
     )
