@@ -51,13 +51,26 @@ class Params(Protocol):
 
 
 class Method(Protocol):
-    """What a method package's module provides (a module satisfies this protocol)."""
+    """What a method package's module provides (a module satisfies this protocol:
+    ``m: Method = engine.dissection.run`` type-checks)."""
 
-    CACHE_KIND: str
-    FORMAT_VERSION: int
-    run: Callable[..., Job[Any]]
-    save_result: Callable[[Any, Path], Any]
-    load_result: Callable[[Path], Any]
+    @property
+    def CACHE_KIND(self) -> str: ...  # noqa: N802 - a module constant
+
+    @property
+    def FORMAT_VERSION(self) -> int: ...  # noqa: N802 - a module constant
+
+    def run(self, backend: Any, model_sha: str, data: Any, *args: Any, **kwargs: Any) -> Job[Any]:
+        """The job: ``run(backend, model_sha, data, params, *, cache=None)``."""
+        ...
+
+    def save_result(self, result: Any, folder: Path, /) -> Any:
+        """Write ``result`` into ``folder`` (``meta.json`` last)."""
+        ...
+
+    def load_result(self, folder: Path, /) -> Any:
+        """Read a saved result; :class:`DamagedEntry` when it is not whole."""
+        ...
 
 
 def method_key(kind: str, version: int, backend: Any, model_sha: str, data: str,

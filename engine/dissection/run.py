@@ -432,6 +432,10 @@ def dissect(
     return result
 
 
+run = dissect
+"""The job under the name every method package uses (see :class:`engine.analysis.Method`)."""
+
+
 def _inputs_unchanged(result: DissectionResult, concepts: ConceptDataset) -> bool:
     """Whether every image and mask file still has the content it had when ``result`` was
     computed (a file rewritten with the same size and modification time, ``cp -p`` or
