@@ -117,8 +117,8 @@ def test_clicking_a_neighbour_selects_it_everywhere(qtbot, ctx, view: PolytopeVi
     assert view.query() == target
     j = view.result_index(target)
     assert [view.result_index(i) for i in view.shown_neighbours()] == view.result.gallery(j)[0][:MAX_SHOWN].tolist()
-    ctx.selection.current_image = 5  # chosen elsewhere: the gallery follows
-    assert view.query() == 5
+    ctx.selection.current_image = 5  # chosen elsewhere: the gallery follows, the neighbour item goes
+    assert view.query() == 5 and ctx.selection.item(ITEM_KIND) is None
     ctx.selection.current_image = 0
 
 
@@ -162,8 +162,14 @@ def test_affine_head_is_said(qtbot, ctx, view: PolytopeView) -> None:
     assert view.result.head["affine"]
     note = view.affine_note()
     assert "affine" in note and view.note_label.isVisibleTo(view) and view.note_label.text() == note
-    view.set_params(layer="prelu3")
+    # the engine suggests earlier layers for spatial split points only: the view offers the default
+    assert view.result.head["suggested_layers"] == []
+    assert view.suggested_layers() == ["prelu3"] and "Suggested earlier split layers: prelu3" in note
+    assert view.suggest_button.isVisibleTo(view) and view.suggest_button.text() == "Split at prelu3"
+    qtbot.mouseClick(view.suggest_button, Qt.MouseButton.LeftButton)
+    assert view.layer() == "prelu3"
     _ready(qtbot, view, layer="prelu3")
+    assert not view.suggest_button.isVisibleTo(view)
     assert view.affine_note() == "" and not view.note_label.isVisibleTo(view)
     with pytest.raises(ValueError, match="not a split point"):
         view.set_params(layer="no-such-layer")

@@ -183,6 +183,10 @@ class PolytopeView(View):
         self.note_label.setWordWrap(True)
         self.note_label.setStyleSheet("color: #a05a00")
         self.note_label.hide()
+        self.suggest_button = QPushButton()
+        self.suggest_button.setToolTip("Split at the suggested earlier layer, whose head has hidden units")
+        self.suggest_button.clicked.connect(self._use_suggestion)
+        self.suggest_button.hide()
         self.numbers = QLabel()
         self.numbers.setWordWrap(True)
         self.numbers.setTextFormat(Qt.TextFormat.RichText)
@@ -248,7 +252,10 @@ class PolytopeView(View):
         status_row.addWidget(self.status, 1)
         status_row.addWidget(self.progress)
         layout.addLayout(status_row)
-        layout.addWidget(self.note_label)
+        note_row = QHBoxLayout()
+        note_row.addWidget(self.note_label, 1)
+        note_row.addWidget(self.suggest_button, 0, Qt.AlignmentFlag.AlignTop)
+        layout.addLayout(note_row)
         layout.addWidget(self.numbers)
         layout.addLayout(body, 1)
 
@@ -437,6 +444,8 @@ class PolytopeView(View):
             return
         self._clicked = -1
         self._query = image
+        if self.ctx.selection.item(ITEM_KIND) is not None:
+            self.ctx.selection.clear_item(ITEM_KIND)  # it named a neighbour of the previous query
         if self.result is None:
             self._request()  # after a failure or a cancellation: try again
         self._render()
@@ -634,13 +643,35 @@ class PolytopeView(View):
         note = self.affine_note()
         self.note_label.setText(note)
         self.note_label.setVisible(bool(note))
+        sug = self.suggested_layers()
+        self.suggest_button.setText(f"Split at {sug[0]}" if sug else "")
+        self.suggest_button.setVisible(bool(note and sug))
+
+    def suggested_layers(self) -> list[str]:
+        """Earlier split layers whose head has hidden units, when the head is affine: the
+        engine's suggestions, else the default layer when it comes before the chosen one (the
+        engine suggests only for spatial layers, e.g. not for RNet's ``prelu4``)."""
+        res = self.result
+        if res is None or not res.head.get("affine"):
+            return []
+        sug = [str(x) for x in res.head.get("suggested_layers") or []]
+        cands = self.split_candidates()
+        if not sug and self._default_layer in cands and res.layer in cands and \
+                cands.index(self._default_layer) < cands.index(res.layer):
+            sug = [self._default_layer]
+        return sug
+
+    def _use_suggestion(self) -> None:
+        sug = self.suggested_layers()
+        if sug:
+            self.set_params(layer=sug[0])
 
     def affine_note(self) -> str:
         """The affine-head message with the suggested earlier split layers ("" when not affine)."""
         res = self.result
         if res is None or not res.head.get("affine"):
             return ""
-        sug = res.head.get("suggested_layers") or []
+        sug = self.suggested_layers()
         return (f"Affine head: {res.head.get('note', '')}." + (f" Suggested earlier split layers: {', '.join(sug)}."
                                                                if sug else ""))
 
