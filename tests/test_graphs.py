@@ -151,7 +151,7 @@ def demo_fit(rnet, demo_images: Path, tmp_path_factory: pytest.TempPathFactory):
 
     loaded, be = rnet
     cache = Cache(tmp_path_factory.mktemp("graph-cache"))
-    params = GraphParams(k=(8, 12, 16), max_iter=60, device="cpu")
+    params = GraphParams(k=(8, 12, 16), max_iter=20, tol=1e-2, device="cpu")
     fit = run_sync(run(be, loaded.cache_id, open_image_set(demo_images), ["conv1", "conv2", "conv3"], params,
                        cache=cache))
     return fit, cache, params
