@@ -61,7 +61,7 @@ def test_transition_counts_match_a_hand_computation() -> None:
     cls = transition_counts(np.array([1, 0]), np.stack([LOW, LOW.T]), None, 2, 3)
     np.testing.assert_array_equal(cls, [[6, 6, 4], [6, 6, 4]])  # LOW holds six 0s, six 1s, four 2s
     two = transition_counts(np.stack([UP, UP]), np.stack([LOW, np.zeros_like(LOW)]), (rows, cols), 2, 3)
-    np.testing.assert_array_equal(two, n + [[8, 0, 0], [8, 0, 0]])
+    np.testing.assert_array_equal(two, n + np.array([[8, 0, 0], [8, 0, 0]]))
     np.testing.assert_array_equal(
         transition_counts(np.stack([UP, UP]), np.stack([LOW, np.zeros_like(LOW)]), (rows, cols), 2, 3, images=[0]), n)
 
@@ -88,7 +88,7 @@ def test_transition_counts_against_brute_force_with_clipped_windows() -> None:
     assert rows[0, 0] == 0 and rows[0, 1] == 2  # position 0's 3x3 window starts in the padding
 
 
-def test_windows_on_the_real_rnet_are_the_contained_fields(rnet_spec) -> None:  # noqa: ANN001
+def test_windows_on_the_real_rnet_are_the_contained_fields(rnet_spec) -> None:
     rf = receptive_fields(load_model(rnet_spec).module, (24, 24))
     shapes = {"conv1": (22, 22), "conv2": (9, 9), "conv3": (3, 3)}
     for lo, hi in (("conv1", "conv2"), ("conv2", "conv3")):
@@ -140,13 +140,13 @@ def test_graph_and_layout_from_hand_tables() -> None:
 
 
 @pytest.fixture(scope="module")
-def rnet(demo):  # noqa: ANN001, ANN201
+def rnet(demo):
     loaded = load_model(demo[0])
     return loaded, open_backend(loaded, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def demo_fit(rnet, demo_images: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+def demo_fit(rnet, demo_images: Path, tmp_path_factory: pytest.TempPathFactory):
     from engine.cache import Cache
 
     loaded, be = rnet
@@ -157,7 +157,7 @@ def demo_fit(rnet, demo_images: Path, tmp_path_factory: pytest.TempPathFactory):
     return fit, cache, params
 
 
-def test_demo_fit_words_patches_and_cache(rnet, demo_fit, demo_images: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_demo_fit_words_patches_and_cache(rnet, demo_fit, demo_images: Path, tmp_path: Path) -> None:
     loaded, be = rnet
     fit, cache, params = demo_fit
     assert not fit.from_cache and [m.k for m in fit.layers] == [8, 12, 16]
@@ -204,7 +204,7 @@ def test_demo_fit_words_patches_and_cache(rnet, demo_fit, demo_images: Path, tmp
         load_result(tmp_path / "fit")
 
 
-def test_demo_class_and_image_graphs(demo_fit, demo_images: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_demo_class_and_image_graphs(demo_fit, demo_images: Path, tmp_path: Path) -> None:
     fit, _cache, _params = demo_fit
     graphs = {c: explain(fit, class_name=c, n=3) for c in ("face", "non-face")}
     for c, g in graphs.items():
@@ -243,7 +243,7 @@ def test_demo_class_and_image_graphs(demo_fit, demo_images: Path, tmp_path: Path
         explain(fit, image=tmp_path / "face.png")
 
 
-def test_randomised_weights_give_a_different_graph(rnet_spec, demo_fit, demo_images: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_randomised_weights_give_a_different_graph(rnet_spec, demo_fit, demo_images: Path, tmp_path: Path) -> None:
     import torch
 
     fit, _cache, params = demo_fit
@@ -267,7 +267,7 @@ def test_randomised_weights_give_a_different_graph(rnet_spec, demo_fit, demo_ima
     assert not np.array_equal(fit.layers[0].words, rfit.layers[0].words)
 
 
-def test_bad_layers_and_k_are_errors(rnet, demo_images: Path, cache) -> None:  # noqa: ANN001
+def test_bad_layers_and_k_are_errors(rnet, demo_images: Path, cache) -> None:
     loaded, be = rnet
     images = open_image_set(demo_images)
     with pytest.raises(ConvLensError, match="'dense4' has shape"):

@@ -28,7 +28,7 @@ def _call(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def fitted(demo, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+def fitted(demo, tmp_path_factory: pytest.TempPathFactory):
     spec, images = demo
     root = tmp_path_factory.mktemp("graph-cli")
     mp = pytest.MonkeyPatch()
@@ -40,7 +40,7 @@ def fitted(demo, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN
     mp.undo()
 
 
-def test_fit_then_explain_a_class(fitted, capsys) -> None:  # noqa: ANN001
+def test_fit_then_explain_a_class(fitted, capsys) -> None:
     code, root, _spec, _images = fitted
     assert code == 0
     summary = json.loads((root / "fit" / "summary.json").read_text())
@@ -63,7 +63,7 @@ def test_fit_then_explain_a_class(fitted, capsys) -> None:  # noqa: ANN001
     assert img.width > 300 and np.asarray(img.convert("L")).std() > 10
 
 
-def test_explain_an_image_in_and_outside_the_set(fitted, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_explain_an_image_in_and_outside_the_set(fitted, tmp_path: Path, capsys) -> None:
     _code, root, _spec, images = fitted
     face = images / "face" / "000.png"
     assert _call(["graph", "explain", "--fit", str(root / "fit"), "--image", str(face), "--out",
@@ -81,7 +81,7 @@ def test_explain_an_image_in_and_outside_the_set(fitted, tmp_path: Path, capsys)
     assert inside["graph"]["kind"] == "image"
 
 
-def test_bad_input_is_a_clear_error_through_main(fitted, tmp_path: Path, capsys, monkeypatch) -> None:  # noqa: ANN001
+def test_bad_input_is_a_clear_error_through_main(fitted, tmp_path: Path, capsys, monkeypatch) -> None:
     import engine.cli as cli
 
     if not hasattr(cli, "discover_commands"):
