@@ -151,7 +151,7 @@ def evidence(candidates: int) -> None:
         pre = Preprocess(input_size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         cache = Cache(Path(tmp) / "cache")
         classes = ("face", "non-face")
-        vgg = _train(torchvision.models.vgg11_bn(weights=None, num_classes=2), images, 32, 5, 0.01)
+        vgg = _train(torchvision.models.vgg11_bn(weights=None, num_classes=2), images, 32, 5, 0.003)
         be = TorchBackend(vgg, ModelSpec(path="vgg11", preprocess=pre, classes=classes), "cpu")
         res = run_sync(run(be, "vgg11-quick", iset, PolytopeParams(candidates=candidates), cache=cache))
         report(f"VGG-11-BN (quickly trained), default layer {res.layer}", res)

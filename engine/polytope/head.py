@@ -364,13 +364,14 @@ class HeadProgram:
         """Per image, bytes that identify its activation pattern (the linear region)."""
         n = rec.output.shape[0]
         parts: list[list[bytes]] = [[] for _ in range(n)]
-        for p in rec.pattern.values():
-            if isinstance(p, tuple):
-                g, o = p
-                key = torch.stack([(g == 1), (o > 0), (o < 0)], dim=1).reshape(n, -1).cpu().numpy()
+        for name, p in rec.pattern.items():
+            if isinstance(p, tuple):  # elementwise: which side of each threshold every unit is on
+                z = rec.z[name]
+                info = self.nl[name]
+                key = torch.stack([z > t for t in info.thresholds], dim=1).reshape(n, -1).cpu().numpy()
                 for i in range(n):
                     parts[i].append(np.packbits(key[i]).tobytes())
-            else:
+            else:  # max-pooling: the arg-max of every window
                 arr = p.reshape(n, -1).to(torch.int32).cpu().numpy()
                 for i in range(n):
                     parts[i].append(arr[i].tobytes())

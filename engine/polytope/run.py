@@ -473,10 +473,8 @@ def baselines(core: _Core, features: np.ndarray) -> dict[str, Any]:
         cov = scsc.members(core.covers[j], n)
         g = cov[cov != j]
         k = len(g)
-        galleries = {"gallery": g}
-        if k:
-            galleries["knn_euclidean"] = scsc.nearest(eu[j - base], j, k)
-            galleries["knn_cosine"] = scsc.nearest(co[j - base], j, k)
+        galleries = {"gallery": g, "knn_euclidean": scsc.nearest(eu[j - base], j, k),
+                     "knn_cosine": scsc.nearest(co[j - base], j, k)}
         reg = np.flatnonzero(core.region_id == core.region_id[j])
         galleries["exact_region"] = reg[reg != j]
         for name, gal in galleries.items():
@@ -723,7 +721,8 @@ def _scaled(job: Job[_R], lo: float, hi: float) -> Job[_R]:
 
 _ARRAYS: dict[str, Any] = {
     "record_indices": (np.int64, (None,)), "logits": (np.float32, (None, None)), "pred": (np.int64, (None,)),
-    "certificate": (np.float64, (None,)), "float32_gap": (np.float64, (None,)), "region_id": (np.int64, (None,)), "active": (np.int64, (None,)),
+    "certificate": (np.float64, (None,)),
+    "float32_gap": (np.float64, (None,)), "region_id": (np.int64, (None,)), "active": (np.int64, (None,)),
     "q_image": (np.int64, (None,)), "q_kind": (np.int8, (None,)), "q_a": (np.int64, (None,)),
     "q_b": (np.int64, (None,)), "q_threshold": (np.float64, (None,)), "q_bias": (np.float64, (None,)),
     "margins": (np.float64, (None, None)), "chosen": (np.int64, (None,)), "chosen_offsets": (np.int64, (None,)),
@@ -770,8 +769,8 @@ def load_result(folder: str | Path) -> PolytopeResult:
     shapes = {name: check_array(folder, name, dtype, shape) for name, (dtype, shape) in _ARRAYS.items()}
     n = shapes["pred"][0]
     q = shapes["q_kind"][0]
-    want = {"logits": n, "certificate": n, "float32_gap": n, "region_id": n, "active": n, "record_indices": n, "delta": n,
-            "feasible": n, "features_norm": n, "knn": n, "q_image": q, "q_a": q, "q_b": q, "q_threshold": q,
+    want = {"logits": n, "certificate": n, "float32_gap": n, "region_id": n, "active": n, "record_indices": n,
+            "delta": n, "feasible": n, "features_norm": n, "knn": n, "q_image": q, "q_a": q, "q_b": q, "q_threshold": q,
             "q_bias": q}
     bad = [k for k, v in want.items() if shapes[k][0] != v]
     if bad or shapes["margins"] != (n, q) or shapes["covers"] != (n, scsc.words_for(n)) or \
