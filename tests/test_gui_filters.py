@@ -44,7 +44,7 @@ def view(ctx: AppContext) -> Iterator[FiltersView]:
     w.deleteLater()
 
 
-def test_metrics_fill_the_table_with_the_engine_result(view: FiltersView, demo, tmp_path: Path) -> None:  # noqa: ANN001
+def test_metrics_fill_the_table_with_the_engine_result(view: FiltersView, demo, tmp_path: Path) -> None:
     from engine.backends import open_backend
     from engine.cache import Cache
     from engine.data.images import open_image_set
@@ -77,7 +77,7 @@ def test_metrics_fill_the_table_with_the_engine_result(view: FiltersView, demo, 
     assert not view.progress.isVisibleTo(view) and view.run_button.isEnabled()
 
 
-def test_clicking_a_row_selects_the_filter(qtbot, view: FiltersView, ctx: AppContext) -> None:  # noqa: ANN001
+def test_clicking_a_row_selects_the_filter(qtbot, view: FiltersView, ctx: AppContext) -> None:
     ctx.selection.layer = "conv1"
     row = 3
     expected = view.visible_rows()[row]
@@ -116,7 +116,7 @@ def test_metrics_on_the_builtin_parts_have_instability_and_part_iou(view: Filter
     view.set_data("images")
 
 
-def test_training_can_be_cancelled(qtbot, view: FiltersView) -> None:  # noqa: ANN001
+def test_training_can_be_cancelled(qtbot, view: FiltersView) -> None:
     view.set_data("builtin", N_PARTS)
     view.set_training(start="partnet", epochs=50, batch_size=4, seed=3)
     handle = view.train()
@@ -131,7 +131,7 @@ def test_training_can_be_cancelled(qtbot, view: FiltersView) -> None:  # noqa: A
     view.set_data("images")
 
 
-def test_tiny_training_updates_the_curves_and_compares(qtbot, view: FiltersView, tmp_path: Path) -> None:  # noqa: ANN001
+def test_tiny_training_updates_the_curves_and_compares(qtbot, view: FiltersView, tmp_path: Path) -> None:
     from gui.figures import FigureOptions
     from tests.figure_checks import check_figure, parts, svg_texts
 
@@ -150,7 +150,7 @@ def test_tiny_training_updates_the_curves_and_compares(qtbot, view: FiltersView,
         assert len(c["task_loss"]) == len(c["filter_loss"]) == steps
         assert len(c["train_accuracy"]) == len(c["val_accuracy"]) == 2
         assert all(0 <= a <= 1 for a in c["val_accuracy"])
-        xs, ys = view._lines[(run, "task_loss")].getData()
+        _xs, ys = view._lines[(run, "task_loss")].getData()
         np.testing.assert_allclose(ys, c["task_loss"])
         assert (Path(comp["runs"][run]["out_dir"]) / "model.pt").is_file()
     assert max(view.curves["interpretable"]["filter_loss"]) != 0 and not any(view.curves["ordinary"]["filter_loss"])
@@ -159,8 +159,13 @@ def test_tiny_training_updates_the_curves_and_compares(qtbot, view: FiltersView,
     assert comp["measured_layer"] == "relu4.mask"
     assert view.compare_table.model.rowCount() == 64
     rows = sorted(view.compare_table.visible_rows(), key=lambda r: r["filter"])
-    np.testing.assert_allclose([r["spatial_interpretable"] for r in rows], comp["metrics"]["interpretable"].spatial)
-    np.testing.assert_allclose([r["spatial_original"] for r in rows], comp["metrics"]["original"].spatial)
+    np.testing.assert_allclose([r["interpretable"] for r in rows], comp["metrics"]["interpretable"].spatial)
+    np.testing.assert_allclose([r["original"] for r in rows], comp["metrics"]["original"].spatial)
+    np.testing.assert_allclose([r["change"] for r in rows], comp["metrics"]["interpretable"].spatial
+                               - comp["metrics"]["ordinary"].spatial)
+    view.compare_combo.setCurrentIndex(view.compare_combo.findData("part_iou"))
+    rows = sorted(view.compare_table.visible_rows(), key=lambda r: r["filter"])
+    np.testing.assert_allclose([r["ordinary"] for r in rows], comp["metrics"]["ordinary"].best_part()[1])
     assert len(view.comparison_lines()) == 3 and "val acc." in view.comparison_lines()[2]
 
     fig, root = check_figure(view, FigureOptions(kind="training", size="full", dpi=100), tmp_path, "training")
@@ -193,7 +198,7 @@ def test_bad_landmarks_say_which_file(view: FiltersView, tmp_path: Path) -> None
     view.landmarks_edit.clear()
 
 
-def test_dock_lays_out_at_1024x640(qtbot, demo, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_dock_lays_out_at_1024x640(qtbot, demo, tmp_path: Path, monkeypatch) -> None:
     from PySide6.QtCore import QPoint, QRect
     from PySide6.QtWidgets import QAbstractScrollArea, QWidget
 

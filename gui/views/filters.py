@@ -39,6 +39,7 @@ table).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -56,9 +57,7 @@ from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGridLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -86,11 +85,11 @@ __all__ = ["COLUMNS", "COMPARISON_COLUMNS", "FiltersView", "LineChart", "TrainPr
 COLUMNS: tuple[Column, ...] = (
     Column("filter", "Filter", "int"),
     Column("category", "Category", searchable=True),
-    Column("inter", "Inter-category entropy", "float", format=".4f",
+    Column("inter", "Inter-cat. H", "float", format=".4f",
            tooltip="H(T'|X): how much the filter fires on images of other categories (lower: one category)"),
-    Column("spatial", "Spatial entropy", "float", format=".4f",
+    Column("spatial", "Spatial H", "float", format=".4f",
            tooltip="How spread the filter's activation is over positions (lower: one place)"),
-    Column("instability", "Instability", "float", format=".4f",
+    Column("instability", "Instab.", "float", format=".4f",
            tooltip="Std of the landmark-to-peak distance / image diagonal over the top images (needs landmarks)"),
     Column("part", "Part", searchable=True),
     Column("part_iou", "Part IoU", "float", format=".3f", tooltip="IoU of the filter's mask with its best part"),
@@ -99,18 +98,23 @@ COLUMNS: tuple[Column, ...] = (
 
 RUNS = ("original", "ordinary", "interpretable")
 _SHORT = {"original": "start", "ordinary": "ord.", "interpretable": "interp."}
+COMPARED: dict[str, str] = {"spatial": "spatial entropy", "inter": "inter-category entropy",
+                            "instability": "location instability", "part_iou": "part IoU"}
+"""The metrics the comparison table can show, key -> name."""
 COMPARISON_COLUMNS: tuple[Column, ...] = (
     Column("filter", "Filter", "int"),
-    *(Column(f"{m}_{r}", f"{t} {_SHORT[r]}", "float", format=".4f" if m != "part_iou" else ".3f")
-      for m, t in (("spatial", "Spatial H"), ("instability", "Instab."), ("part_iou", "Part IoU"))
-      for r in RUNS),
+    Column("original", "Start", "float", format=".4f", tooltip="The start model at the chosen layer"),
+    Column("ordinary", "Ordinary", "float", format=".4f", tooltip="Trained without the filter loss, at <layer>.mask"),
+    Column("interpretable", "Interp.", "float", format=".4f",
+           tooltip="Trained with the filter loss, at <layer>.mask"),
+    Column("change", "Δ i − o", "float", format="+.4f"),
 )
 """The comparison table: per filter index, the start model's and both trained models' metrics."""
 
 BUILTIN_SIZE = 48
 PARTNET_LAYER = "relu4"
 NEED_MODEL = "Load a model to measure its filters."
-_RUN_COLORS = {"interpretable": "#d62728", "ordinary": "#1f77b4", "original": "#7f7f7f"}
+_RUN_COLORS: dict[str, str] = {"interpretable": "#d62728", "ordinary": "#1f77b4", "original": "#7f7f7f"}
 _BATCH_RE = re.compile(r"epoch (\d+)/(\d+), batch (\d+)/(\d+), task loss ([-+0-9.eEnaif]+)")
 
 
@@ -141,10 +145,12 @@ def _snapshot(curves: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, 
 # --------------------------------------------------------------------------------------------
 
 
-def _ticks(lo: float, hi: float, count: int = 4) -> list[float]:
+def _ticks(lo: float, hi: float, count: int = 4, integer: bool = False) -> list[float]:
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
         return [lo]
     raw = (hi - lo) / count
+    if integer:
+        raw = max(raw, 1.0)
     mag = 10 ** math.floor(math.log10(raw))
     step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
     first = math.ceil(lo / step) * step
@@ -161,12 +167,13 @@ class LineChart(Element):
     title: str = ""
     plot_height: float = 90.0
     xs: Sequence[Sequence[float]] | None = None
+    dashed: Sequence[bool] = ()  # per series
 
     def _points(self) -> list[list[tuple[float, float]]]:
         out = []
         for j, (_n, ys, _c) in enumerate(self.series):
             xs = self.xs[j] if self.xs is not None else [i + 1.0 for i in range(len(ys))]
-            out.append([(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(y)])
+            out.append([(float(x), float(y)) for x, y in zip(xs, ys, strict=False) if math.isfinite(y)])
         return out
 
     def _legend(self) -> Legend:
@@ -199,7 +206,7 @@ class LineChart(Element):
         pad = (yhi - ylo) * 0.05
         ylo, yhi = ylo - pad, yhi + pad
         yt = _ticks(ylo, yhi)
-        xt = _ticks(xlo, xhi)
+        xt = _ticks(xlo, xhi, integer=all(float(p[0]).is_integer() for p in flat))
         left = max(fm.horizontalAdvance(f"{t:.3g}") for t in yt) + 5 + (fm.height() + 2 if self.y_label else 0)
         plot = QRectF(rect.left() + left, y, rect.width() - left - 4, self.plot_height)
 
@@ -235,8 +242,11 @@ class LineChart(Element):
             painter.drawText(QRectF(-plot.height() / 2, 0, plot.height(), fm.height() + 1),
                              int(Qt.AlignmentFlag.AlignHCenter), self.y_label)
             painter.restore()
-        for s, (_n, _v, color) in zip(pts, self.series):
-            painter.setPen(QPen(color, 1.2))
+        for j, (s, (_n, _v, color)) in enumerate(zip(pts, self.series, strict=True)):
+            pen = QPen(color, 1.2)
+            if j < len(self.dashed) and self.dashed[j]:
+                pen.setStyle(Qt.PenStyle.DashLine)
+            painter.setPen(pen)
             if len(s) > 1:
                 painter.drawPolyline(QPolygonF([to(px, py) for px, py in s]))
             elif s:
@@ -329,24 +339,28 @@ class FiltersView(View):
         data_row = QHBoxLayout()
         data_row.addWidget(self.data_combo, 1)
         data_row.addWidget(self.n_images_spin)
-        form = QFormLayout()
-        form.addRow("Layer", self.layer_combo)
-        form.addRow("Data", data_row)
-        form.addRow("Landmarks", lm)
-        form.addRow("Parts", pm)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         buttons.addWidget(self.progress, 1)
-        metrics_box = QGroupBox("Filter metrics")
-        mv = QVBoxLayout(metrics_box)
-        mv.addLayout(form)
-        mv.addLayout(buttons)
-        mv.addWidget(self.status)
+        metrics_box = QWidget()
+        mg = QGridLayout(metrics_box)  # two columns: the dock stays short enough for 1024x640
+        mg.addWidget(QLabel("Layer"), 0, 0)
+        mg.addWidget(self.layer_combo, 0, 1)
+        mg.addWidget(QLabel("Data"), 0, 2)
+        mg.addLayout(data_row, 0, 3)
+        mg.addLayout(buttons, 1, 0, 1, 4)  # Run stays visible without scrolling
+        mg.addWidget(QLabel("Landmarks"), 2, 0)
+        mg.addLayout(lm, 2, 1)
+        mg.addWidget(QLabel("Parts"), 2, 2)
+        mg.addLayout(pm, 2, 3)
+        mg.addWidget(self.status, 3, 0, 1, 4)
+        mg.setColumnStretch(1, 1)
+        mg.setColumnStretch(3, 1)
 
         self.start_combo = QComboBox()
         self.start_combo.addItem("Open model", "model")
-        self.start_combo.addItem("New PartNet (built-in data)", "partnet")
+        self.start_combo.addItem("New PartNet", "partnet")
         self.start_combo.setToolTip("The common start of both runs: the open PyTorch model, or a new seeded "
                                     f"PartNet converted at {PARTNET_LAYER}")
         self.start_combo.currentIndexChanged.connect(lambda _i: self._update_controls())
@@ -385,29 +399,29 @@ class FiltersView(View):
             r, c = divmod(i, 3)
             tgrid.addWidget(QLabel(label), r, 2 * c)
             tgrid.addWidget(w, r, 2 * c + 1)
+        for w in (self.epochs_spin, self.batch_spin, self.lr_spin, self.weight_spin, self.seed_spin):
+            w.setMaximumWidth(110)
+        tgrid.addWidget(self.train_button, 0, 6)  # beside the settings: visible without scrolling
+        tgrid.addWidget(self.train_cancel, 1, 6)
+        for col in (1, 3, 5):
+            tgrid.setColumnStretch(col, 1)
         tbuttons = QHBoxLayout()
-        tbuttons.addWidget(self.train_button)
-        tbuttons.addWidget(self.train_cancel)
         tbuttons.addWidget(self.train_progress, 1)
-        train_box = QGroupBox("Training: interpretable and ordinary from the same start")
+        train_box = QWidget()
         tv = QVBoxLayout(train_box)
+        tv.setContentsMargins(0, 0, 0, 0)
         tv.addLayout(tgrid)
         tv.addLayout(tbuttons)
         tv.addWidget(self.train_status)
-
-        settings = QWidget()
-        sl = QHBoxLayout(settings)
-        sl.setContentsMargins(0, 0, 0, 0)
-        sl.addWidget(metrics_box, 1)
-        sl.addWidget(train_box, 1)
+        settings = metrics_box
 
         # metrics tab: headline numbers, entropy histogram, the table
         self.summary_label = QLabel()
         self.summary_label.setWordWrap(True)
         self.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.hist = _plot("filters", "entropy (bits)")
-        self.hist.setTitle("Entropies of the filters", color="k", size="9pt")
-        self.hist.addLegend(offset=(-5, 5))
+        self.hist.setTitle("<span style='color:#1f77b4'>inter-category</span> and "
+                           "<span style='color:#ff7f0e'>spatial</span> entropy", color="k", size="9pt")
         self.filter_table = ResultTable(COLUMNS, row_id="filter", placeholder="Filter by category or part…",
                                         sort=("filter", False))
         self.filter_table.row_selected.connect(self._row_selected)
@@ -427,10 +441,8 @@ class FiltersView(View):
         # training tab: curves, the comparison
         self.loss_plot = _plot("task loss", "batch")
         self.loss_plot.setTitle("Loss per batch", color="k", size="9pt")
-        self.loss_plot.addLegend(offset=(-5, 5))
         self.acc_plot = _plot("accuracy", "epoch")
         self.acc_plot.setTitle("Accuracy per epoch", color="k", size="9pt")
-        self.acc_plot.addLegend(offset=(-5, -5))
         self._lines: dict[tuple[str, str], pg.PlotDataItem] = {}
         for run in ("interpretable", "ordinary"):
             color = _RUN_COLORS[run]
@@ -449,20 +461,53 @@ class FiltersView(View):
         cl.setContentsMargins(0, 0, 0, 0)
         cl.addWidget(self.loss_plot, 1)
         cl.addWidget(self.acc_plot, 1)
+        self.curves_legend = QLabel(
+            f"<span style='color:{_RUN_COLORS['interpretable']}'>■ interpretable</span> &nbsp; "
+            f"<span style='color:{_RUN_COLORS['ordinary']}'>■ ordinary</span> &nbsp; solid: task loss, train "
+            "acc. &nbsp; dashed: filter loss, val acc.")
+        self.curves_legend.setWordWrap(True)
+        curves_box = QWidget()
+        cbl = QVBoxLayout(curves_box)
+        cbl.setContentsMargins(0, 0, 0, 0)
+        cbl.addWidget(curves, 1)
+        cbl.addWidget(self.curves_legend)
         self.compare_label = QLabel("Train to compare the start model with both trained models, filter by filter.")
         self.compare_label.setWordWrap(True)
         self.compare_label.setTextFormat(Qt.TextFormat.RichText)
         self.compare_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        compare_scroll = QScrollArea()
+        compare_scroll.setWidget(self.compare_label)
+        compare_scroll.setWidgetResizable(True)
+        compare_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        compare_scroll.setMinimumHeight(36)
+        self.compare_combo = QComboBox()
+        for key, name in COMPARED.items():
+            self.compare_combo.addItem(name, key)
+        self.compare_combo.setToolTip("The metric the table shows for the three models")
+        self.compare_combo.currentIndexChanged.connect(lambda _i: self._fill_comparison())
         self.compare_table = ResultTable(COMPARISON_COLUMNS, row_id="filter", sort=("filter", False))
+        self.compare_table.add_filter_widget(self.compare_combo)
         self.compare_table.row_selected.connect(self._compare_selected)
-        lower = QWidget()
-        ll = QVBoxLayout(lower)
-        ll.setContentsMargins(0, 0, 0, 0)
-        ll.addWidget(self.compare_label)
-        ll.addWidget(self.compare_table, 1)
+        lower = QSplitter(Qt.Orientation.Horizontal)
+        lower.addWidget(compare_scroll)
+        lower.addWidget(self.compare_table)
+        lower.setStretchFactor(0, 1)
+        lower.setStretchFactor(1, 1)
+        lower.setChildrenCollapsible(False)
+        body = QSplitter(Qt.Orientation.Vertical)
+        body.addWidget(curves_box)
+        body.addWidget(lower)
+        body.setChildrenCollapsible(False)
+        train_scroll = QScrollArea()
+        train_scroll.setWidget(train_box)
+        train_scroll.setWidgetResizable(True)
+        train_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        train_scroll.setMinimumHeight(56)
         train_tab = QSplitter(Qt.Orientation.Vertical)
-        train_tab.addWidget(curves)
-        train_tab.addWidget(lower)
+        train_tab.addWidget(train_scroll)
+        train_tab.addWidget(body)
+        train_tab.setStretchFactor(0, 0)
+        train_tab.setStretchFactor(1, 1)
         train_tab.setChildrenCollapsible(False)
 
         self.tabs = QTabWidget()
@@ -473,7 +518,7 @@ class FiltersView(View):
         self.settings_scroll.setWidget(settings)
         self.settings_scroll.setWidgetResizable(True)
         self.settings_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        self.settings_scroll.setMinimumHeight(90)
+        self.settings_scroll.setMinimumHeight(64)
         self.outer = QSplitter(Qt.Orientation.Vertical)
         self.outer.addWidget(self.settings_scroll)
         self.outer.addWidget(self.tabs)
@@ -837,14 +882,18 @@ class FiltersView(View):
         self.comparison = comp
         self.curves = comp["curves"]
         self._draw_curves()
-        self.compare_table.set_rows(comparison_rows(comp))
+        self._fill_comparison()
         self.compare_label.setText("<br>".join(self.comparison_lines()))
         runs = comp["runs"]
-        self.train_status.setText(
-            f"Trained at {comp['layer']} (measured at {comp['measured_layer']}); checkpoints: "
-            + ", ".join(f"{name}: {r['out_dir']}" for name, r in runs.items()))
+        self.train_status.setText(f"Trained at {comp['layer']} (measured at {comp['measured_layer']}); "
+                                  f"checkpoints in {comp['out_dir']}")
+        self.train_status.setToolTip("\n".join(f"{name}: {r['out_dir']}" for name, r in runs.items()))
         self._selection_changed()
         self.training_done.emit(comp)
+
+    def _fill_comparison(self) -> None:
+        if self.comparison:
+            self.compare_table.set_rows(comparison_rows(self.comparison, self.compare_combo.currentData()))
 
     def comparison_lines(self) -> list[str]:
         """One line per model: accuracy and the headline metrics."""
@@ -921,22 +970,32 @@ class FiltersView(View):
         if include.get("summary", True) and comp:
             elements.append(Text("\n".join(self.comparison_lines())))
         if include.get("curves", True):
-            loss = [(f"{run}: {k.replace('_', ' ')}", c[k], QColor(_RUN_COLORS[run]))
-                    for run, c in curves.items() for k in ("task_loss", "filter_loss") if c.get(k)]
-            acc = [(f"{run}: {k.replace('_', ' ')}", c[k], QColor(_RUN_COLORS[run]))
-                   for run, c in curves.items() for k in ("train_accuracy", "val_accuracy") if c.get(k)]
-            charts: list[Element] = [LineChart(loss, x_label="batch", y_label="loss", title="Loss per batch")]
-            if acc:
-                charts.append(LineChart(acc, x_label="epoch", y_label="accuracy", title="Accuracy per epoch"))
+            second = {"filter_loss", "val_accuracy"}  # dashed, as in the dock
+            lk = [(run, k) for run, c in curves.items() for k in ("task_loss", "filter_loss") if c.get(k)]
+            ak = [(run, k) for run, c in curves.items() for k in ("train_accuracy", "val_accuracy") if c.get(k)]
+
+            def series(keys: list[tuple[str, str]]) -> list[tuple[str, Sequence[float], QColor]]:
+                return [(f"{run}: {k.replace('_', ' ')}{' (dashed)' if k in second else ''}", curves[run][k],
+                         QColor(_RUN_COLORS[run])) for run, k in keys]
+
+            charts: list[Element] = [LineChart(series(lk), x_label="batch", y_label="loss", title="Loss per batch",
+                                               dashed=[k in second for _r, k in lk])]
+            if ak:
+                charts.append(LineChart(series(ak), x_label="epoch", y_label="accuracy", title="Accuracy per epoch",
+                                        dashed=[k in second for _r, k in ak]))
             elements.append(Row(charts, gap=10))
         if include.get("table", True) and comp:
-            rows = comparison_rows(comp)[:12]
-            head = "filter  " + "  ".join(f"{c.title:>14}" for c in COMPARISON_COLUMNS[1:])
-            lines = [head] + [f"{d['filter']:>6}  " + "  ".join(
-                f"{d[c.key]:>14.3f}" if math.isfinite(d[c.key]) else f"{'-':>14}" for c in COMPARISON_COLUMNS[1:])
-                for d in rows]
-            elements.append(Stack([Text(f"Per filter (first {len(rows)}): start model vs ordinary vs interpretable",
-                                        bold=True), Text("\n".join(lines), size=5.0)]))
+            per = {k: comparison_rows(comp, k) for k in ("spatial", "instability", "part_iou")}
+            n = min(12, len(per["spatial"]))
+            cols: list[Element] = [Text("filter\n" + "\n".join(str(f) for f in range(n)), size=5.5, align="right")]
+            short = {"spatial": "spatial H", "instability": "instab.", "part_iou": "part IoU"}
+            for k, rows in per.items():
+                for r in RUNS:
+                    vals = [f"{d[r]:.3f}" if math.isfinite(d[r]) else "-" for d in rows[:n]]
+                    cols.append(Text(f"{short[k]} {_SHORT[r]}\n" + "\n".join(vals), size=5.5, align="right"))
+            elements.append(Stack([Text(f"Per filter (first {n} of {len(per['spatial'])}): the start model, the "
+                                        "ordinary and the interpretable one", bold=True),
+                                   Row(cols, weights=[0.6] + [1.0] * (len(cols) - 1), gap=2)]))
         where = f" at {comp['layer']}" if comp else ""
         model = self.ctx.session.model
         start = comp.get("start_name") if comp else (model.name if model is not None else "the model")
@@ -960,6 +1019,7 @@ def _plot(y: str, x: str) -> pg.PlotWidget:
         axis = p.getAxis(side)
         axis.setPen("k")
         axis.setTextPen("k")
+        axis.enableAutoSIPrefix(False)
     return p
 
 
@@ -987,7 +1047,9 @@ def _histogram(values: np.ndarray, label: str, color: QColor, bins: int = 8) -> 
     if not len(v):
         return BarChart(["-"], [(label, [0.0], color)], y_label="filters", x_label=label)
     counts, edges = np.histogram(v, bins=bins)
-    cats = [f"{edges[i]:.2g}–{edges[i + 1]:.2g}" for i in range(bins)]
+    step = float(edges[1] - edges[0])
+    digits = max(0, min(6, 1 - math.floor(math.log10(step)))) if step > 0 else 3
+    cats = [f"{edges[i]:.{digits}f}–{edges[i + 1]:.{digits}f}" for i in range(bins)]
     return BarChart(cats, [(label, [float(c) for c in counts], color)], y_label="filters", x_label=label,
                     plot_height=70)
 
@@ -1007,18 +1069,19 @@ def table_rows(result: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def comparison_rows(comp: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per filter index: spatial entropy, instability and part IoU of the three models."""
-    per = {name: {d["filter"]: d for d in table_rows(m)} for name, m in comp["metrics"].items()}
-    n = min(m.units for m in comp["metrics"].values())
-    rows = []
+def comparison_rows(comp: dict[str, Any], metric: str = "spatial") -> list[dict[str, Any]]:
+    """Per filter index: ``metric`` (a :data:`COMPARED` key) of the three models, and the
+    interpretable model's minus the ordinary one's."""
+    per = {name: table_rows(m) for name, m in comp["metrics"].items()}
+    n = min(len(rows) for rows in per.values())
+    out = []
     for f in range(n):
         row: dict[str, Any] = {"filter": f}
-        for key in ("spatial", "instability", "part_iou"):
-            for run in RUNS:
-                row[f"{key}_{run}"] = per[run][f][key] if run in per else float("nan")
-        rows.append(row)
-    return rows
+        for run in RUNS:
+            row[run] = float(per[run][f][metric]) if run in per else float("nan")
+        row["change"] = row["interpretable"] - row["ordinary"]
+        out.append(row)
+    return out
 
 
 def headline(result: Any, note: str = "") -> list[str]:
@@ -1162,10 +1225,8 @@ def _train_job(backend: Any, loaded: Any, start: str, params: Any, mparams: Any,
                             hist, batches = _read_history(folder)
                             _fill_from_history(c, hist, batches)
                         epoch_seen = epoch
-                    try:
+                    with contextlib.suppress(ValueError):
                         c["task_loss"].append(float(m.group(5)))
-                    except ValueError:
-                        pass
                 f = None if prog.fraction is None else lo + (hi - lo) * 0.9 * prog.fraction
                 yield TrainProgress(f, f"{name}: {prog.message}", run=name, curves=_snapshot(curves))
         finally:
