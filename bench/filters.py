@@ -8,7 +8,7 @@ mean location instability and part interpretability at the converted layer, and 
 model's numbers at its own top conv layer. CPU minutes.
 
     .venv/bin/python bench/filters.py [--epochs 8] [--start-epochs 6] [--images 900] [--seed 0]
-        [--weight 1.0] [--mask template|unit] [--out DIR]
+        [--weight 1.0] [--mask template|unit] [--quantile 0.005] [--out DIR]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def pretrain(net, x, y, epochs: int, seed: int, lr: float = 2e-3, batch_size: in
 
 
 def run(epochs: int = 8, start_epochs: int = 6, n_images: int = 900, seed: int = 0, weight: float = 1.0,
-        mask: str = "template", out: str | None = None, quiet: bool = False) -> dict:
+        mask: str = "template", out: str | None = None, quiet: bool = False, quantile: float = 0.005) -> dict:
     import torch
 
     from engine.backends.torch_backend import TorchBackend
@@ -78,7 +78,7 @@ def run(epochs: int = 8, start_epochs: int = 6, n_images: int = 900, seed: int =
     loaded = load_model(spec)
     backend = TorchBackend(loaded.module, spec, "cpu")
     fp = FilterParams(mask=mask)  # type: ignore[arg-type]
-    mp = MetricsParams(filter_params=fp)
+    mp = MetricsParams(filter_params=fp, quantile=quantile)
     rows = {}
 
     def measure(name: str, be, sha: str, layer: str, acc: float) -> None:  # noqa: ANN001
@@ -102,7 +102,7 @@ def run(epochs: int = 8, start_epochs: int = 6, n_images: int = 900, seed: int =
         measure(name, TorchBackend(trained.module, trained.spec, "cpu"), trained.cache_id, res.measured_layer,
                 res.final["val_accuracy"])
     out_rows = {"rows": rows, "epochs": epochs, "start_epochs": start_epochs, "images": n_images, "seed": seed,
-                "weight": weight, "mask": mask, "seconds": time.perf_counter() - t0, "work": str(work)}
+                "weight": weight, "mask": mask, "quantile": quantile, "seconds": time.perf_counter() - t0, "work": str(work)}
     if not quiet:
         print(f"| model | layer | val accuracy | location instability | part interpretability | mean part IoU | "
               f"inter-cat. entropy | spatial entropy |")
@@ -112,7 +112,8 @@ def run(epochs: int = 8, start_epochs: int = 6, n_images: int = 900, seed: int =
                   f"{r['part_interpretability']:.3f} | {r['mean_part_iou']:.3f} | {r['inter_category_entropy']:.4f} | "
                   f"{r['spatial_entropy']:.4f} |")
         print(f"({out_rows['seconds']:.0f} s; {n_images} images, start {start_epochs} epochs, "
-              f"fine-tune {epochs} epochs, seed {seed}, weight {weight}, mask {mask}; work folder {work})")
+              f"fine-tune {epochs} epochs, seed {seed}, weight {weight}, mask {mask}, part quantile {quantile}; "
+              f"work folder {work})")
     (work / "comparison.json").write_text(json.dumps(out_rows, indent=2) + "\n")
     return out_rows
 
@@ -125,10 +126,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weight", type=float, default=1.0)
     ap.add_argument("--mask", choices=["template", "unit"], default="template")
+    ap.add_argument("--quantile", type=float, default=0.005, help="part mask quantile (default 0.005)")
     ap.add_argument("--out")
     a = ap.parse_args()
     os.environ.setdefault("CONVLENS_CACHE", tempfile.mkdtemp(prefix="convlens-cache-"))
-    run(a.epochs, a.start_epochs, a.images, a.seed, a.weight, a.mask, a.out)
+    run(a.epochs, a.start_epochs, a.images, a.seed, a.weight, a.mask, a.out, quantile=a.quantile)
 
 
 if __name__ == "__main__":

@@ -252,10 +252,13 @@ def _bench():  # noqa: ANN202
 
 def test_interpretable_filters_are_more_stable_than_ordinary(tmp_path: Path, monkeypatch) -> None:
     """The paper's direction (location instability falls, VGG-16 0.139 -> 0.096), pinned on a
-    small fixed-seed configuration of bench/filters.py."""
+    small fixed-seed configuration of bench/filters.py (the peak-1 mask: the tau-scaled one of
+    the paper sometimes collapses in so short a fine-tuning, see docs/filters.md)."""
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
-    out = _bench().run(epochs=4, start_epochs=4, n_images=300, seed=0, out=str(tmp_path / "w"), quiet=True)
+    out = _bench().run(epochs=4, start_epochs=4, n_images=600, seed=0, mask="unit", out=str(tmp_path / "w"),
+                       quiet=True)
     rows = out["rows"]
     o, i = rows["ordinary"], rows["interpretable"]
     assert i["location_instability"] < o["location_instability"]
-    assert math.isfinite(o["val_accuracy"]) and o["val_accuracy"] > 0.6
+    assert o["val_accuracy"] > 0.9 and i["val_accuracy"] > 0.9  # a small accuracy cost at most
+    assert math.isfinite(i["part_interpretability"])
