@@ -328,3 +328,32 @@ def test_full_local_map_of_one_image_on_the_vgg_style_head() -> None:
     torch.testing.assert_close(lm.a @ (psi + step).double().reshape(-1) + lm.c, moved, atol=1e-5, rtol=0)
     with pytest.raises(ConvLensError, match="full local map"):
         local_affine_map(prog, psi, max_elements=1000)
+
+
+class _Clamped(nn.Module):
+    """A head with ReLU6, clamp(min, max), clamp(max=) and LeakyReLU: several thresholds per unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc1 = nn.Linear(4 * 6 * 6, 16)
+        self.act1 = nn.ReLU6()
+        self.fc2 = nn.Linear(16, 16)
+        self.act2 = nn.LeakyReLU(0.1)
+        self.fc3 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(3 * self.fc1(self.conv(x).flatten(1)))
+        h = torch.clamp(self.act2(self.fc2(h)), -0.5, 2.0)
+        return self.fc3(torch.clamp(h, max=1.5))
+
+
+def test_clamps_and_leaky_relu_certified(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    be = _backend(_Clamped(), 8)
+    iset = open_image_set(_image_folder(tmp_path / "img", n=10, size=12))
+    res = run_sync(run(be, "clamped", iset, PolytopeParams(layer="conv", candidates=200), cache=Cache(tmp_path / "c")))
+    ops = [(d["op"], tuple(d["thresholds"])) for d in res.head["nonlinear"]]
+    assert ops == [("ReLU6", (0.0, 6.0)), ("LeakyReLU", (0.0,)), ("clamp", (-0.5, 2.0)), ("clamp_max", (1.5,))]
+    assert res.head["hidden_units"] == 16 * 2 + 16 + 16 * 2 + 16
+    assert float(res.certificate.max()) < 1e-10 and res.boundary_certificate < 1e-10

@@ -169,6 +169,13 @@ def _clamp_bounds(node: fx.Node, mod: nn.Module | None) -> tuple[float, ...]:
     return (0.0,)
 
 
+def _clamp_upper_only(node: fx.Node) -> bool:
+    """``clamp(x, max=...)`` / ``clamp(x, None, hi)``: only an upper bound."""
+    args = list(node.args[1:])
+    lo = args[0] if args else node.kwargs.get("min")
+    return lo is None
+
+
 def analyse_head(gm: fx.GraphModule) -> HeadReport:
     """Sort the ops of ``gm`` (a split's head) that depend on its input (see the module doc)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -225,7 +232,10 @@ def analyse_head(gm: fx.GraphModule) -> HeadReport:
                 except NotPiecewiseLinearError as e:
                     problems.append(f"{desc}: {e}")
                     bounds = ()
-                nonlinear.append(NonLinearity(node.name, _scope(gm, node), name, "elementwise", bounds, not past_nl))
+                op = name
+                if name in ("clamp", "clip") and len(bounds) == 1 and _clamp_upper_only(node):
+                    op = "clamp_max"
+                nonlinear.append(NonLinearity(node.name, _scope(gm, node), op, "elementwise", bounds, not past_nl))
             elif name in _MAXPOOL_NAMES:
                 is_nl = True
                 nonlinear.append(NonLinearity(node.name, _scope(gm, node), name, "maxpool", (), not past_nl))
