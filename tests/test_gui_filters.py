@@ -239,3 +239,35 @@ def test_dock_lays_out_at_1024x640(qtbot, demo, tmp_path: Path, monkeypatch) -> 
         assert view.table.viewport().height() >= 60 and view.model.rowCount() == 64
     finally:
         win.close()
+
+
+def test_training_the_open_model_on_the_open_images(qtbot, view: FiltersView, ctx: AppContext) -> None:
+    """The open RNet, converted at conv3, trained one epoch on the 200 labelled demo faces: the
+    comparison is at the session's layer, so its rows select the filter like the metrics table."""
+    view.set_data("images")
+    view.set_layer(LAYER)
+    view.set_training(start="model", epochs=1, batch_size=50, seed=0)
+    handle = view.train()
+    assert handle is not None
+    handle.failed.connect(lambda _e: pytest.fail(handle.traceback))
+    comp = _wait(view.training_done)[0]
+    assert comp["layer"] == LAYER and comp["measured_layer"] == f"{LAYER}.mask" and comp["layer_in_session"]
+    assert comp["start_name"] == "rnet.pt"
+    for run in ("interpretable", "ordinary"):
+        assert len(view.curves[run]["task_loss"]) == 4 and len(view.curves[run]["train_accuracy"]) == 1
+        assert not view.curves[run]["val_accuracy"]  # no validation set for the open images
+    assert comp["metrics"]["original"].units == comp["metrics"]["interpretable"].units == 64
+    assert comp["metrics"]["original"].n_images == comp["metrics"]["interpretable"].n_images == 200
+    # the start model measured by the job is the open model: the same numbers as the metrics table's run
+    view.run_metrics()
+    shown = _wait(view.metrics_ready)[0]
+    np.testing.assert_allclose(comp["metrics"]["original"].spatial, shown.spatial)
+    np.testing.assert_allclose(comp["metrics"]["original"].inter, shown.inter)
+    view.compare_table.select_id(5)
+    rect = view.compare_table.view.visualRect(view.compare_table.view.currentIndex())
+    ctx.selection.layer = "conv1"
+    qtbot.mouseClick(view.compare_table.view.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    assert (ctx.selection.layer, ctx.selection.unit) == (LAYER, 5)
+    from gui.figures import FigureOptions
+
+    assert view.figure(FigureOptions(kind="training")).title == f"Interpretable training of rnet.pt at {LAYER}"

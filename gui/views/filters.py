@@ -531,7 +531,13 @@ class FiltersView(View):
     # ------------------------------------------------------------------ View API
 
     def analysis_actions(self) -> list[tuple[str, Callable[[], None]]]:
-        return [("Run filter metrics", self.run_metrics), ("Train interpretable filters", self.train)]
+        return [("Run filter metrics", self._metrics_action), ("Train interpretable filters", self._train_action)]
+
+    def _metrics_action(self) -> None:
+        self.run_metrics()
+
+    def _train_action(self) -> None:
+        self.train()
 
     def save_state(self) -> dict[str, Any]:
         return {"layer": self.layer_combo.currentText(), "data": self.data_combo.currentData(),
@@ -789,7 +795,7 @@ class FiltersView(View):
         session = self.ctx.session
         start = self.start_combo.currentData()
         kind, n_images, lm, parts_dir = self._data_plan()
-        images = self.ctx.selection.images
+        images: Any = self.ctx.selection.images
         if start == "model" and session.model is None:
             self.train_status.setText("Load a PyTorch model first, or start from a new PartNet.")
             return None
