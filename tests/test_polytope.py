@@ -357,3 +357,12 @@ def test_clamps_and_leaky_relu_certified(tmp_path: Path) -> None:
     assert ops == [("ReLU6", (0.0, 6.0)), ("LeakyReLU", (0.0,)), ("clamp", (-0.5, 2.0)), ("clamp_max", (1.5,))]
     assert res.head["hidden_units"] == 16 * 2 + 16 + 16 * 2 + 16
     assert float(res.certificate.max()) < 1e-10 and res.boundary_certificate < 1e-10
+
+
+def test_an_onnx_model_is_refused_saying_what_to_load(ocr_onnx: Path, demo_images: Path, tmp_path: Path) -> None:
+    from engine.backends import open_backend
+    from engine.models import build_spec
+
+    be = open_backend(load_model(build_spec(str(ocr_onnx))), "onnx", "cpu")
+    with pytest.raises(ConvLensError, match=r"needs an eager PyTorch model .* runs on onnxruntime"):
+        run_sync(run(be, "ocr", open_image_set(demo_images), PolytopeParams(), cache=Cache(tmp_path / "c")))

@@ -555,7 +555,13 @@ def run(backend: Any, model_sha: str, image_set: Any, params: PolytopeParams = P
 
     params.check()
     if not getattr(backend, "supports_split", False):
-        backend.split(params.layer or "?")  # raises the backend's own explanation
+        if params.layer:
+            backend.split(params.layer)  # raises the backend's own explanation
+        raise ConvLensError(
+            f"{backend.spec.path}: the polytope gallery splits the model at a layer, which needs an eager PyTorch "
+            f"model or a torch.export (.pt2) archive, and this one runs on {backend.name}"
+            f"{' (TorchScript)' if getattr(backend, 'is_script', False) else ''}; load the PyTorch checkpoint "
+            "(a state dict with --arch, or a .pt2 archive) with --backend torch")
     layer = params.layer or default_layer(backend)
     key = polytope_key(backend, model_sha, image_set, layer, params)
     cache = cache if cache is not None else Cache()
