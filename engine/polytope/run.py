@@ -46,7 +46,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from engine.cache import Cache, DamagedEntry, check_array, check_meta, load_array, make_key, write_meta
+from engine.analysis import cached_job, method_key
+from engine.cache import Cache, DamagedEntry, check_array, check_meta, load_array, write_meta
 from engine.jobs import Job
 from engine.polytope import scsc
 from engine.types import ConvLensError, Progress
@@ -539,9 +540,9 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def polytope_key(backend: Any, model_sha: str, image_set: Any, layer: str, params: PolytopeParams) -> str:
-    spec = backend.spec
-    return make_key(CACHE_KIND, FORMAT_VERSION, model_sha, spec.arch, spec.preprocess, spec.output_index,
-                    backend.name, image_set.fingerprint(), layer, params.result_key())
+    """Cache key: the model (hash, architecture, preprocessing, output, backend), the image set's
+    fingerprint, the layer and the result-changing parameters."""
+    return method_key(CACHE_KIND, FORMAT_VERSION, backend, model_sha, image_set.fingerprint(), params, layer)
 
 
 def run(backend: Any, model_sha: str, image_set: Any, params: PolytopeParams = PolytopeParams(),
@@ -564,20 +565,11 @@ def run(backend: Any, model_sha: str, image_set: Any, params: PolytopeParams = P
             "(a state dict with --arch, or a .pt2 archive) with --backend torch")
     layer = params.layer or default_layer(backend)
     key = polytope_key(backend, model_sha, image_set, layer, params)
-    cache = cache if cache is not None else Cache()
-    found = cache.get(CACHE_KIND, key)
-    if found is not None:
-        try:
-            res = load_result(found)
-        except DamagedEntry as e:
-            log.warning("damaged cache entry discarded, recomputing: %s", e)
-            cache.discard(CACHE_KIND, key)
-        else:
-            yield Progress(1.0, "polytope gallery found in cache")
-            return replace(res, params=params, from_cache=True)
-    result = yield from _compute(backend, model_sha, image_set, layer, params)
-    with cache.write(CACHE_KIND, key) as tmp:
-        save_result(result, tmp)
+    result = yield from cached_job(
+        cache, CACHE_KIND, key, load_result, save=save_result, found="polytope gallery found in cache",
+        compute=lambda: _compute(backend, model_sha, image_set, layer, params))
+    if result.from_cache:
+        return replace(result, params=params)  # batch size and device are not in the key
     return result
 
 
