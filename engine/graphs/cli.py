@@ -20,11 +20,12 @@ from typing import Any
 
 def _common() -> Any:
     """The shared CLI helpers (``engine.cli_common`` once the method platform has it)."""
+    import importlib
+
     try:
-        from engine import cli_common as c
-    except ImportError:  # pragma: no cover - before the platform split
-        from engine import cli as c
-    return c
+        return importlib.import_module("engine.cli_common")
+    except ImportError:  # before the platform split
+        return importlib.import_module("engine.cli")
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -168,7 +169,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
         if not a.no_figure:
             render_graph(expl, out / "graph.png", preprocess=fit.preprocess)
             files.append(out / "graph.png")
-    per_layer = {}
+    per_layer: dict[str, list[int]] = {}
     for nd in expl.nodes:
         per_layer.setdefault(nd["layer"], []).append(nd["word"])
     if not getattr(a, "quiet", False):

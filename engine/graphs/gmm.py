@@ -36,7 +36,8 @@ _LOG_2PI = math.log(2.0 * math.pi)
 class ColumnSource(Protocol):
     """Re-iterable batches of rows: ``len(source)`` rows of ``dim`` values in all."""
 
-    dim: int
+    @property
+    def dim(self) -> int: ...
 
     def __len__(self) -> int: ...
 

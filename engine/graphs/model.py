@@ -376,8 +376,9 @@ def _rf_object(rf: dict[str, Any]) -> Any:
 
 
 def _pair_counts(models: Sequence[LayerModel], predicted: np.ndarray, n_classes: int,
-                 images: Sequence[int] | None = None) -> tuple[list[np.ndarray], list[Any]]:
-    counts, bounds = [], []
+                 images: Sequence[int] | np.ndarray | None = None) -> tuple[list[np.ndarray], list[Any]]:
+    counts: list[np.ndarray] = []
+    bounds: list[Any] = []
     for j, low in enumerate(models):
         if j + 1 < len(models):
             up = models[j + 1]
@@ -510,11 +511,12 @@ def explain(fit: GraphFit, *, class_name: str | None = None, image: str | Path |
         if layer_index == len(names):  # the class node: its best-scored images, whole
             cls_idx = np.flatnonzero(fit.predicted == word)
             order = cls_idx[np.argsort(-fit.class_scores[cls_idx], kind="stable")][:patches]
-            boxes = [{"image": int(j), "box": [0, 0, fit.input_size[0], fit.input_size[1]]} for j in order]
+            whole = [0, 0, fit.input_size[0], fit.input_size[1]]
+            boxes: list[dict[str, Any]] = [{"image": int(j), "box": list(whole)} for j in order]
         else:
             boxes = fit.layers[layer_index].patch_boxes(word, fit.input_size, patches) if patches else []
         for b in boxes:
-            b["path"] = fit.image_paths[b["image"]]
+            b["path"] = fit.image_paths[int(b["image"])]
         lm = fit.layers[layer_index] if layer_index < len(names) else None
         return {"patches": boxes[:patches],
                 "columns": int(lm.counts[word]) if lm is not None else int((fit.predicted == word).sum())}
@@ -523,7 +525,7 @@ def explain(fit: GraphFit, *, class_name: str | None = None, image: str | Path |
     nodes = [{"id": k, **v} for k, v in g.nodes(data=True)]
     edges = [{"source": a, "target": b, **v} for a, b, v in g.edges(data=True)]
     return GraphExplanation(kind, target, fit.classes[ci], ci, names, n, count, nodes, edges,
-                            tuple(fit.input_size))
+                            (int(fit.input_size[0]), int(fit.input_size[1])))
 
 
 # ----------------------------------------------------------------------------- storage
@@ -607,7 +609,8 @@ def _read(folder: Path, meta: dict[str, Any]) -> GraphFit:
             top_columns=arr(f"{s}_top_columns", np.int64, (k, m, 3)),
             top_scores=load_array(folder, f"{s}_top_scores", mmap=False),
             counts=arr(f"{s}_counts", np.int64, (k,)), rf=dict(e["rf"])))
-    counts, bounds = [], []
+    counts: list[np.ndarray] = []
+    bounds: list[tuple[np.ndarray, np.ndarray] | None] = []
     for j, lm in enumerate(layers):
         up_k = layers[j + 1].k if j + 1 < len(layers) else len(classes)
         counts.append(arr(f"pair{j}_counts", np.int64, (up_k, lm.k)))
