@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def pretrain(net, x, y, epochs: int, seed: int, lr: float = 2e-3, batch_size: int = 32) -> None:  # noqa: ANN001
+def pretrain(net, x, y, epochs: int, seed: int, lr: float = 2e-3, batch_size: int = 32) -> None:
     import numpy as np
     import torch
 
@@ -81,7 +81,7 @@ def run(epochs: int = 8, start_epochs: int = 6, n_images: int = 900, seed: int =
     mp = MetricsParams(filter_params=fp, quantile=quantile)
     rows = {}
 
-    def measure(name: str, be, sha: str, layer: str, acc: float) -> None:  # noqa: ANN001
+    def measure(name: str, be, sha: str, layer: str, acc: float) -> None:
         m = run_sync(filter_metrics(be, sha, val, layer, mp, landmarks=root / "landmarks.csv", parts=parts_val))
         s = m.summary()
         rows[name] = {"val_accuracy": acc, "location_instability": s["mean_location_instability"],
@@ -102,10 +102,11 @@ def run(epochs: int = 8, start_epochs: int = 6, n_images: int = 900, seed: int =
         measure(name, TorchBackend(trained.module, trained.spec, "cpu"), trained.cache_id, res.measured_layer,
                 res.final["val_accuracy"])
     out_rows = {"rows": rows, "epochs": epochs, "start_epochs": start_epochs, "images": n_images, "seed": seed,
-                "weight": weight, "mask": mask, "quantile": quantile, "seconds": time.perf_counter() - t0, "work": str(work)}
+                "weight": weight, "mask": mask, "quantile": quantile,
+                "seconds": time.perf_counter() - t0, "work": str(work)}
     if not quiet:
-        print(f"| model | layer | val accuracy | location instability | part interpretability | mean part IoU | "
-              f"inter-cat. entropy | spatial entropy |")
+        print("| model | layer | val accuracy | location instability | part interpretability | mean part IoU | "
+              "inter-cat. entropy | spatial entropy |")
         print("|---|---|---|---|---|---|---|---|")
         for k, r in rows.items():
             print(f"| {k} | {r['layer']} | {r['val_accuracy']:.3f} | {r['location_instability']:.4f} | "

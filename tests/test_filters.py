@@ -140,7 +140,7 @@ def test_mask_forward_step() -> None:
     assert torch.equal(off(x), x)
 
 
-def _partnet_backend(seed: int = 0):  # noqa: ANN202
+def _partnet_backend(seed: int = 0):
     from engine.backends.torch_backend import TorchBackend
     from engine.filters.partnet import PARTNET_ARCH, PartNet
     from engine.types import ModelSpec, Preprocess
@@ -200,7 +200,7 @@ def test_receptive_field_of_a_converted_layer() -> None:
 
 
 @pytest.fixture(scope="module")
-def rnet_metrics(demo, tmp_path_factory):  # noqa: ANN001, ANN201
+def rnet_metrics(demo, tmp_path_factory):
     import os
 
     from engine.backends import open_backend
@@ -220,8 +220,8 @@ def rnet_metrics(demo, tmp_path_factory):  # noqa: ANN001, ANN201
     return result, backend, loaded, ims, cache
 
 
-def test_metrics_on_the_pretrained_rnet(rnet_metrics) -> None:  # noqa: ANN001
-    from engine.filters.metrics import filter_metrics, load_result, save_result
+def test_metrics_on_the_pretrained_rnet(rnet_metrics) -> None:
+    from engine.filters.metrics import filter_metrics
     from engine.jobs import run_sync
 
     m, backend, loaded, ims, cache = rnet_metrics
@@ -242,7 +242,7 @@ def test_metrics_on_the_pretrained_rnet(rnet_metrics) -> None:  # noqa: ANN001
     assert len(rows) == 64 and rows[0]["category"] in ("face", "non-face")
 
 
-def test_metrics_entropies_equal_the_formula_on_the_maps(rnet_metrics) -> None:  # noqa: ANN001
+def test_metrics_entropies_equal_the_formula_on_the_maps(rnet_metrics) -> None:
     from engine.activations import extract
     from engine.filters.metrics import class_labels
     from engine.jobs import run_sync
@@ -256,7 +256,7 @@ def test_metrics_entropies_equal_the_formula_on_the_maps(rnet_metrics) -> None: 
     np.testing.assert_allclose(m.spatial[:5], want.spatial, rtol=1e-6)
 
 
-def test_metrics_save_and_load(rnet_metrics, tmp_path: Path) -> None:  # noqa: ANN001
+def test_metrics_save_and_load(rnet_metrics, tmp_path: Path) -> None:
     from engine.cache import DamagedEntry
     from engine.filters.metrics import load_result, save_result
 
@@ -270,7 +270,7 @@ def test_metrics_save_and_load(rnet_metrics, tmp_path: Path) -> None:  # noqa: A
         load_result(tmp_path / "r")
 
 
-def test_randomised_weights_give_other_metrics(demo, rnet_metrics, tmp_path: Path) -> None:  # noqa: ANN001
+def test_randomised_weights_give_other_metrics(demo, rnet_metrics, tmp_path: Path) -> None:
     """Sanity check: the metrics depend on the learned weights."""
     from engine.backends import open_backend
     from engine.filters.metrics import filter_metrics

@@ -16,18 +16,18 @@ import torch
 
 from engine.jobs import run_sync
 
-PRE = dict(input_size=(48, 48), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+PRE = {"input_size": (48, 48), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 CLASSES = ("animal", "face", "house")
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):  # noqa: ANN001, ANN201
+def parts(tmp_path_factory):
     from engine.concepts.parts import generate_parts
 
     return run_sync(generate_parts(tmp_path_factory.mktemp("p") / "parts", n_images=90))
 
 
-def test_part_set_layout_and_exact_masks(parts) -> None:  # noqa: ANN001
+def test_part_set_layout_and_exact_masks(parts) -> None:
     from PIL import Image
 
     from engine.concepts.parts import CLASSES as KINDS
@@ -65,7 +65,7 @@ def test_part_set_refuses_a_full_folder(tmp_path: Path) -> None:
     assert (tmp_path / "x" / "mine.txt").read_text() == "keep"
 
 
-def _start(tmp_path: Path, seed: int = 0):  # noqa: ANN202
+def _start(tmp_path: Path, seed: int = 0):
     from engine.backends.torch_backend import TorchBackend
     from engine.filters.partnet import PARTNET_ARCH, PartNet
     from engine.models.loading import load_model
@@ -78,8 +78,8 @@ def _start(tmp_path: Path, seed: int = 0):  # noqa: ANN202
     return loaded, TorchBackend(loaded.module, spec, "cpu")
 
 
-def test_part_iou_equals_a_direct_evaluation(parts, tmp_path: Path, cache) -> None:  # noqa: ANN001
-    import torch.nn.functional as F
+def test_part_iou_equals_a_direct_evaluation(parts, tmp_path: Path, cache) -> None:
+    from torch.nn import functional
 
     from engine.activations import extract
     from engine.dissection.run import concept_image_set
@@ -94,18 +94,18 @@ def test_part_iou_equals_a_direct_evaluation(parts, tmp_path: Path, cache) -> No
     for f in (0, 7):
         t = np.quantile(maps[:, f].astype(np.float64), 1 - 0.05)
         assert thr[f] == pytest.approx(t)
-        up = F.interpolate(torch.from_numpy(maps[:, f:f + 1]), size=(48, 48), mode="bilinear",
+        up = functional.interpolate(torch.from_numpy(maps[:, f:f + 1]), size=(48, 48), mode="bilinear",
                            align_corners=False)[:, 0].numpy()
         m = up > t if t <= 0 else up >= t
         labels = np.stack([dict(parts.sample(i).pixel_labels)["part"] for i in range(len(parts))])
         for k, name in enumerate(names):
-            num = [c.number for c in parts.concepts if c.name == name][0]
+            num = next(c.number for c in parts.concepts if c.name == name)
             lab = labels == num
             want = (m & lab).sum() / max((m | lab).sum(), 1)
             assert iou[f, k] == pytest.approx(want, abs=1e-12), (f, name)
 
 
-def test_training_job_cancel_resume_and_outputs(parts, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_training_job_cancel_resume_and_outputs(parts, tmp_path: Path, monkeypatch) -> None:
     from engine.backends.torch_backend import TorchBackend
     from engine.data.images import open_image_set
     from engine.filters.train import TrainParams, train_filters
@@ -160,7 +160,7 @@ def test_training_job_cancel_resume_and_outputs(parts, tmp_path: Path, monkeypat
     assert (tmp_path / "full" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_training_refuses_unlabelled_images(parts, tmp_path: Path) -> None:  # noqa: ANN001
+def test_training_refuses_unlabelled_images(parts, tmp_path: Path) -> None:
     from PIL import Image
 
     from engine.data.images import open_image_set
@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def test_cli_metrics_on_the_demo(demo, tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_cli_metrics_on_the_demo(demo, tmp_path: Path, monkeypatch, capsys) -> None:
     spec, images = demo
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
     a = _parser().parse_args(["filters", "metrics", "--model", spec.path, "--arch", "rnet", "--images", str(images),
@@ -211,7 +211,7 @@ def test_cli_metrics_on_the_demo(demo, tmp_path: Path, monkeypatch, capsys) -> N
                  "--layer", "prelu3", "--quantile", "2", "--out", str(tmp_path / "o3")]) == 2
 
 
-def test_cli_train_on_the_builtin_parts(tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_cli_train_on_the_builtin_parts(tmp_path: Path, monkeypatch, capsys) -> None:
     from engine.cli import main
     from engine.filters.partnet import PartNet
 
@@ -241,7 +241,7 @@ def test_cli_train_on_the_builtin_parts(tmp_path: Path, monkeypatch, capsys) -> 
 # ----------------------------------------------------------------------------- evidence
 
 
-def _bench():  # noqa: ANN202
+def _bench():
     path = Path(__file__).resolve().parents[1] / "bench" / "filters.py"
     spec = importlib.util.spec_from_file_location("bench_filters", path)
     assert spec is not None and spec.loader is not None

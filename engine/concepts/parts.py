@@ -231,7 +231,7 @@ def render_part_image(i: int, size: int = 48, seed: int = 0) -> tuple[str, np.nd
 
 
 def _encode(labels: np.ndarray) -> Image.Image:
-    out = np.zeros(labels.shape + (3,), dtype=np.uint8)
+    out = np.zeros((*labels.shape, 3), dtype=np.uint8)
     out[..., 0] = labels % 256
     out[..., 1] = labels // 256
     return Image.fromarray(out, "RGB")

@@ -28,7 +28,11 @@ _EXPORTS = {
     "TrainParams": "train", "train_filters": "train", "TrainResult": "train",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CACHE_KIND", "FORMAT_VERSION", "ConversionSpec", "FilterMetrics", "FilterParams", "InterpretableMask",
+    "MetricsParams", "TrainParams", "TrainResult", "convert", "convert_copy", "filter_loss", "filter_metrics",
+    "load_result", "mi_terms", "rebuild", "save_result", "templates", "train_filters",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,6 @@ masks. Importing this module imports neither torch nor the engine's heavy module
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,11 +44,13 @@ def register(subparsers: Any) -> None:
     sub = sp.add_subparsers(dest="filters_command", metavar="subcommand")
 
     m = sub.add_parser("metrics", help="per-filter category, entropies, location instability, part IoU",
-                       description="per-filter metrics of one spatial layer; writes OUT/filters.csv and OUT/summary.json")
+                       description="per-filter metrics of one spatial layer; writes OUT/filters.csv and "
+                       "OUT/summary.json")
     m.set_defaults(func=cmd_metrics)
     c.add_model_options(m)
     _data_options(m, c)
-    m.add_argument("--top-k", type=c.positive_int, default=20, help="top images per filter for instability (default 20)")
+    m.add_argument("--top-k", type=c.positive_int, default=20,
+                   help="top images per filter for instability (default 20)")
     m.add_argument("--min-images", type=c.int_range(2), default=3,
                    help="top images a landmark must be in to count for a filter (default 3)")
 

@@ -83,7 +83,8 @@ class InterpretableBlock(nn.Module):
                 nn.init.dirac_(w)
                 w += spec.init_noise * torch.randn(w.shape, generator=g)
                 self.conv.weight.copy_(w)
-                self.conv.bias.zero_()
+                if self.conv.bias is not None:
+                    self.conv.bias.zero_()
             self.relu: nn.Module = nn.ReLU()
         else:
             self.conv, self.relu = nn.Identity(), nn.Identity()

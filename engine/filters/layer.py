@@ -26,9 +26,10 @@ class InterpretableMask(nn.Module):
     built on first use. ``keep_input``: store the last input (``self.last_input``) for the loss.
     """
 
-    def __init__(self, params: FilterParams = FilterParams(), enabled: bool = True,
+    def __init__(self, params: FilterParams | None = None, enabled: bool = True,
                  keep_input: bool = False) -> None:
         super().__init__()
+        params = params or FilterParams()
         params.check()
         self.params = params
         self.enabled = enabled
@@ -81,13 +82,14 @@ def _xlogy(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 def filter_loss(x: torch.Tensor, in_category: torch.Tensor | None = None,
-                params: FilterParams = FilterParams()) -> LossTerms:
+                params: FilterParams | None = None) -> LossTerms:
     """``-MI(X; T)`` of every filter over the batch ``x`` (N, F, h, w), differentiable.
 
     ``in_category``: bool (N, F), image ``n`` is of filter ``f``'s category (None: every image).
     Computed in float32 or float64 as ``x`` is, in the log domain (``Z_T`` over the batch); the
     same values as :func:`engine.filters.templates.mi_terms`.
     """
+    params = params or FilterParams()
     n_img, n_f, h, w = x.shape
     p_count = h * w
     t = torch.as_tensor(templates(h, w, params), dtype=x.dtype, device=x.device)

@@ -297,7 +297,7 @@ def location_instability(maps: np.ndarray, maxes: np.ndarray, valid: np.ndarray,
                          records: Sequence[ImageRecord], landmarks: dict[int, dict[str, tuple[float, float]]],
                          names: Sequence[str], pre: Preprocess, top_k: int, min_images: int) -> np.ndarray:
     """(C, L) std of the normalised landmark-to-centre distance over each filter's top images."""
-    n, c, h, w = maps.shape
+    _, c, _, w = maps.shape
     out = np.full((c, len(names)), np.nan)
     sizes: dict[int, tuple[int, int]] = {}
     score = np.where(valid[:, None], maxes, -np.inf)
@@ -305,8 +305,7 @@ def location_instability(maps: np.ndarray, maxes: np.ndarray, valid: np.ndarray,
         order = np.argsort(-score[:, f], kind="stable")[:top_k]
         order = order[np.isfinite(score[order, f])]
         dists: dict[str, list[float]] = {k: [] for k in names}
-        for i in order:
-            i = int(i)
+        for i in (int(v) for v in order):
             if i not in landmarks:
                 continue
             pos = int(np.argmax(np.asarray(maps[i, f], dtype=np.float32)))
@@ -359,7 +358,7 @@ def part_ious(backend: Any, model_sha: str, parts: Any, layer: str, params: Metr
     acts = yield from extract(backend, model_sha, images, [layer], batch_size=params.batch_size, cache=cache)
     maps = acts.maps(layer)
     valid = np.flatnonzero(acts.valid)
-    n, c, h, w = maps.shape
+    _, c, h, w = maps.shape
     tq = TopQuantile(c, len(valid) * h * w, params.quantile)
     for lo in range(0, len(valid), 256):
         tq.update(torch.from_numpy(np.asarray(maps[valid[lo:lo + 256]], dtype=np.float32)))
@@ -439,7 +438,8 @@ def filter_metrics(backend: Any, model_sha: str, images: Any, layer: str,
     classes = images.labels if images.has_labels else ()
     labels = class_labels(images.records, classes)
     mode = params.filter_params.category_mode if classes else "none"
-    category, class_means = categories_from_means(np.asarray(stats.mean, dtype=np.float64)[vi], labels[vi], len(classes))
+    category, class_means = categories_from_means(np.asarray(stats.mean, dtype=np.float64)[vi], labels[vi],
+                                                  len(classes))
     yield Progress(share * 0.75, "entropies")
     maps = np.asarray(maps_all[vi], dtype=np.float32)
     loss, h_t, inter, spatial = entropy_terms(maps, labels[vi] if mode == "labels" else None, category,
@@ -515,6 +515,6 @@ def load_result(folder: str | Path) -> FilterMetrics:
                              classes=tuple(meta["classes"]), category_mode=str(meta["category_mode"]),
                              landmark_names=tuple(meta["landmark_names"]), part_names=tuple(meta["part_names"]),
                              n_images=int(meta["n_images"]), n_part_images=int(meta["n_part_images"]),
-                             params=MetricsParams(**p), **arrays)
+                             params=MetricsParams(**p), **arrays)  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as e:
         raise DamagedEntry(f"{folder}: inconsistent filter-metrics result ({type(e).__name__}: {e}).") from e

@@ -146,7 +146,7 @@ def mi_terms(maps: np.ndarray, in_category: np.ndarray | None = None,
     log_z = np.where(np.isfinite(log_z), log_z, 0.0)  # a template that explains no image
     log_px_t = np.where(mask, s_masked - log_z[:, :, None], -np.inf)  # log p(x | T), -inf outside
     log_prior = np.concatenate([np.full(p_count, np.log(alpha / p_count)), [np.log1p(-alpha)]])
-    has_pos = allowed.any(axis=1)  # (F,)
+    has_pos = np.asarray(allowed.any(axis=1))  # (F,)
     # a filter without images of its category: only T- (prior 1)
     log_prior_f = np.where(has_pos[:, None], log_prior[None, :],
                            np.concatenate([np.full(p_count, -np.inf), [0.0]])[None, :])

@@ -170,7 +170,8 @@ def load_arrays(images: Any, spec: ModelSpec, batch_size: int = 64) -> Job[tuple
     if need > 2 * 2**30:
         raise ConvLensError(f"{images.source}: {n} images at {pre.input_size} need {need / 2**30:.1f} GiB in "
                             "memory; the training job holds the training set in memory (use fewer or smaller images)")
-    arrays, idx = [], []
+    arrays: list[np.ndarray] = []
+    idx: list[int] = []
     with ImageLoader(images, pre, batch_size=batch_size) as loader:
         for b in loader:
             arrays.append(b.array)
@@ -283,11 +284,11 @@ def train_filters(backend: Any, model_sha: str, images: Any, params: TrainParams
 
     x_all, read = yield from load_arrays(images, spec, params.batch_size)
     y_all = label_indices(images, classes)[read]
+    xv: np.ndarray | None = None
+    yv: np.ndarray | None = None
     if val_images is not None:
         xv, rv = yield from load_arrays(val_images, spec, params.batch_size)
         yv = label_indices(val_images, classes)[rv]
-    else:
-        xv = yv = None
 
     torch.manual_seed(params.seed)
     opt: torch.optim.Optimizer
@@ -350,6 +351,7 @@ def train_filters(backend: Any, model_sha: str, images: Any, params: TrainParams
                     for m, c in zip(masks, cat_t, strict=True):
                         inc = (yb[:, None] == c[None, :]) if params.filter_params.category_mode == "labels" else None
                         xm = m.last_input
+                        assert xm is not None  # the forward pass above set it
                         if params.loss_scale == "normalised":
                             scale = xm.amax((2, 3)).mean(0).clamp_min(1e-6)
                             xm = xm / scale[None, :, None, None]
@@ -398,7 +400,8 @@ def train_filters(backend: Any, model_sha: str, images: Any, params: TrainParams
                          categories=[int(v) for v in categories[-1]], measured_layer=conv.measured_layer,
                          files=files, epochs_done=params.epochs, resumed_from=resumed_from,
                          seconds=time.perf_counter() - t0)
-    atomic_write_text(out / "result.json", json.dumps({**result.to_dict(), "params": params.to_dict()}, indent=2) + "\n")
+    atomic_write_text(out / "result.json",
+                      json.dumps({**result.to_dict(), "params": params.to_dict()}, indent=2) + "\n")
     files["result"] = str(out / "result.json")
     return result
 
@@ -496,7 +499,8 @@ def write_curves(history: list[dict[str, Any]], batches: list[dict[str, Any]], o
     return {"history": str(out / "history.csv"), "batches": str(out / "batches.csv"), "curves": str(out / "curves.png")}
 
 
-def plot_curves(left: dict[str, list[float]], right: dict[str, list[float]], size: tuple[int, int] = (900, 360)) -> bytes:
+def plot_curves(left: dict[str, list[float]], right: dict[str, list[float]],
+                size: tuple[int, int] = (900, 360)) -> bytes:
     """A PNG of two line-chart panels (PIL only): ``left`` series per batch, ``right`` per epoch."""
     from PIL import Image, ImageDraw
 
