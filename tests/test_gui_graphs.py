@@ -108,6 +108,11 @@ def test_clicking_a_node_publishes_it_and_shows_its_patches(view: GraphView, ctx
     assert view.current_node == node["id"] and view.node_title.text() == f"conv2 word {node['word']}"
     assert view.shown_patches() == [p["image"] for p in node["patches"]] and len(node["patches"]) > 0
     assert len(view.crops[node["id"]]) == len(node["patches"])
+    # where the word occurs in the current image: its positions in the fit's word map
+    words = view.fit.layers[node["layer_index"]].words[ctx.selection.current_image]
+    assert view.occurrences() == int((words == node["word"]).sum())
+    assert not view.where_label.pixmap().isNull() and f"at {view.occurrences()} of {words.size}" in \
+        view.where_caption.text()
 
 
 def test_changing_the_class_reselects_the_nodes(view: GraphView, ctx: AppContext) -> None:

@@ -13,7 +13,8 @@ to right, the class node on the right): each node a 2x2 montage of its visual wo
 (the receptive fields of its best columns, as the model saw them) with its label, each edge a
 curve whose width and opacity grow with its LR (red: LR > 0, blue: LR < 0). Hover shows a
 node's or an edge's statistics; clicking a node shows its representative patches in the side
-panel and publishes ``("graph_node", (layer, word))`` on the shared selection; clicking the
+panel, marks where its word occurs in the current image, and publishes
+``("graph_node", (layer, word))`` on the shared selection; clicking the
 class node explains that class; clicking a patch there explains that patch's image. Wheel:
 zoom; drag: pan; "Fit view" shows the whole graph.
 
@@ -406,6 +407,8 @@ class GraphView(View):
         self._explain_handle: JobHandle | None = None
         self._syncing = False
         self._fit_text = ""
+        self._current_image: tuple[int, np.ndarray] | None = None
+        self._occurrences = -1
         self._build()
         ctx.session.model_loaded.connect(self._model_loaded)
         ctx.selection.images_changed.connect(self._images_changed)
@@ -488,23 +491,33 @@ class GraphView(View):
         self.patches.set_placeholder("Click a node to see its patches.", QSize(130, 60))
         self.patches.clicked.connect(self._patch_clicked)
         self.patches.setToolTip("")
-        patches_scroll = QScrollArea()
-        patches_scroll.setWidget(self.patches)
-        patches_scroll.setWidgetResizable(False)
-        patches_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         side = QWidget()
         side_layout = QVBoxLayout(side)
         side_layout.setContentsMargins(0, 0, 0, 0)
         side_layout.addWidget(self.node_title)
         side_layout.addWidget(self.node_stats)
-        side_layout.addWidget(patches_scroll, 1)
-        scrollbar = patches_scroll.verticalScrollBar().sizeHint().width()
-        side.setMinimumWidth(2 * (SIDE_PATCH + self.patches.gap) + self.patches.gap + scrollbar + 8)
-        self.side_scroll = patches_scroll
+        self.where_label = QLabel()
+        self.where_label.setToolTip("Where the clicked word occurs in the current image (its columns' "
+                                    "receptive-field centres, one stride cell each)")
+        self.where_caption = QLabel()
+        self.where_caption.setWordWrap(True)
+        side_layout.addWidget(self.where_label)
+        side_layout.addWidget(self.where_caption)
+        side_layout.addWidget(self.patches)
+        side_layout.addStretch(1)
+        # the whole side panel scrolls (statistics, where the word occurs, patches)
+        side_scroll = QScrollArea()
+        side_scroll.setWidget(side)
+        side_scroll.setWidgetResizable(True)
+        side_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        side_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scrollbar = side_scroll.verticalScrollBar().sizeHint().width()
+        side_scroll.setMinimumWidth(2 * (SIDE_PATCH + self.patches.gap) + self.patches.gap + scrollbar + 12)
+        self.side_scroll = side_scroll
 
         self.body = QSplitter(Qt.Orientation.Horizontal)
         self.body.addWidget(self.canvas)
-        self.body.addWidget(side)
+        self.body.addWidget(side_scroll)
         self.body.setStretchFactor(0, 4)
         self.body.setStretchFactor(1, 1)
         self.body.setChildrenCollapsible(False)
@@ -767,14 +780,19 @@ class GraphView(View):
             kwargs = {"class_name": fit.classes[ci]}
             what = f"class '{fit.classes[ci]}'"
         preprocess = fit.preprocess
+        cur = self.ctx.selection.current_image
+        cur_path = fit.image_paths[cur] if 0 <= cur < len(fit.image_paths) else None
 
-        def job() -> Generator[Progress, None, tuple[Any, dict[str, list[np.ndarray]]]]:
+        def job() -> Generator[Progress, None, tuple[Any, dict[str, list[np.ndarray]], Any]]:
             from engine.graphs import explain
+            from engine.graphs.figure import _Images
 
             yield Progress(None, f"explaining {what}")
             ex = explain(fit, n=n, patches=SIDE_PATCHES, **kwargs)
             yield Progress(0.5, "cutting the patches")
-            return ex, _crops(ex, preprocess)
+            crops = _crops(ex, preprocess)
+            rgb = _Images(preprocess, tuple(fit.input_size)).get(cur_path) if cur_path is not None else None
+            return ex, crops, (cur, rgb) if rgb is not None else None
 
         handle = self.ctx.runner.submit(f"Inference graph of {what}", job, kind="light", key="graphs-explain")
         handle.finished.connect(lambda value: self.set_explanation(*value))
@@ -801,9 +819,11 @@ class GraphView(View):
         self.canvas.placeholder = item
         scene.setSceneRect(item.boundingRect().adjusted(-20, -20, 20, 20))
 
-    def set_explanation(self, explanation: Any, crops: dict[str, list[np.ndarray]]) -> None:
-        """Draw ``explanation`` (an engine GraphExplanation) with its nodes' patch crops."""
-        self.explanation, self.crops = explanation, crops
+    def set_explanation(self, explanation: Any, crops: dict[str, list[np.ndarray]],
+                        current: tuple[int, np.ndarray] | None = None) -> None:
+        """Draw ``explanation`` (an engine GraphExplanation) with its nodes' patch crops;
+        ``current``: (index, model-input RGB) of the current image, where clicked words are shown."""
+        self.explanation, self.crops, self._current_image = explanation, crops, current
         scene = self.canvas.scene()
         scene.clear()
         self.canvas.placeholder = None
@@ -884,10 +904,12 @@ class GraphView(View):
         if node is None:
             self.node_title.setText("")
             self.node_stats.setText("")
+            self._show_where(None)
             self.patches.set_placeholder("Click a node to see its patches.", QSize(130, 60))
             return
         self.node_title.setText(node_name(node))
         self.node_stats.setText(node_tip(node, ex.edges, ex.images))
+        self._show_where(node)
         crops = self.crops.get(node_id, [])
         if not crops:
             self.patches.set_placeholder("No patches.", QSize(130, 60))
@@ -899,6 +921,38 @@ class GraphView(View):
             labels = [Path(p["path"]).stem[:10] for p in node["patches"][: len(crops)]]
             self.patches.set_tiles(tiles, ids, 2, labels=labels, tips=tips)
         self.node_shown.emit(node_id)
+
+    def _show_where(self, node: dict[str, Any] | None) -> None:
+        """The current image with the positions of ``node``'s word marked (orange cells)."""
+        self._occurrences = -1
+        cur = self._current_image
+        fit = self.fit
+        if node is None or node["layer"] == "class" or cur is None or fit is None:
+            self.where_label.clear()
+            self.where_caption.setText("")
+            return
+        index, rgb = cur
+        lm = fit.layers[int(node["layer_index"])]
+        hits = np.asarray(lm.words[index]) == int(node["word"])
+        self._occurrences = int(hits.sum())
+        scale = max(1, 96 // max(rgb.shape[:2]))
+        big = resample(rgb, (rgb.shape[0] * scale, rgb.shape[1] * scale))
+        image = to_qimage(big)
+        painter = QPainter(image)
+        colour = QColor(255, 140, 0, 110)
+        stride, offset = lm.rf["stride"], lm.rf["offset"]
+        for i, j in zip(*np.nonzero(hits), strict=True):
+            cy, cx = offset[0] + i * stride[0], offset[1] + j * stride[1]
+            painter.fillRect(QRectF((cx - stride[1] / 2) * scale, (cy - stride[0] / 2) * scale,
+                                    max(1, stride[1]) * scale, max(1, stride[0]) * scale), colour)
+        painter.end()
+        self.where_label.setPixmap(QPixmap.fromImage(image))
+        self.where_caption.setText(f"{node_name(node)} at {self._occurrences} of {hits.size} positions of "
+                                   f"{Path(fit.image_paths[index]).name}")
+
+    def occurrences(self) -> int:
+        """Positions of the current image where the shown node's word occurs (-1: none shown)."""
+        return self._occurrences
 
     def shown_patches(self) -> list[int]:
         """Image indices of the patches the side panel shows."""
