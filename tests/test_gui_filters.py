@@ -271,3 +271,25 @@ def test_training_the_open_model_on_the_open_images(qtbot, view: FiltersView, ct
     from gui.figures import FigureOptions
 
     assert view.figure(FigureOptions(kind="training")).title == f"Interpretable training of rnet.pt at {LAYER}"
+
+
+def test_another_model_clears_the_table(view: FiltersView, ctx: AppContext, demo, tmp_path: Path) -> None:
+    """Last in the module (it replaces the module's model): metrics of one model are not shown
+    as another's."""
+    import dataclasses
+
+    import torch
+
+    spec, _images = demo
+    if view.result is None:
+        view.run_metrics()
+        _wait(view.metrics_ready)
+    assert view.model.rowCount() == 64
+    sd = torch.load(spec.path, weights_only=True)
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[key] = sd[key] + 0.01
+    other = tmp_path / "rnet-other.pt"
+    torch.save(sd, other)
+    wait_job(ctx.session.load_model(dataclasses.replace(spec, path=str(other))))
+    assert view.result is None and view.model.rowCount() == 0 and view.summary_label.text() == ""
+    assert view.layer_combo.currentText() == LAYER and view.run_button.isEnabled()

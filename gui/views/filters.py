@@ -286,6 +286,7 @@ class FiltersView(View):
         self._handle: JobHandle | None = None
         self._train_handle: JobHandle | None = None
         self._syncing = False
+        self._result_model = ""  # sha256 of the model the shown metrics measured
         self._build()
         ctx.session.model_loaded.connect(self._model_loaded)
         ctx.selection.unit_changed.connect(self._selection_changed)
@@ -609,6 +610,13 @@ class FiltersView(View):
             self.parts_edit.setText(folder)
 
     def _model_loaded(self, info: Any) -> None:
+        if self.result is not None and self._result_model != info.sha256:
+            # the table measured another model: its layer names may mean nothing now
+            self.result, self.data_note = None, ""
+            self.filter_table.set_rows([])
+            self.summary_label.clear()
+            self.hist.clear()
+            self.status.setText("")
         spatial = [li.name for li in info.layers if li.is_spatial]
         current = self.layer_combo.currentText()
         self.layer_combo.clear()
@@ -683,7 +691,13 @@ class FiltersView(View):
                                                       landmarks=landmarks, parts=parts), share, 1.0)
             return result, note
 
-        handle = session.run(f"Filter metrics: {layer}", job, key="filters-metrics", on_done=self._metrics_done)
+        model_sha = session.model.sha256
+
+        def done(value: tuple[Any, str]) -> None:
+            self._result_model = model_sha
+            self._metrics_done(value)
+
+        handle = session.run(f"Filter metrics: {layer}", job, key="filters-metrics", on_done=done)
         if handle is None:
             return None
         if self._handle is not None:
