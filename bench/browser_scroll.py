@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if "DISPLAY" not in os.environ:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from gui.context import AppContext  # noqa: E402
-from PySide6.QtCore import (  # noqa: E402
+from PySide6.QtCore import (
     QAbstractListModel,
     QEvent,
     QEventLoop,
@@ -50,13 +49,14 @@ from PySide6.QtCore import (  # noqa: E402
     Qt,
     QTimer,
 )
-from PySide6.QtWidgets import QApplication  # noqa: E402
+from PySide6.QtWidgets import QApplication
 
-from engine.data.images import ImageSet, open_image_set  # noqa: E402
-from engine.predict import Predictions  # noqa: E402
-from gui.selection import Selection  # noqa: E402
-from gui.thumbnails import ThumbnailCache  # noqa: E402
-from gui.views.image_browser import ImageBrowser, SortKey  # noqa: E402
+from engine.data.images import ImageSet, open_image_set
+from engine.predict import Predictions
+from gui.context import AppContext
+from gui.selection import Selection
+from gui.thumbnails import ThumbnailCache
+from gui.views.image_browser import ImageBrowser, SortKey
 
 SOURCES = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -122,7 +122,7 @@ class StallMonitor(QObject):
         self._ticks = [time.perf_counter()]
 
     def gaps_ms(self) -> np.ndarray:
-        return np.diff(np.asarray(self._ticks + [time.perf_counter()])) * 1000.0
+        return np.diff(np.asarray([*self._ticks, time.perf_counter()])) * 1000.0
 
 
 class PaintTimer(QObject):
@@ -147,7 +147,7 @@ class BenchApp(QApplication):
 
     paint_timer: PaintTimer | None = None
 
-    def notify(self, receiver: QObject, event: QEvent) -> bool:  # noqa: D102
+    def notify(self, receiver: QObject, event: QEvent) -> bool:
         if self.paint_timer is None:
             return super().notify(receiver, event)
         return self.paint_timer.timed_notify(

@@ -109,7 +109,7 @@ class OpenModelDialog(QDialog):
         lay.addLayout(form)
         lay.addWidget(self.error)
         lay.addWidget(self.buttons)
-        self.arch.addItems([""] + architecture_names())
+        self.arch.addItems(["", *architecture_names()])
         self._prefilled = ""
         self.path.editingFinished.connect(lambda: self.prefill() if self.path.text().strip() != self._prefilled else None)
         self.arch.currentTextChanged.connect(lambda _t: self.prefill(keep_arch=True))

@@ -159,7 +159,7 @@ class MainWindow(QMainWindow):
         self._action(f, "&Quit", self.close, QKeySequence.StandardKey.Quit)
 
         v = mb.addMenu("&View")
-        for name, dock in self.docks.items():
+        for _name, dock in self.docks.items():
             act = dock.toggleViewAction()
             v.addAction(act)
         v.addSeparator()
@@ -310,11 +310,11 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ drag and drop
 
-    def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
         if event.mimeData().hasUrls():
             event.acceptProposedAction()
 
-    def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802
+    def dropEvent(self, event: QDropEvent) -> None:
         for url in event.mimeData().urls():
             self.open_path(url.toLocalFile())
         event.acceptProposedAction()
@@ -440,7 +440,7 @@ class MainWindow(QMainWindow):
 
     def current_view(self) -> View | None:
         focus = self.focusWidget()
-        for name, view in self.views.items():
+        for _name, view in self.views.items():
             if focus is not None and (focus is view or view.isAncestorOf(focus)):
                 return view
         visible = [v for n, v in self.views.items() if self.docks[n].isVisible() and not v.visibleRegion().isEmpty()]
@@ -487,7 +487,7 @@ class MainWindow(QMainWindow):
         timer.timeout.connect(poll)
         timer.start(200)
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802
+    def closeEvent(self, event: Any) -> None:
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.settings.setValue("window/state", self.saveState())
         for view in self.views.values():

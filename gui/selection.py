@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from PySide6.QtCore import QObject, Signal
 
@@ -59,7 +59,7 @@ class Selection(QObject):
     """``(kind, value)`` of a generic item; ``value`` is None when the item was cleared."""
 
     # Field -> its signal, in emission order: a field is announced after those it depends on.
-    _SIGNALS = {
+    _SIGNALS: ClassVar[dict[str, str]] = {
         "model": "model_changed",
         "images": "images_changed",
         "current_image": "current_image_changed",

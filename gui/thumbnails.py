@@ -45,8 +45,7 @@ from PIL import Image
 from PySide6.QtCore import QObject, QPointF, Signal, Slot
 from PySide6.QtGui import QColor, QImage, QPainter, QPen
 
-from engine.cache import default_cache_root
-from engine.cache import atomic_write_bytes
+from engine.cache import atomic_write_bytes, default_cache_root
 from engine.data.images import ImageError, load_image
 
 __all__ = [
@@ -303,7 +302,7 @@ def _thumbnail(path: str, size: int, disk_dir: Path | None) -> QImage | None:
         except OSError:
             return None
         key = f"{FIT_VERSION}\0{os.path.abspath(path)}\0{size}\0{st.st_mtime_ns}\0{st.st_size}"
-        digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()
+        digest = hashlib.sha1(key.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()
         cached = disk_dir / digest[:2] / f"{digest}.jpg"
         image = QImage(str(cached))
         if not image.isNull():

@@ -16,7 +16,6 @@ from PySide6.QtWidgets import QSizePolicy, QToolTip, QWidget
 from engine.types import Preprocess
 
 
-
 @cache
 def bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) float32 matrix of 1-D bilinear resampling, as torch's ``align_corners=False``.
@@ -248,7 +247,7 @@ class TileMosaic(QWidget):
                                    self.label_height), align, text)
         painter.end()
 
-    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt override
+    def paintEvent(self, event: QPaintEvent) -> None:
         painter = QPainter(self)
         if self._placeholder:
             painter.setPen(self.palette().color(self.foregroundRole()))
@@ -260,7 +259,7 @@ class TileMosaic(QWidget):
             painter.setPen(QPen(self.palette().color(self.palette().ColorRole.Highlight), 3))
             painter.drawRect(r)
 
-    def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802 - Qt override
+    def mousePressEvent(self, event: QMouseEvent) -> None:
         item = self.id_at(event.position().toPoint())
         if item is not None and event.button() == Qt.MouseButton.LeftButton:
             self.clicked.emit(item)

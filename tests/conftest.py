@@ -24,12 +24,12 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
 
 
 @pytest.fixture(scope="session")
-def rnet_spec(demo):  # noqa: ANN001, ANN201
+def rnet_spec(demo):
     return demo[0]
 
 
 @pytest.fixture(scope="session")
-def demo_images(demo) -> Path:  # noqa: ANN001
+def demo_images(demo) -> Path:
     return demo[1]
 
 
@@ -41,14 +41,14 @@ def ocr_onnx() -> Path:
     return wheel_member(*OCR_CLS_ONNX)
 
 
-@pytest.fixture()
-def cache(tmp_path: Path):  # noqa: ANN201
+@pytest.fixture
+def cache(tmp_path: Path):
     from engine.cache import Cache
 
     return Cache(tmp_path / "cache")
 
 
-def wait_job(handle) -> None:  # noqa: ANN001
+def wait_job(handle) -> None:
     """Block (running the Qt event loop) until a JobHandle finishes; fail with its traceback."""
     from pytestqt.wait_signal import SignalBlocker
 
@@ -60,7 +60,7 @@ def wait_job(handle) -> None:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def ctx(qapp, demo, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+def ctx(qapp, demo, tmp_path_factory: pytest.TempPathFactory):
     """An AppContext with the demo model and images loaded in a real session (one per test
     module), every cache in a temporary folder."""
     from gui.context import AppContext

@@ -22,7 +22,7 @@ class CreatesFile:
     def __init__(self, target: Path) -> None:
         self.target = target
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (open, (str(self.target), "w"))
 
 

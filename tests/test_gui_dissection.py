@@ -12,11 +12,11 @@ from PIL import Image
 from PySide6.QtCore import Qt
 from pytestqt.wait_signal import SignalBlocker
 
-from gui.context import AppContext
-from tests.conftest import wait_job
-from gui.export import export_widget
 from engine.concepts import builtin_dir as builtin_concepts_dir
+from gui.context import AppContext
+from gui.export import export_widget
 from gui.views.dissection import DissectionView
+from tests.conftest import wait_job
 
 N_IMAGES, SIZE, LAYER = 40, 48, "conv3"  # RNet conv3: 64 units of 3 x 3
 
@@ -153,7 +153,7 @@ def test_state_round_trip(view: DissectionView) -> None:
         other.deleteLater()
 
 
-def test_result_figure(qtbot, view: DissectionView, tmp_path: Path) -> None:  # noqa: ANN001
+def test_result_figure(qtbot, view: DissectionView, tmp_path: Path) -> None:
     from gui.figures import BarChart, FigureOptions, TileGrid
     from tests.figure_checks import check_figure, svg_texts
 
@@ -193,7 +193,7 @@ def test_status_says_what_to_do_and_names_the_concepts(ctx: AppContext) -> None:
         fresh.deleteLater()
 
 
-def test_layer_picker_groups_filters_and_shows_shapes(qtbot) -> None:  # noqa: ANN001
+def test_layer_picker_groups_filters_and_shows_shapes(qtbot) -> None:
     from engine.types import LayerInfo
     from gui.widgets.layer_picker import LayerPicker, block_of
 

@@ -169,7 +169,7 @@ def test_copy_to_clipboard(figure: QWidget) -> None:
 def test_dialog_filter_lists_every_format() -> None:
     entries = export_dialog_filter().split(";;")
     assert len(entries) == len(FORMATS) == 3
-    for fmt, entry in zip(FORMATS, entries):
+    for fmt, entry in zip(FORMATS, entries, strict=False):
         assert entry.endswith(f"(*.{fmt})")
 
 

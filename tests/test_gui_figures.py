@@ -104,7 +104,7 @@ def test_the_crop_is_painted_with_its_own_pixels(tmp_path: Path) -> None:
     # find the panel: the block of k x k identical pixels equal to img[0, 0]
     ys, xs = np.nonzero((a == img[0, 0]).all(axis=2))
     found = False
-    for y, x in zip(ys, xs):
+    for y, x in zip(ys, xs, strict=False):
         block = a[y:y + 24 * k:k, x:x + 24 * k:k]
         if block.shape[:2] == (24, 24) and np.array_equal(block, img):
             found = np.array_equal(a[y + k - 1:y + 24 * k:k, x + k - 1:x + 24 * k:k], img)

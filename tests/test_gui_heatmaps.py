@@ -160,7 +160,7 @@ def test_export_and_state(tmp_path: Path, view: HeatmapsView, ctx: AppContext) -
     assert view.grid.ids == list(range(48))
 
 
-def test_layer_combo_elides_long_names_in_the_middle(qtbot) -> None:  # noqa: ANN001
+def test_layer_combo_elides_long_names_in_the_middle(qtbot) -> None:
     from gui.widgets.eliding_combo import ElidingComboBox
 
     combo = ElidingComboBox(12)

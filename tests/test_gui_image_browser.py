@@ -217,7 +217,9 @@ def test_clicking_and_ctrl_clicking_set_the_selection(browser, image_set, qtbot)
     view = browser.view
     qtbot.waitUntil(lambda: view.visualRect(browser.proxy.index(3, 0)).isValid())
 
-    def click(proxy_row: int, modifier: Qt.KeyboardModifier = Qt.KeyboardModifier(0)) -> None:
+    no_modifier = Qt.KeyboardModifier(0)
+
+    def click(proxy_row: int, modifier: Qt.KeyboardModifier = no_modifier) -> None:
         center = view.visualRect(browser.proxy.index(proxy_row, 0)).center()
         qtbot.mouseClick(view.viewport(), Qt.MouseButton.LeftButton, modifier, center)
 

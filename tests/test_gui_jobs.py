@@ -7,6 +7,7 @@ timestamps with the runner's.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -100,7 +101,7 @@ def test_progress_is_throttled_but_last_is_delivered(qtbot, runner: JobRunner) -
     # throttled sends k < j at least 1 / RATE apart mean stamps[j] - stamps[k - 1] >= 1 / RATE.
     # (The last report is sent at the end, unthrottled.)
     interval = 1.0 / PROGRESS_RATE_HZ
-    for k, j in zip(steps[:-2], steps[1:-1]):
+    for k, j in itertools.pairwise(steps):
         assert stamps[j] - stamps[k - 1] >= interval, (k, j)
 
 

@@ -108,7 +108,7 @@ def test_sorting_by_b_then_a_orders_by_a_then_b(qtbot, table: ResultTable) -> No
 
 
 def test_sort_key_and_initial_sort(qtbot) -> None:
-    t = ResultTable([Column("name", sort_key=lambda a: np.char.lower(a)), Column("n", dtype="int")],
+    t = ResultTable([Column("name", sort_key=np.char.lower), Column("n", dtype="int")],
                     sort=("name", False))
     qtbot.addWidget(t)
     t.set_arrays({"name": np.array(["b", "A", "c", "B"]), "n": np.arange(4)})

@@ -17,8 +17,8 @@ from gui.main_window import MainWindow
 LOAD_MS = 120_000
 
 
-@pytest.fixture()
-def window(qtbot, tmp_path: Path, monkeypatch):  # noqa: ANN001, ANN201
+@pytest.fixture
+def window(qtbot, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
     settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
     win = MainWindow(settings=settings)
@@ -28,7 +28,7 @@ def window(qtbot, tmp_path: Path, monkeypatch):  # noqa: ANN001, ANN201
     win.close()
 
 
-def _open_demo(qtbot, win: MainWindow, spec, images: Path) -> None:  # noqa: ANN001
+def _open_demo(qtbot, win: MainWindow, spec, images: Path) -> None:
     """Open the model through the open-model dialog and the images like the folder dialog does."""
     dlg = OpenModelDialog(win.session, win, path=spec.path)
     assert "state dict" in dlg.format_label.text()
@@ -42,7 +42,7 @@ def _open_demo(qtbot, win: MainWindow, spec, images: Path) -> None:  # noqa: ANN
     assert dlg.result() == dlg.DialogCode.Accepted
 
 
-def test_open_demo_through_dialog_paths_and_predict(qtbot, window: MainWindow, demo) -> None:  # noqa: ANN001
+def test_open_demo_through_dialog_paths_and_predict(qtbot, window: MainWindow, demo) -> None:
     spec, images = demo
     _open_demo(qtbot, window, spec, images)
     preds = window.session.predictions
@@ -54,7 +54,7 @@ def test_open_demo_through_dialog_paths_and_predict(qtbot, window: MainWindow, d
     assert window.selection.layer == "conv3"  # the heatmaps start on the deepest layer of interest
 
 
-def test_corrupt_model_error_shows_in_the_dialog(qtbot, window: MainWindow, demo, tmp_path: Path) -> None:  # noqa: ANN001
+def test_corrupt_model_error_shows_in_the_dialog(qtbot, window: MainWindow, demo, tmp_path: Path) -> None:
     bad = tmp_path / "broken.pt"
     bad.write_bytes(Path(demo[0].path).read_bytes()[:5000])  # truncated
     dlg = OpenModelDialog(window.session, window, path=str(bad))
@@ -70,7 +70,7 @@ def test_corrupt_model_error_shows_in_the_dialog(qtbot, window: MainWindow, demo
     assert window.session.model is None
 
 
-def test_project_round_trip_restores_session_and_reuses_cache(qtbot, window: MainWindow, demo, tmp_path: Path) -> None:  # noqa: ANN001
+def test_project_round_trip_restores_session_and_reuses_cache(qtbot, window: MainWindow, demo, tmp_path: Path) -> None:
     spec, images = demo
     work = tmp_path / "work"
     shutil.copytree(Path(spec.path).parent, work, ignore=shutil.ignore_patterns("lfw"))
@@ -104,7 +104,7 @@ def test_project_round_trip_restores_session_and_reuses_cache(qtbot, window: Mai
     win2.close()
 
 
-def test_project_with_a_moved_model_asks_for_it(qtbot, window: MainWindow, demo, tmp_path: Path) -> None:  # noqa: ANN001
+def test_project_with_a_moved_model_asks_for_it(qtbot, window: MainWindow, demo, tmp_path: Path) -> None:
     from gui import project
 
     spec, images = demo
@@ -125,7 +125,7 @@ def test_project_with_a_moved_model_asks_for_it(qtbot, window: MainWindow, demo,
         project.load(proj)
 
 
-def test_export_every_format_from_the_window(qtbot, window: MainWindow, tmp_path: Path) -> None:  # noqa: ANN001
+def test_export_every_format_from_the_window(qtbot, window: MainWindow, tmp_path: Path) -> None:
     from gui.export import export_widget
 
     # a plain widget (the jobs panel) is rendered whole
@@ -144,7 +144,7 @@ def test_export_every_format_from_the_window(qtbot, window: MainWindow, tmp_path
         assert not (tmp_path / f"{view.object_name}.png").exists()
 
 
-def _outside(view, widget) -> bool:  # noqa: ANN001
+def _outside(view, widget) -> bool:
     """Whether ``widget`` (shown, inside ``view``) reaches past the view's area, unless a scroll
     area of the view holds it (then its viewport scrolls to it)."""
     from PySide6.QtCore import QPoint, QRect
@@ -159,7 +159,7 @@ def _outside(view, widget) -> bool:  # noqa: ANN001
     return not view.rect().adjusted(-1, -1, 1, 1).contains(rect)
 
 
-def test_every_view_fits_a_1024x640_window(qtbot, window: MainWindow, demo, tmp_path: Path) -> None:  # noqa: ANN001
+def test_every_view_fits_a_1024x640_window(qtbot, window: MainWindow, demo, tmp_path: Path) -> None:
     """Screenshot at 1024x640 with the demo loaded: no child widget of a shown view runs past it."""
     from PySide6.QtWidgets import QWidget
 
@@ -207,7 +207,7 @@ def test_drop_of_an_unknown_file_is_explained(window: MainWindow, tmp_path: Path
     assert "notes.docx" in window.statusBar().currentMessage()
 
 
-def test_closing_with_a_running_job_cancels_it_cleanly(qtbot, window: MainWindow, demo) -> None:  # noqa: ANN001
+def test_closing_with_a_running_job_cancels_it_cleanly(qtbot, window: MainWindow, demo) -> None:
     import time
 
     from engine.types import Progress
@@ -215,7 +215,7 @@ def test_closing_with_a_running_job_cancels_it_cleanly(qtbot, window: MainWindow
     state = {"started": False, "cleaned": False, "steps": 0, "after_cancel": 0}
     handles: list = []
 
-    def long_job():  # noqa: ANN202
+    def long_job():
         state["started"] = True
         try:
             for i in range(10_000):
@@ -242,7 +242,7 @@ def test_dropping_a_folder_opens_it_as_images(qtbot, window: MainWindow, demo_im
     assert len(window.selection.images) == 200 and window.status_images.text() == "200 images"
 
 
-def test_selecting_in_the_browser_updates_the_other_views(qtbot, window: MainWindow, demo) -> None:  # noqa: ANN001
+def test_selecting_in_the_browser_updates_the_other_views(qtbot, window: MainWindow, demo) -> None:
     spec, images = demo
     window.session.load_model(spec)
     with qtbot.waitSignal(window.session.predictions_changed, timeout=LOAD_MS, check_params_cb=lambda p: p is not None):
@@ -257,7 +257,7 @@ def test_selecting_in_the_browser_updates_the_other_views(qtbot, window: MainWin
     assert "non-face/150.png" in browser.detail.title.text() or browser.detail.title.text() == "150.png"
 
 
-def test_file_export_is_one_dialog_that_writes_the_composed_figure(qtbot, window: MainWindow, demo,  # noqa: ANN001
+def test_file_export_is_one_dialog_that_writes_the_composed_figure(qtbot, window: MainWindow, demo,
                                                                    tmp_path: Path) -> None:
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication

@@ -16,7 +16,7 @@ from engine.models.config import ConfigError, read_config
 from engine.models.zoo import RNet
 
 
-def _logits(spec, batch):  # noqa: ANN001, ANN202
+def _logits(spec, batch):
     loaded = load_model(spec)
     be = open_backend(loaded, device="cpu")
     return loaded, be.classifier_output(be.forward(batch))
@@ -33,13 +33,13 @@ def batch() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def rnet_module(demo) -> RNet:  # noqa: ANN001
+def rnet_module(demo) -> RNet:
     m = RNet().eval()
     m.load_state_dict(torch.load(demo[0].path, weights_only=True))
     return m
 
 
-def test_state_dict_with_class_file_is_the_pretrained_rnet(rnet_spec, batch, tmp_path: Path) -> None:  # noqa: ANN001
+def test_state_dict_with_class_file_is_the_pretrained_rnet(rnet_spec, batch, tmp_path: Path) -> None:
     classes = tmp_path / "classes.txt"
     classes.write_text("non-face\nface\n")
     spec = build_spec(rnet_spec.path, arch="rnet", classes=str(classes))
@@ -51,7 +51,7 @@ def test_state_dict_with_class_file_is_the_pretrained_rnet(rnet_spec, batch, tmp
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "export", "onnx", "safetensors"])
-def test_each_format_round_trips_to_identical_logits(fmt: str, rnet_spec, rnet_module, batch, tmp_path: Path) -> None:  # noqa: ANN001
+def test_each_format_round_trips_to_identical_logits(fmt: str, rnet_spec, rnet_module, batch, tmp_path: Path) -> None:
     ref = rnet_module(torch.from_numpy(batch))[0].detach().numpy()
     if fmt == "torchscript":
         path = tmp_path / "rnet_scripted.pt"
@@ -110,7 +110,7 @@ def test_torchvision_architecture_by_name_with_random_weights(tmp_path: Path) ->
     assert {"layer3", "layer4", "fc"} <= set(be.layer_names())
 
 
-def test_state_dict_mismatch_is_reported_precisely(rnet_spec, tmp_path: Path) -> None:  # noqa: ANN001
+def test_state_dict_mismatch_is_reported_precisely(rnet_spec, tmp_path: Path) -> None:
     sd = torch.load(rnet_spec.path, weights_only=True)
     sd.pop("dense5_2.bias")
     sd["extra.weight"] = torch.zeros(1)
@@ -131,7 +131,7 @@ class _CreatesFile:
     def __init__(self, target: Path) -> None:
         self.target = target
 
-    def __reduce__(self):  # noqa: ANN204 - unpickling this calls open(target, "w")
+    def __reduce__(self):
         return (open, (str(self.target), "w"))
 
 
@@ -151,7 +151,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(container: str, tmp_path: 
     assert not target.exists()
 
 
-def test_pickled_module_needs_the_explicit_opt_in(rnet_module, tmp_path: Path) -> None:  # noqa: ANN001
+def test_pickled_module_needs_the_explicit_opt_in(rnet_module, tmp_path: Path) -> None:
     path = tmp_path / "whole.pt"
     torch.save(rnet_module, path)
     with pytest.raises(ModelLoadError, match="allow-pickle"):
@@ -160,7 +160,7 @@ def test_pickled_module_needs_the_explicit_opt_in(rnet_module, tmp_path: Path) -
     assert loaded.format == "pickled_module"
 
 
-def test_weights_only_file_without_arch_asks_for_it(rnet_spec, tmp_path: Path) -> None:  # noqa: ANN001
+def test_weights_only_file_without_arch_asks_for_it(rnet_spec, tmp_path: Path) -> None:
     import shutil
 
     path = Path(shutil.copy(rnet_spec.path, tmp_path / "weights.pt"))  # no .toml beside it
@@ -170,7 +170,7 @@ def test_weights_only_file_without_arch_asks_for_it(rnet_spec, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt", "random_onnx", "empty", "text"])
-def test_damaged_files_give_one_clear_error(damage: str, rnet_spec, tmp_path: Path) -> None:  # noqa: ANN001
+def test_damaged_files_give_one_clear_error(damage: str, rnet_spec, tmp_path: Path) -> None:
     good = Path(rnet_spec.path).read_bytes()
     name = {"random_onnx": "model.onnx", "text": "notes.pt"}.get(damage, "model.pt")
     path = tmp_path / name
@@ -193,7 +193,7 @@ def test_damaged_files_give_one_clear_error(damage: str, rnet_spec, tmp_path: Pa
     assert expected in msg
 
 
-def test_toml_model_config_round_trip_and_precedence(rnet_spec, tmp_path: Path) -> None:  # noqa: ANN001
+def test_toml_model_config_round_trip_and_precedence(rnet_spec, tmp_path: Path) -> None:
     import shutil
 
     ckpt = tmp_path / "face.pt"

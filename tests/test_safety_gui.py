@@ -18,8 +18,8 @@ from . import corpus
 LOAD_MS = 60_000
 
 
-@pytest.fixture()
-def window(qtbot, tmp_path: Path, monkeypatch):  # noqa: ANN001, ANN201
+@pytest.fixture
+def window(qtbot, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
     win = MainWindow(settings=QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
     qtbot.addWidget(win)
@@ -42,7 +42,7 @@ def _answer_code_question(button: QMessageBox.StandardButton, seen: list[str]) -
     QTimer.singleShot(0, press)
 
 
-def _fails(qtbot, win: MainWindow, open_it) -> str:  # noqa: ANN001
+def _fails(qtbot, win: MainWindow, open_it) -> str:
     with qtbot.waitSignal(win.session.model_failed, timeout=LOAD_MS) as blocker:
         open_it()
     return blocker.args[0]
@@ -50,7 +50,7 @@ def _fails(qtbot, win: MainWindow, open_it) -> str:  # noqa: ANN001
 
 @pytest.mark.parametrize("route", ["open", "drop"])
 @pytest.mark.parametrize("vector", ["pickle", "pt2_sample_inputs", "pt2_sympy", "torchscript_setstate"])
-def test_crafted_models_run_nothing_in_the_app(route: str, vector: str, qtbot, window: MainWindow,  # noqa: ANN001
+def test_crafted_models_run_nothing_in_the_app(route: str, vector: str, qtbot, window: MainWindow,
                                               tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     marker_bytes = b"keep"
@@ -75,7 +75,7 @@ def test_crafted_models_run_nothing_in_the_app(route: str, vector: str, qtbot, w
 
 
 @pytest.mark.parametrize("route", ["open", "drop"])
-def test_a_project_never_grants_the_pickle_opt_in(route: str, qtbot, window: MainWindow, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_project_never_grants_the_pickle_opt_in(route: str, qtbot, window: MainWindow, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     proj = corpus.project_granting_pickle(tmp_path, marker)
     state = project.load(proj)
@@ -86,7 +86,7 @@ def test_a_project_never_grants_the_pickle_opt_in(route: str, qtbot, window: Mai
 
 
 @pytest.mark.parametrize("answer", ["no", "yes"])
-def test_a_class_file_named_beside_the_model_runs_only_after_a_yes(answer: str, qtbot, window: MainWindow,  # noqa: ANN001
+def test_a_class_file_named_beside_the_model_runs_only_after_a_yes(answer: str, qtbot, window: MainWindow,
                                                                   tmp_path: Path) -> None:
     marker = tmp_path / "imported"
     model = corpus.state_dict_with_code_toml(tmp_path / "m", marker)
@@ -106,7 +106,7 @@ def test_a_class_file_named_beside_the_model_runs_only_after_a_yes(answer: str, 
 
 
 @pytest.mark.parametrize("answer", ["no", "yes"])
-def test_a_project_naming_a_class_file_asks_first(answer: str, qtbot, window: MainWindow, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_project_naming_a_class_file_asks_first(answer: str, qtbot, window: MainWindow, tmp_path: Path) -> None:
     marker = tmp_path / "imported"
     model = corpus.state_dict_with_code_toml(tmp_path / "m", marker)
     (tmp_path / "m" / "model.pt.toml").unlink()
@@ -127,7 +127,7 @@ def test_a_project_naming_a_class_file_asks_first(answer: str, qtbot, window: Ma
         assert marker.exists()
 
 
-def test_the_open_model_dialog_shows_the_class_file_before_running_it(qtbot, window: MainWindow,  # noqa: ANN001
+def test_the_open_model_dialog_shows_the_class_file_before_running_it(qtbot, window: MainWindow,
                                                                      tmp_path: Path) -> None:
     from gui.dialogs import OpenModelDialog
 
@@ -141,7 +141,7 @@ def test_the_open_model_dialog_shows_the_class_file_before_running_it(qtbot, win
 
 
 @pytest.mark.parametrize("vector", ["pickle", "pt2_sample_inputs", "torchscript_forward"])
-def test_crafted_models_run_nothing_through_convlens_figure(vector: str, qapp, tmp_path: Path,  # noqa: ANN001
+def test_crafted_models_run_nothing_through_convlens_figure(vector: str, qapp, tmp_path: Path,
                                                            monkeypatch, capfd) -> None:
     import numpy as np
     from PIL import Image

@@ -26,7 +26,7 @@ def _state_dict(tmp: Path, arch: str, **kw: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def resnet(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def resnet(tmp_path_factory: pytest.TempPathFactory):
     path = _state_dict(tmp_path_factory.mktemp("r18"), "resnet18")
     return open_backend(load_model(build_spec(str(path), arch="resnet18", input_size="32")), "torch", "cpu")
 
@@ -35,7 +35,7 @@ def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 3, size, size)).astype(np.float32)
 
 
-def _check_split(be, layer: str, x: np.ndarray) -> torch.Tensor:  # noqa: ANN001
+def _check_split(be, layer: str, x: np.ndarray) -> torch.Tensor:
     sp = be.split(layer)
     xt = torch.from_numpy(x)
     with torch.no_grad():
@@ -49,11 +49,11 @@ def _check_split(be, layer: str, x: np.ndarray) -> torch.Tensor:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("layer", ["layer3", "layer4", "layer2.1", "maxpool"])
-def test_resnet18_splits_at_block_outputs(resnet, layer: str) -> None:  # noqa: ANN001
+def test_resnet18_splits_at_block_outputs(resnet, layer: str) -> None:
     _check_split(resnet, layer, _images(3, 32))
 
 
-def test_a_split_inside_a_residual_block_names_the_skip_and_the_valid_points(resnet) -> None:  # noqa: ANN001
+def test_a_split_inside_a_residual_block_names_the_skip_and_the_valid_points(resnet) -> None:
     with pytest.raises(BackendError) as e:
         resnet.split("layer3.0.conv1")
     msg = str(e.value)
@@ -88,7 +88,7 @@ def test_vgg11_splits_at_every_feature_layer_and_the_head_leaves_its_input_alone
         assert torch.equal(a, kept)
 
 
-def test_pretrained_rnet_split_and_head_jacobian_match_finite_differences(demo) -> None:  # noqa: ANN001
+def test_pretrained_rnet_split_and_head_jacobian_match_finite_differences(demo) -> None:
     be = open_backend(load_model(demo[0]), "torch", "cpu")
     x = _images(4, 24, 2)
     for layer in ("conv3", "prelu3", "pool2"):
@@ -119,7 +119,7 @@ def test_pretrained_rnet_split_and_head_jacobian_match_finite_differences(demo) 
         assert p.grad is None and torch.equal(p.detach(), params[n]), n
 
 
-def test_torch_export_archive_with_a_static_batch_splits_and_runs_any_batch(demo, tmp_path: Path) -> None:  # noqa: ANN001
+def test_torch_export_archive_with_a_static_batch_splits_and_runs_any_batch(demo, tmp_path: Path) -> None:
     loaded = load_model(demo[0])
     path = tmp_path / "rnet_b1.pt2"
     torch.export.save(torch.export.export(loaded.module, (torch.zeros(1, 3, 24, 24),)), str(path))
@@ -139,7 +139,7 @@ def test_torch_export_archive_with_a_static_batch_splits_and_runs_any_batch(demo
                                torch.func.jacrev(ref.head)(a).detach().numpy(), atol=1e-5, rtol=1e-5)
 
 
-def test_models_that_cannot_be_split_say_why(demo, tmp_path: Path, ocr_onnx: Path) -> None:  # noqa: ANN001
+def test_models_that_cannot_be_split_say_why(demo, tmp_path: Path, ocr_onnx: Path) -> None:
     class Branchy(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()

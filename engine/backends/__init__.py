@@ -86,7 +86,7 @@ def _unfused_copy(module: Any) -> Any:
         return on_device(module, torch.device("cpu"))
 
     module = copy_module(module, "cpu").eval()
-    for name, child in list(module.named_modules()):
+    for _name, child in list(module.named_modules()):
         for cname, sub in list(child.named_children()):
             if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) and sub.track_running_stats:
                 setattr(child, cname, _AffineBN(sub))

@@ -256,7 +256,7 @@ class TorchBackend(Backend):
         res = self.forward(self.dummy_batch(1), capture=names, _check=False)
         order = names
         if self._script is None:  # hooks fire in execution order; keep that order
-            order = [n for n in res.activations] + [n for n in names if n not in res.activations]
+            order = list(res.activations) + [n for n in names if n not in res.activations]
         return [
             LayerInfo(n, self._kind(n), tuple(res.activations[n].shape[1:]) if n in res.activations else ())
             for n in order

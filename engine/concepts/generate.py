@@ -239,7 +239,7 @@ def _render(i: int, size: int, seed: int, photos: dict[str, np.ndarray]) -> _Sce
     kinds.append(OBJECTS[i % len(OBJECTS)])
     last = i % len(_COLOR_RGB)
     others = [c for c in rng.permutation(len(_COLOR_RGB)).tolist() if c != last]
-    obj_colors = others[: n_obj - 1] + [last]
+    obj_colors = [*others[:n_obj - 1], last]
     free = others[n_obj - 1 :]  # colours no object uses: the background picks from these
 
     rgb = np.empty((size, size, 3), dtype=np.uint8)
@@ -277,7 +277,7 @@ def _render(i: int, size: int, seed: int, photos: dict[str, np.ndarray]) -> _Sce
 
 def _encode(labels: np.ndarray) -> Image.Image:
     """Broden mask PNG: label number = R + 256 * G."""
-    out = np.zeros(labels.shape + (3,), dtype=np.uint8)
+    out = np.zeros((*labels.shape, 3), dtype=np.uint8)
     out[..., 0] = labels % 256
     out[..., 1] = labels // 256
     return Image.fromarray(out, "RGB")
@@ -366,7 +366,7 @@ def generate_concepts(
     return open_broden(out)
 
 
-_INDEX_HEADER = ("image", "split", "ih", "iw", "sh", "sw") + CATEGORIES
+_INDEX_HEADER = ("image", "split", "ih", "iw", "sh", "sw", *CATEGORIES)
 
 
 class _Stats:
@@ -377,7 +377,7 @@ class _Stats:
         self._pixels = mask_pixels
         self.frequency = np.zeros(n, dtype=np.int64)
         self.area = np.zeros(n, dtype=np.int64)
-        self.category_frequency = {c: 0 for c in CATEGORIES}
+        self.category_frequency = dict.fromkeys(CATEGORIES, 0)
 
     def add(self, category: str, labels: np.ndarray) -> None:
         counts = np.bincount(labels.ravel(), minlength=len(self.area))

@@ -17,5 +17,5 @@ def default_layers(layers: list[LayerInfo], n: int = 3) -> list[str]:
     if len(pool) <= n:
         return [li.name for li in pool]
     step = len(pool) / n
-    picks = [pool[min(len(pool) - 1, int(round(len(pool) - 1 - i * step)))] for i in range(n)]
+    picks = [pool[min(len(pool) - 1, round(len(pool) - 1 - i * step))] for i in range(n)]
     return [li.name for li in sorted(set(picks), key=pool.index)]

@@ -183,7 +183,7 @@ def _guard(path: Path, what: str, fn: Any) -> Any:
         return fn()
     except ConvLensError:
         raise
-    except Exception as e:  # noqa: BLE001 - every reader error becomes one clear message
+    except Exception as e:
         raise ModelLoadError(f"{path}: could not read this {what}: it is damaged or truncated ({_short(e)})") from e
 
 
@@ -205,7 +205,7 @@ def _quiet_torch() -> Iterator[None]:
         try:
             yield
         finally:
-            for lg, level in zip(loggers, levels):
+            for lg, level in zip(loggers, levels, strict=False):
                 lg.setLevel(level)
 
 
@@ -246,14 +246,14 @@ def _torch_load_safely(path: Path, allow_pickle: bool) -> Any:
         if not allow_pickle:
             detail = _pickle_detail(str(e))
             raise ModelLoadError(PICKLE_REFUSAL.format(path=path, detail=detail)) from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelLoadError(
             f"{path}: could not read this PyTorch checkpoint: it is damaged or truncated ({_short(e)})"
         ) from e
     try:  # explicit opt-in only
         with _quiet_torch():
-            return torch.load(str(path), map_location="cpu", weights_only=False)  # noqa: S614
-    except Exception as e:  # noqa: BLE001
+            return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:
         raise ModelLoadError(f"{path}: unpickling failed ({_short(e)})") from e
 
 
@@ -358,7 +358,7 @@ def _user_class(arch: str) -> Any:
             file = Path(target).expanduser().resolve()
             if not file.exists():
                 raise ModelLoadError(f"{file}: architecture file not found")
-            mod_name = f"convlens_user_{hashlib.sha1(str(file).encode()).hexdigest()[:10]}"
+            mod_name = f"convlens_user_{hashlib.sha1(str(file).encode(), usedforsecurity=False).hexdigest()[:10]}"
             spec = importlib.util.spec_from_file_location(mod_name, file)
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
@@ -368,7 +368,7 @@ def _user_class(arch: str) -> Any:
             module = importlib.import_module(target)
     except ConvLensError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelLoadError(f"{target}: could not import the architecture ({_short(e)})") from e
     cls = getattr(module, cls_name, None)
     if cls is None:
@@ -445,7 +445,7 @@ def _check_onnx(path: Path) -> None:
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelLoadError(f"{path}: not a valid ONNX model ({_short(e)})") from e
     if not model.graph.node:
         raise ModelLoadError(f"{path}: not a valid ONNX model (the graph has no nodes)")
@@ -463,5 +463,5 @@ def _check_onnx(path: Path) -> None:
                              "re-export it with an older opset, or update onnx and onnxruntime")
     try:
         onnx.checker.check_model(model)
-    except Exception as e:  # noqa: BLE001 - the checker's message says what is wrong
+    except Exception as e:
         raise ModelLoadError(f"{path}: not a valid ONNX model ({_short(e)})") from e

@@ -49,6 +49,7 @@ several are needed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -89,8 +90,8 @@ class ReceptiveField:
 
     def clipped_box(self, i: int, j: int, image_size: Pair) -> tuple[int, int, int, int]:
         """:meth:`box` clipped to an image of ``(height, width)`` (empty if bottom <= top)."""
-        t, l, b, r = self.box(i, j)
-        return (max(t, 0), max(l, 0), min(b, image_size[0]), min(r, image_size[1]))
+        top, left, bottom, right = self.box(i, j)
+        return (max(top, 0), max(left, 0), min(bottom, image_size[0]), min(right, image_size[1]))
 
     def then(self, kernel: Any = 1, stride: Any = 1, padding: Any = 0, dilation: Any = 1) -> ReceptiveField:
         """The field after a conv/pool of this geometry; ``padding`` is the padding before the
@@ -642,10 +643,8 @@ def _onnx_values(model: Any, input_size: Any) -> dict[str, Value]:
         for d, size in zip(dims[2:], _pair(input_size), strict=False):
             d.ClearField("dim_param")
             d.dim_value = size
-    try:
+    with contextlib.suppress(Exception):  # without shapes, the rules that need one say so
         light = onnx.shape_inference.infer_shapes(light, data_prop=True)
-    except Exception:  # noqa: BLE001, S110 - rules that need a shape then say so
-        pass
     shapes: dict[str, Any] = {}
     for vi in [*light.graph.value_info, *light.graph.input, *light.graph.output]:
         dims = vi.type.tensor_type.shape.dim

@@ -295,9 +295,9 @@ def check_export_archive(path: Path) -> None:
             if why := _restricted_readable(member(f"data/sample_inputs/{name}.pt")):
                 raise _refuse(path, "its sample inputs: ", why)
             for cfg_name, folder in ((f"data/weights/{name}_model_weights_config.json", "data/weights/"),
-                                     (f"data/weights/model_weights_config.json", "data/weights/"),
+                                     ("data/weights/model_weights_config.json", "data/weights/"),
                                      (f"data/constants/{name}_model_constants_config.json", "data/constants/"),
-                                     (f"data/constants/model_constants_config.json", "data/constants/")):
+                                     ("data/constants/model_constants_config.json", "data/constants/")):
                 if cfg_name not in rel:
                     continue
                 try:

@@ -683,11 +683,11 @@ class Row(Element):
         return [avail * w / total for w in weights]
 
     def height(self, width: float, dpi: int) -> float:
-        return max((c.height(w, dpi) for c, w in zip(self.children, self._widths(width))), default=0.0)
+        return max((c.height(w, dpi) for c, w in zip(self.children, self._widths(width), strict=False)), default=0.0)
 
     def paint(self, painter: QPainter, rect: QRectF, dpi: int) -> None:
         x = rect.left()
-        for child, w in zip(self.children, self._widths(rect.width())):
+        for child, w in zip(self.children, self._widths(rect.width()), strict=False):
             child.paint(painter, QRectF(x, rect.top(), w, child.height(w, dpi)), dpi)
             x += w + self.gap
 

@@ -595,7 +595,7 @@ class DissectionView(View):
         values = ld.top_values[unit]
         self.unit_images.set_tiles(thumbs, indices, cols, labels=[f"{v:#.3g}" for v in values[:len(indices)]],
                                    tips=[f"{Path(self.concepts.image_path(i)).name}\nmax {v:.4g}"
-                                         for i, v in zip(indices, values)])
+                                         for i, v in zip(indices, values, strict=False)])
         self.unit_images_ready.emit(layer, unit)
 
     def _unit_images_failed(self, error: BaseException) -> None:
@@ -667,7 +667,7 @@ class DissectionView(View):
         if include.get("chart", True):
             categories = list(result.categories)
             series = []
-            for name, color in zip(layers, colors):
+            for name, color in zip(layers, colors, strict=False):
                 s = result.layers[name].summary
                 per_cat = dict(zip(s.categories, s.detectors_per_category.tolist(), strict=True))
                 series.append((name, [float(per_cat.get(c, 0)) for c in categories], color))
@@ -683,7 +683,7 @@ class DissectionView(View):
             concepts = sorted(counts, key=lambda c: (-sum(counts[c]), c))[:16]
             if concepts:
                 series = [(name, [float(counts[c][j]) for c in concepts], color)
-                          for j, (name, color) in enumerate(zip(layers, colors))]
+                          for j, (name, color) in enumerate(zip(layers, colors, strict=False))]
                 extra = f" (the {len(concepts)} most frequent of {len(counts)})" if len(counts) > len(concepts) else ""
                 elements.append(BarChart(concepts, series, y_label="detectors (units)", x_label="concept",
                                          title=f"Detectors per concept{extra}"))
@@ -700,7 +700,7 @@ class DissectionView(View):
             for layer, unit in units:
                 if (layer, unit) not in self._figure_tiles:
                     continue
-                indices, images = self._figure_tiles[(layer, unit)]
+                _indices, images = self._figure_tiles[(layer, unit)]
                 ld = result.layers[layer]
                 s = ld.summary
                 verdict = "detector" if s.is_detector[unit] else "not a detector"
@@ -708,7 +708,7 @@ class DissectionView(View):
                 head = (f"{layer} unit {unit}{mark}: {s.label_name[unit]} ({s.category_name[unit]}), "
                         f"IoU {s.iou[unit]:.3f}, {verdict}")
                 values = ld.top_values[unit]
-                tiles = [Tile.of(img, f"act {v:.3g}") for img, v in zip(images[:FIGURE_IMAGES], values)]
+                tiles = [Tile.of(img, f"act {v:.3g}") for img, v in zip(images[:FIGURE_IMAGES], values, strict=False)]
                 blocks.append(Stack([Text(head, bold=True, size=6.5),
                                      TileGrid(tiles, columns=FIGURE_IMAGES, caption_size=5.5, gap=3.0)], gap=2))
             if blocks:

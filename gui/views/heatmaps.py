@@ -411,7 +411,7 @@ class HeatmapsView(View):
             values = st.top_values[unit]
             records = acts.image_set.records
             tiles = []
-            for i, v in zip(top, values):
+            for i, v in zip(top, values, strict=False):
                 tbase = self._view_of(i, native)
                 assert tbase is not None
 
@@ -862,7 +862,7 @@ class HeatmapsView(View):
                                  f"(mask: map ≥ {self.threshold:.0%} of the unit's max {self.unit_max(unit):.3g})")
         self.strip.set_tiles(thumbs, top, len(top), labels=[f"{v:#.3g}" for v in values[:len(top)]],
                              tips=[f"image {i}: {acts.image_set.relative_path(records[i])}\nmax {v:.4g}"
-                                   for i, v in zip(top, values)])
+                                   for i, v in zip(top, values, strict=False)])
 
     def _masked_thumb(self, base: np.ndarray, image: int, unit: int, size: tuple[int, int]) -> np.ndarray:
         """``base``, the thumbnail of ``image``, with ``unit``'s mask outlined and the rest dimmed."""

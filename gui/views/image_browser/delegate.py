@@ -30,7 +30,7 @@ class ThumbnailDelegate(QStyledItemDelegate):
         self.line_height = line_height
         self.cell = QSize(_CELL_WIDTH, _PAD + thumb_size + _PAD + 3 * line_height + _PAD)
 
-    def sizeHint(  # noqa: N802
+    def sizeHint(
         self, option: QStyleOptionViewItem, index: _Index
     ) -> QSize:
         return self.cell

@@ -251,7 +251,7 @@ class ImageListModel(QAbstractListModel):
         c, conf = self.predicted_class(row), self.confidence(row)
         return "" if c is None or conf is None else f"{c} {conf:.0%}"
 
-    def rowCount(self, parent: _Index = _ROOT) -> int:  # noqa: N802
+    def rowCount(self, parent: _Index = _ROOT) -> int:
         return 0 if parent.isValid() else len(self._paths)
 
     def data(self, index: _Index, role: int = 0) -> object:

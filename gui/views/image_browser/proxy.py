@@ -120,13 +120,13 @@ class ImageFilterProxy(QAbstractProxyModel):
             return None
         return self._source.row_data(int(self._order[index.row()]), role)
 
-    def rowCount(self, parent: _Index = _ROOT) -> int:  # noqa: N802
+    def rowCount(self, parent: _Index = _ROOT) -> int:
         return 0 if parent.isValid() else len(self._order)
 
-    def columnCount(self, parent: _Index = _ROOT) -> int:  # noqa: N802
+    def columnCount(self, parent: _Index = _ROOT) -> int:
         return 0 if parent.isValid() else 1
 
-    def hasChildren(self, parent: _Index = _ROOT) -> bool:  # noqa: N802
+    def hasChildren(self, parent: _Index = _ROOT) -> bool:
         return not parent.isValid() and len(self._order) > 0
 
     def index(
@@ -142,11 +142,11 @@ class ImageFilterProxy(QAbstractProxyModel):
     def parent(self, child: _Index = _ROOT) -> QModelIndex:
         return QModelIndex()
 
-    def mapToSource(self, proxy_index: _Index) -> QModelIndex:  # noqa: N802
+    def mapToSource(self, proxy_index: _Index) -> QModelIndex:
         if not proxy_index.isValid() or proxy_index.row() >= len(self._order):
             return QModelIndex()
         return self._source.index(int(self._order[proxy_index.row()]), 0)
 
-    def mapFromSource(self, source_index: _Index) -> QModelIndex:  # noqa: N802
+    def mapFromSource(self, source_index: _Index) -> QModelIndex:
         row = self.proxy_row(source_index.row()) if source_index.isValid() else -1
         return self.createIndex(row, 0) if row >= 0 else QModelIndex()

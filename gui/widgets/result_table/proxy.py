@@ -159,7 +159,7 @@ class ResultFilterProxy(QAbstractProxyModel):
             return None
         return self._source.cell(int(self._order[index.row()]), index.column(), role)
 
-    def headerData(self, section: int, orientation: Qt.Orientation,  # noqa: N802
+    def headerData(self, section: int, orientation: Qt.Orientation,
                    role: int = Qt.ItemDataRole.DisplayRole) -> Any:
         return self._source.headerData(section, orientation, role)  # shown even when no row is
 
@@ -168,13 +168,13 @@ class ResultFilterProxy(QAbstractProxyModel):
             return Qt.ItemFlag.NoItemFlags
         return Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable
 
-    def rowCount(self, parent: _Index = _ROOT) -> int:  # noqa: N802
+    def rowCount(self, parent: _Index = _ROOT) -> int:
         return 0 if parent.isValid() else len(self._order)
 
-    def columnCount(self, parent: _Index = _ROOT) -> int:  # noqa: N802
+    def columnCount(self, parent: _Index = _ROOT) -> int:
         return 0 if parent.isValid() else len(self._source.columns)
 
-    def hasChildren(self, parent: _Index = _ROOT) -> bool:  # noqa: N802
+    def hasChildren(self, parent: _Index = _ROOT) -> bool:
         return not parent.isValid() and len(self._order) > 0
 
     def index(self, row: int, column: int, parent: _Index = _ROOT) -> QModelIndex:
@@ -185,11 +185,11 @@ class ResultFilterProxy(QAbstractProxyModel):
     def parent(self, child: _Index = _ROOT) -> QModelIndex:
         return QModelIndex()
 
-    def mapToSource(self, proxy_index: _Index) -> QModelIndex:  # noqa: N802
+    def mapToSource(self, proxy_index: _Index) -> QModelIndex:
         if not proxy_index.isValid() or proxy_index.row() >= len(self._order):
             return QModelIndex()
         return self._source.index(int(self._order[proxy_index.row()]), proxy_index.column())
 
-    def mapFromSource(self, source_index: _Index) -> QModelIndex:  # noqa: N802
+    def mapFromSource(self, source_index: _Index) -> QModelIndex:
         row = self.proxy_row(source_index.row()) if source_index.isValid() else -1
         return self.createIndex(row, source_index.column()) if row >= 0 else QModelIndex()

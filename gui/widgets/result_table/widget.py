@@ -35,14 +35,14 @@ class _TableView(QTableView):
     copy_requested = Signal()
     press_started = Signal()  # before the press changes the current row
 
-    def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802
+    def keyPressEvent(self, event: QKeyEvent) -> None:
         if event.matches(QKeySequence.StandardKey.Copy):
             self.copy_requested.emit()
             event.accept()
             return
         super().keyPressEvent(event)
 
-    def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802
+    def mousePressEvent(self, event: QMouseEvent) -> None:
         self.press_started.emit()
         super().mousePressEvent(event)
 
