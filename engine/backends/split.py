@@ -303,8 +303,8 @@ class GraphSplitter:
         if node is None or node not in self.order:
             return f" Layers where it can be split: {', '.join(good[:8])}" + (" ..." if len(good) > 8 else "")
         pos = self.order[node]
-        before = [g for g in good if self.order[self.calls[g][0]] < pos]  # type: ignore[index]
-        after = [g for g in good if self.order[self.calls[g][0]] > pos]  # type: ignore[index]
+        before = [g for g in good if self.order[self.calls[g][0]] < pos]
+        after = [g for g in good if self.order[self.calls[g][0]] > pos]
         near = before[-2:] + after[:2]
         return f" The nearest layers where it can be split: {', '.join(near or good[:4])}"
 

@@ -282,7 +282,9 @@ def _extract_state_dict(obj: Any, path: Path, notes: list[str] | None = None) ->
     if not isinstance(obj, Mapping):
         raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
     candidates = [(None, obj)] + [(k, obj[k]) for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
-    best_key, sd, others = None, {}, []
+    best_key: str | None = None
+    sd: dict[str, Any] = {}
+    others: list[str] = []
     for key, inner in candidates:
         tensors, rest = _tensors_of(inner)
         if len(tensors) > len(sd):
