@@ -85,6 +85,11 @@ def test_fit_draws_the_engine_graph_of_the_predicted_class(view: GraphView) -> N
     assert "visual word" in tip and "LR" in tip and "P(t|s)" in tip
     assert not view.progress.isVisibleTo(view) and view.fit_button.isEnabled()
     assert [label for label, _cb in view.analysis_actions()] == ["Fit inference graph"]
+    # the log-likelihood curves: one per layer, the engine's values per iteration
+    curves = view.ll_plot.getPlotItem().listDataItems()
+    assert len(curves) == len(LAYERS)
+    for curve, lm in zip(curves, fit.layers, strict=True):
+        assert list(curve.yData) == pytest.approx(lm.loglik) and curve.name() == lm.name
 
 
 def test_refit_comes_from_the_cache(view: GraphView) -> None:
@@ -165,18 +170,22 @@ def test_bad_k_is_reported_and_nothing_runs(view: GraphView) -> None:
     view.k_edit.setText(str(K))
 
 
-def test_cancel_a_running_fit(view: GraphView) -> None:
+def test_cancel_a_running_fit(view: GraphView, qtbot) -> None:
     view.set_settings(LAYERS, 5, max_iter=MAX_ITER)  # not cached: a real fit to cancel
     handle = view.run()
     assert handle is not None and view.cancel_button.isEnabled()
-    _wait(handle.progress)  # running on the worker
+    # running on the worker, the live log-likelihood curve of the first layer growing
+    qtbot.waitUntil(lambda: len(view.ll_curves.get("conv1", {})) >= 2, timeout=JOB_MS)
+    assert view.ll_plot.getPlotItem().listDataItems()[0].name() == "conv1"
     blocker = SignalBlocker(timeout=JOB_MS, raising=True)
     blocker.connect(handle.cancelled)
     view.cancel()
     blocker.wait()
     assert handle.state == "cancelled" and view.status.text() == "Fit cancelled."
     assert view.fit_button.isEnabled() and not view.cancel_button.isEnabled()
-    assert [lm.k for lm in view.fit.layers] == [K, K, K]  # the shown fit stays
+    assert [lm.k for lm in view.fit.layers] == [K, K, K]  # the shown fit stays, with its curves
+    assert [c.name() for c in view.ll_plot.getPlotItem().listDataItems()] == LAYERS
+    assert list(view.ll_curves["conv1"].values()) == pytest.approx(view.fit.layers[0].loglik)
     view.set_settings(LAYERS, K, max_iter=MAX_ITER)
 
 

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyqtgraph as pg
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QBrush, QColor, QFont, QPainter, QPainterPath, QPen, QPixmap, QWheelEvent
 from PySide6.QtWidgets import (
@@ -78,6 +80,11 @@ COL_GAP = 170
 ROW_GAP = 30
 SIDE_PATCH = 56  # side-panel patch size
 SIDE_PATCHES = 16  # patches asked of the engine per node (the side panel shows them all)
+
+_EM_MESSAGE = re.compile(r"^(?P<layer>[^:]+): EM iteration (?P<it>\d+), log-likelihood (?P<ll>-?[0-9.]+(?:e[-+]?\d+)?)$")
+"""The engine's EM progress message (``fit_gmm`` through the fit job): the running mean
+log-likelihood of an iteration; its last report is the iteration's value."""
+_CURVE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 NEED_MODEL = "Open a model and an image folder first."
 NEED_FIT = "Choose the layers and K, then Fit."
@@ -494,6 +501,19 @@ class GraphView(View):
         side = QWidget()
         side_layout = QVBoxLayout(side)
         side_layout.setContentsMargins(0, 0, 0, 0)
+        self.ll_plot = pg.PlotWidget(background="w")
+        self.ll_plot.setFixedHeight(110)
+        self.ll_plot.setMenuEnabled(False)
+        self.ll_plot.hideButtons()
+        self.ll_plot.setLabel("left", "log-lik.")
+        self.ll_plot.setLabel("bottom", "EM iteration")
+        self.ll_plot.setToolTip("Mean log-likelihood per column, per layer and EM iteration (live while fitting)")
+        self.ll_plot.addLegend(offset=(-4, 4), labelTextSize="7pt")
+        for sd in ("left", "bottom"):
+            self.ll_plot.getAxis(sd).setPen("k")
+            self.ll_plot.getAxis(sd).setTextPen("k")
+        self.ll_curves: dict[str, dict[int, float]] = {}
+        side_layout.addWidget(self.ll_plot)
         side_layout.addWidget(self.node_title)
         side_layout.addWidget(self.node_stats)
         self.where_label = QLabel()
@@ -659,15 +679,35 @@ class GraphView(View):
         handle.cancelled.connect(lambda h=handle: self._fit_cancelled(h))
         self.progress.setValue(0)
         self.progress.setFormat("starting…")
+        self.ll_curves = {}
+        self._draw_ll()
         self.status.setText(f"Fitting {', '.join(layers)} (K {self.k_edit.text() or 'default'})…")
         self._update_controls()
         return handle
+
+    def _fit_curves(self) -> None:
+        """The shown fit's log-likelihood per layer and iteration (none: empty)."""
+        layers = self.fit.layers if self.fit is not None else []
+        self.ll_curves = {lm.name: {i + 1: float(v) for i, v in enumerate(lm.loglik)} for lm in layers}
+        self._draw_ll()
+
+    def _draw_ll(self) -> None:
+        plot = self.ll_plot.getPlotItem()
+        plot.clear()
+        for j, (name, points) in enumerate(self.ll_curves.items()):
+            its = sorted(points)
+            plot.plot(its, [points[i] for i in its], name=name,
+                      pen=pg.mkPen(_CURVE_COLOURS[j % len(_CURVE_COLOURS)], width=1.5))
 
     def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
 
     def _progress(self, p: Progress) -> None:
+        m = _EM_MESSAGE.match(p.message)
+        if m is not None:
+            self.ll_curves.setdefault(m["layer"], {})[int(m["it"])] = float(m["ll"])
+            self._draw_ll()
         if p.fraction is None:
             self.progress.setRange(0, 0)
         else:
@@ -679,12 +719,14 @@ class GraphView(View):
         if handle is self._handle:
             self._handle = None
             self.status.setText(f"Fit failed: {error}")
+            self._fit_curves()
             self._update_controls()
 
     def _fit_cancelled(self, handle: JobHandle) -> None:
         if handle is self._handle:
             self._handle = None
             self.status.setText("Fit cancelled.")
+            self._fit_curves()
             self._update_controls()
 
     def _fitted(self, fit: Any) -> None:
@@ -697,6 +739,7 @@ class GraphView(View):
         total = fit.seconds.get("total")
         took = "from the cache" if fit.from_cache else (f"in {total:.1f} s" if total is not None else "")
         words = ", ".join(f"{lm.name} K={lm.k} ({lm.n_iter} it., LL {lm.final_loglik:.2f})" for lm in fit.layers)
+        self._fit_curves()
         self._fit_text = f"Fitted {words} on {len(fit.image_paths)} images {took}."
         self.status.setText(self._fit_text)
         self._syncing = True
