@@ -57,7 +57,7 @@ def _setup(work: Path, n: int, size: int) -> tuple[Path, Path]:
     return concepts, weights
 
 
-def _open(weights: Path, size: int):  # noqa: ANN202
+def _open(weights: Path, size: int):
     from engine.backends import open_backend
     from engine.models import build_spec, load_model
 
@@ -118,7 +118,7 @@ def side_reference(concepts_dir: Path, weights: Path, size: int, out: Path,
     from engine.dissection.run import concept_image_set, dissection_preprocess
 
     t0 = time.perf_counter()
-    loaded, backend = _open(weights, size)
+    _loaded, backend = _open(weights, size)
     concepts = open_broden(concepts_dir)
     n = len(concepts)
     info = {li.name: li for li in backend.layers()}

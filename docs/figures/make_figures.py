@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -39,7 +40,7 @@ def main(out: Path) -> None:
     from gui.views.heatmaps import HeatmapsView
     from gui.views.image_browser import ImageBrowser
 
-    def wait(cond, what: str, timeout: float = 300) -> None:
+    def wait(cond: Callable[[], bool], what: str, timeout: float = 300) -> None:
         end = time.monotonic() + timeout
         while not cond():
             if time.monotonic() > end:
@@ -73,7 +74,7 @@ def main(out: Path) -> None:
     dissection.set_checked_layers(["conv2", "conv3"])
     handle = dissection.run()
     wait(lambda: handle.is_finished, "the dissection")
-    wait(lambda: dissection.figure_tiles_ready(), "the dissection tiles")
+    wait(dissection.figure_tiles_ready, "the dissection tiles")
     app.processEvents()
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
