@@ -134,17 +134,34 @@ class ImageSet:
         hashes with size and mtime -1.
         """
         h = hashlib.sha256()
+        root = self.root
+        prefix = os.path.abspath(root) + os.sep
         for r in self.records:
             try:
                 st = os.stat(r.path)
                 size, mtime = st.st_size, st.st_mtime_ns
             except OSError:
                 size, mtime = -1, -1
-            h.update(json.dumps([self.relative_path(r), size, mtime, r.label]).encode() + b"\n")
+            rel = _plain_relative(r.path, prefix)
+            if rel is None:
+                rel = self.relative_path(r)
+            h.update(json.dumps([rel, size, mtime, r.label]).encode() + b"\n")
         return h.hexdigest()
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+def _plain_relative(path: str, prefix: str) -> str | None:
+    """``path`` relative to the folder ``prefix`` (normalised, ending in the separator) when it
+    lies inside it with no ``.``, ``..`` or empty parts: what :meth:`ImageSet.relative_path`
+    gives, without its ``os.path.relpath`` cost; else None (POSIX only)."""
+    if os.sep != "/" or not path.startswith(prefix):
+        return None
+    rest = path[len(prefix):]
+    if not rest or any(part in ("", ".", "..") for part in rest.split("/")):
+        return None
+    return rest
 
 
 def open_image_set(source: str | os.PathLike[str]) -> ImageSet:
