@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import fx, nn
 
 from engine.types import ConvLensError
