@@ -567,7 +567,7 @@ def check_array(folder: Path, name: str, dtype: Any, shape: tuple[int | None, ..
     want = np.dtype(dtype)
     if got_dtype != want:
         raise DamagedEntry(f"{path}: dtype {got_dtype}, expected {want}")
-    if len(got_shape) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got_shape)):
+    if len(got_shape) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got_shape, strict=False)):
         raise DamagedEntry(f"{path}: shape {tuple(got_shape)}, expected {shape}")
     need = offset + int(np.prod(got_shape, dtype=np.int64)) * want.itemsize
     if size != need:

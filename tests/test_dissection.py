@@ -29,11 +29,11 @@ from engine.dissection import (
     IoUTally,
     dissect,
     load_result,
+    run,
     save_result,
     unit_masks,
     write_report,
 )
-from engine.dissection import run
 from engine.dissection.run import (
     concept_image_set,
     dissection_preprocess,
@@ -55,13 +55,13 @@ def concepts(tmp_path_factory: pytest.TempPathFactory) -> ConceptDataset:
 
 
 @pytest.fixture(scope="module")
-def rnet(rnet_spec):  # noqa: ANN001, ANN201
+def rnet(rnet_spec):
     loaded = load_model(rnet_spec.with_(device="cpu"))
     return loaded, open_backend(loaded)
 
 
 @pytest.fixture(scope="module")
-def rnet_result(rnet, concepts: ConceptDataset, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+def rnet_result(rnet, concepts: ConceptDataset, tmp_path_factory: pytest.TempPathFactory):
     loaded, backend = rnet
     cache = Cache(tmp_path_factory.mktemp("cache"))
     return run_sync(dissect(backend, loaded.cache_id, concepts, RNET_LAYERS, cache=cache)), cache
@@ -289,7 +289,7 @@ def _same(a: DissectionResult, b: DissectionResult) -> None:
         np.testing.assert_array_equal(x.summary.is_detector, y.summary.is_detector)
 
 
-def test_repeat_comes_from_cache_and_cancel_leaves_nothing(rnet, rnet_result, concepts,  # noqa: ANN001
+def test_repeat_comes_from_cache_and_cancel_leaves_nothing(rnet, rnet_result, concepts,
                                                            tmp_path: Path, monkeypatch) -> None:
     loaded, backend = rnet
     first, cache = rnet_result
@@ -317,7 +317,8 @@ def test_report_files(rnet, rnet_result, concepts: ConceptDataset, tmp_path: Pat
     _loaded, backend = rnet
     result = rnet_result[0]
     out = write_report(result, concepts, tmp_path / "report", backend=backend)
-    rows = list(csv.DictReader(open(out / "dissection.csv", encoding="utf-8")))
+    with open(out / "dissection.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     cats = ("color", "object", "texture")
     assert list(rows[0]) == ["layer", "unit", "category", "label", "iou", "detector"] + [
         f"{p}_{c}" for c in cats for p in ("best", "iou")]
@@ -341,22 +342,22 @@ def _cli(argv: list[str]) -> int:
     return main(argv)
 
 
-def test_cli_dissect(rnet_spec, concepts: ConceptDataset, tmp_path: Path, monkeypatch,  # noqa: ANN001
+def test_cli_dissect(rnet_spec, concepts: ConceptDataset, tmp_path: Path, monkeypatch,
                      capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     base = ["dissect", "--model", rnet_spec.path, "--concepts", concepts.root, "--out", str(out)]
-    assert _cli(base + ["--layers", "conv2,conv3", "--rule", "lite"]) == 0
+    assert _cli([*base, "--layers", "conv2,conv3", "--rule", "lite"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"conv2: \d+/48 units are detectors covering \d+ concepts?", err)
     assert all((out / f).is_file() for f in ("dissection.csv", "summary.json", "layers.svg",
                                              "index.html", "tiles/conv3/unit_63.png"))
     assert json.loads((out / "summary.json").read_text())["params"]["mask_rule"] == "lite"
-    assert _cli(base + ["--layers", "conv2,nope"]) == 1
+    assert _cli([*base, "--layers", "conv2,nope"]) == 1
     assert "'nope'" in capsys.readouterr().err
 
 
-def test_cli_dissect_never_replaces_a_folder_of_the_users(rnet_spec, concepts: ConceptDataset, tmp_path: Path,  # noqa: ANN001
+def test_cli_dissect_never_replaces_a_folder_of_the_users(rnet_spec, concepts: ConceptDataset, tmp_path: Path,
                                                           monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
     mine = tmp_path / "Documents"

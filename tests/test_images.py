@@ -31,7 +31,7 @@ PLAIN = Preprocess(input_size=(8, 8), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 
-@pytest.fixture()
+@pytest.fixture
 def engine_log():
     """Records the engine logs under ``convlens`` (WARNING and up), captured by a handler of its
     own: unaffected by filters a CLI run put on the root logger's handlers."""

@@ -160,7 +160,7 @@ def _killed_writer(root: Path) -> None:
 def test_temporaries_of_a_killed_run_are_counted_and_cleaned_while_live_writers_are_kept(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache")
     _killed_writer(cache.root)
-    left = [p for p in (cache.root / "activations").iterdir()]
+    left = list((cache.root / "activations").iterdir())
     assert len(left) == 1 and left[0].name.startswith(".deadbeef.tmp-")
     use = cache.usage()["activations"]
     assert use["entries"] == 0 and use["bytes"] == 0 and use["temporary_bytes"] >= 3_000_000
@@ -171,7 +171,7 @@ def test_temporaries_of_a_killed_run_are_counted_and_cleaned_while_live_writers_
         _killed_writer(cache.root)  # and another process dies while we write
         assert cache.clean_temporaries() >= 3_000_000
         assert live.is_dir()  # a live writer's temporary is never taken (its lock is held)
-        assert [p for p in (cache.root / "activations").iterdir()] == [live]
+        assert list((cache.root / "activations").iterdir()) == [live]
         assert cache.usage()["activations"]["temporary_bytes"] >= 1000
         write_meta(live, {"version": 1})
     assert (cache.root / "activations" / "live" / "meta.json").is_file()
@@ -301,7 +301,7 @@ def test_a_damaged_dissection_entry_is_recomputed(rnet, tmp_path: Path, engine_l
     concepts = run_sync(generate_concepts(tmp_path / "concepts", n_images=12, image_size=48))
     cache = Cache(tmp_path / "cache")
     first = run_sync(dissect(be, loaded.cache_id, concepts, ["conv1"], cache=cache))
-    [entry] = [p for p in (cache.root / "dissection").iterdir()]
+    [entry] = list((cache.root / "dissection").iterdir())
     iou = entry / "layer0_iou.npy"
     iou.write_bytes(iou.read_bytes()[:-8])
     with pytest.raises(DamagedEntry, match="layer0_iou"):

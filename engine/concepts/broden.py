@@ -181,8 +181,9 @@ class ConceptDataset:
         path = os.path.join(self.root, "images", rel)
         where = f"{path} (index.csv row {row.line})"
         try:
-            with Image.open(path) as im:
-                im.load()
+            with Image.open(path) as opened:
+                opened.load()
+                im: Image.Image = opened
                 if im.mode == "P":
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 if im.mode not in ("RGB", "RGBA"):
@@ -365,8 +366,8 @@ def _parse_index(
         entries: list[tuple[int | str, ...]] = []
         for cat in cats:
             cell: list[int | str] = []
-            for item in row[cat].split(";"):
-                item = item.strip()
+            for raw in row[cat].split(";"):
+                item = raw.strip()
                 if not item:
                     continue
                 if item.isdigit():

@@ -17,6 +17,7 @@ Nothing here imports torch or Qt.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -425,10 +426,8 @@ def digest_files(paths: Sequence[str], workers: int | None = None) -> np.ndarray
     out = np.zeros((len(paths), DIGEST_SIZE), dtype=np.uint8)
 
     def one(i: int) -> None:
-        try:
+        with contextlib.suppress(ImageError):
             out[i] = np.frombuffer(file_digest(paths[i]), dtype=np.uint8)
-        except ImageError:
-            pass
 
     def some(lo: int, hi: int) -> None:
         for i in range(lo, hi):
