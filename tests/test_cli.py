@@ -103,3 +103,21 @@ def test_cache_command_reports_and_clears(rnet_spec, demo_images: Path, tmp_path
     assert usage["kinds"]["activations"]["entries"] == 2 and usage["total_bytes"] > 200 * 64 * 9 * 2
     assert main(["-q", "cache", "--clear", "activations"]) == 0
     assert "activations" not in json.loads(capsys.readouterr().out)["kinds"]
+
+
+def test_cache_command_removes_what_killed_runs_left(tmp_path: Path, monkeypatch, capsys) -> None:
+    from engine.cache import Cache
+
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    cache = Cache()
+    with cache.write("activations", "k1") as tmp:  # a complete entry, so the root is ConvLens's
+        (tmp / "meta.json").write_text("{}")
+    left = cache.root / "activations" / ".k2.tmp-deadbeef"  # a writer killed mid-write: no live owner
+    left.mkdir()
+    (left / ".owner").write_text('{"pid": 999999}')  # its writer's lock died with it
+    (left / "maps_conv1.npy").write_bytes(b"\0" * 100_000)
+    assert main(["cache"]) == 0
+    out = capsys.readouterr()
+    usage = json.loads(out.out)
+    assert not left.exists() and "interrupted runs" in out.err
+    assert usage["temporary_bytes"] == 0 and usage["kinds"]["activations"]["entries"] == 1

@@ -267,7 +267,11 @@ def cmd_cache(a: argparse.Namespace) -> int:
         # (exit 1) and removes nothing
         kinds = cache.clear(a.clear)
         say(a, f"cleared {', '.join(kinds) or 'nothing'} in {cache.root}")
+    freed = cache.clean_temporaries()  # a killed run's leftovers (never a live writer's)
+    if freed:
+        say(a, f"removed {freed} bytes left behind by interrupted runs in {cache.root}")
     usage = cache.usage()
     emit_json({"root": str(cache.root), "kinds": usage,
-                "total_bytes": sum(u["bytes"] for u in usage.values())}, None)
+               "total_bytes": sum(u["bytes"] + u.get("temporary_bytes", 0) for u in usage.values()),
+               "temporary_bytes": sum(u.get("temporary_bytes", 0) for u in usage.values())}, None)
     return EXIT_OK
