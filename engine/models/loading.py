@@ -252,7 +252,7 @@ def _torch_load_safely(path: Path, allow_pickle: bool) -> Any:
         ) from e
     try:  # explicit opt-in only
         with _quiet_torch():
-            return torch.load(str(path), map_location="cpu", weights_only=False)
+            return torch.load(str(path), map_location="cpu", weights_only=False)  # the explicit opt-in (--allow-pickle)
     except Exception as e:
         raise ModelLoadError(f"{path}: unpickling failed ({_short(e)})") from e
 
