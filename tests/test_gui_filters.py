@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QSettings, Qt
+from PySide6.QtCore import Qt
 from pytestqt.wait_signal import SignalBlocker
 
 from gui.context import AppContext
 from gui.views.filters import COLUMNS, FiltersView, LineChart
 from tests.conftest import wait_job
+
+from .gui_layout import demo_window, widgets_off_view
 
 LAYER = "conv3"  # RNet conv3: 64 filters of 3 x 3
 N_PARTS = 30  # built-in part images: 24 train, 6 val
@@ -199,46 +201,14 @@ def test_bad_landmarks_say_which_file(view: FiltersView, tmp_path: Path) -> None
 
 
 def test_dock_lays_out_at_1024x640(qtbot, demo, tmp_path: Path, monkeypatch) -> None:
-    from PySide6.QtCore import QPoint, QRect
-    from PySide6.QtWidgets import QAbstractScrollArea, QWidget
-
-    from gui.main_window import MainWindow
-
-    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
-    win = MainWindow(settings=QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    try:
-        spec, images = demo
-        win.session.load_model(spec)
-        with qtbot.waitSignal(win.session.predictions_changed, timeout=JOB_MS, check_params_cb=lambda p: p is not None):
-            win.session.open_images(str(images))
-        win.resize(1024, 640)
-        view = win.views["filters"]
+    with demo_window(qtbot, demo, tmp_path, monkeypatch, "filters") as (win, view):
         assert isinstance(view, FiltersView)
-        win.docks["filters"].show()
-        win.docks["filters"].raise_()
-        qtbot.waitUntil(lambda: view.isVisible() and not view.visibleRegion().isEmpty(), timeout=5000)
         wait_job(view.run_metrics())
         qtbot.wait(50)
         assert win.size().toTuple() == (1024, 640)
         win.grab().save(str(tmp_path / "filters-1024x640.png"))
-
-        def outside(w: QWidget) -> bool:
-            p = w.parentWidget()
-            while p is not None and p is not view:
-                if isinstance(p, QAbstractScrollArea) and p.viewport().isAncestorOf(w):
-                    return False
-                p = p.parentWidget()
-            rect = QRect(w.mapTo(view, QPoint(0, 0)), w.size())
-            return not view.rect().adjusted(-1, -1, 1, 1).contains(rect)
-
-        off = [f"{type(w).__name__} {w.objectName()}".strip() for w in view.findChildren(QWidget)
-               if w.isVisibleTo(view) and w.isVisible() and outside(w)]
-        assert off == []
+        assert widgets_off_view(view) == []
         assert view.table.viewport().height() >= 60 and view.model.rowCount() == 64
-    finally:
-        win.close()
 
 
 def test_training_the_open_model_on_the_open_images(qtbot, view: FiltersView, ctx: AppContext) -> None:

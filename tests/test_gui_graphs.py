@@ -8,13 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QPoint, QSettings, Qt
+from PySide6.QtCore import Qt
 from pytestqt.wait_signal import SignalBlocker
 
 from gui.context import AppContext
 from gui.figures import FigureOptions
 from gui.views.graphs import SELECTION_KIND, GraphPicture, GraphView
 from tests.figure_checks import check_figure, svg_images, svg_texts
+from tests.gui_layout import demo_window, widgets_off_view
 
 LAYERS, K, MAX_ITER, N = ["conv1", "conv2", "conv3"], 4, 15, 3
 JOB_MS = 180_000
@@ -222,42 +223,14 @@ def test_state_round_trip(view: GraphView, ctx: AppContext) -> None:
 
 
 def test_dock_lays_out_at_1024x640(qtbot, demo, tmp_path: Path, monkeypatch) -> None:
-    from PySide6.QtWidgets import QWidget
-
-    from gui.main_window import MainWindow
-
-    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
-    win = MainWindow(settings=QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    try:
-        spec, images = demo
-        win.session.load_model(spec)
-        with qtbot.waitSignal(win.session.predictions_changed, timeout=JOB_MS,
-                              check_params_cb=lambda p: p is not None):
-            win.session.open_images(str(images))
-        win.resize(1024, 640)
-        view = win.views["graphs"]
+    with demo_window(qtbot, demo, tmp_path, monkeypatch, "graphs") as (win, view):
         assert isinstance(view, GraphView)
-        win.docks["graphs"].show()
-        win.docks["graphs"].raise_()
-        qtbot.waitUntil(lambda: view.isVisible() and not view.visibleRegion().isEmpty(), timeout=5000)
         view.set_settings(LAYERS, 3, max_iter=5)
         with qtbot.waitSignal(view.graph_ready, timeout=JOB_MS):
             view.run()
         qtbot.wait(50)
         assert win.size().toTuple() == (1024, 640)
         win.grab().save(str(tmp_path / "graphs-1024x640.png"))
-        off = []
-        for w in view.findChildren(QWidget):
-            if not (w.isVisibleTo(view) and w.isVisible()) or view.canvas.isAncestorOf(w) \
-                    or view.side_scroll.isAncestorOf(w):
-                continue
-            rect = w.rect().translated(w.mapTo(view, QPoint(0, 0)))
-            if not view.rect().adjusted(-1, -1, 1, 1).contains(rect):
-                off.append(f"{type(w).__name__} {w.objectName()}".strip())
-        assert off == []
+        assert widgets_off_view(view) == []
         assert view.canvas.viewport().width() >= 320 and view.canvas.viewport().height() >= 150
         assert len(view.node_items) == len(view.explanation.nodes) > 1
-    finally:
-        win.close()

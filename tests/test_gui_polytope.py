@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QPoint, QRect, QSettings, Qt
+from PySide6.QtCore import Qt
 
 from engine.polytope import scsc
 from engine.polytope.run import PolytopeParams, digest
@@ -18,6 +18,7 @@ from gui.views.polytope import ITEM_KIND, MAX_SHOWN, PolytopeView, framed
 
 from .conftest import wait_job
 from .figure_checks import check_figure, parts
+from .gui_layout import demo_window, widgets_off_view
 
 JOB_MS = 180_000
 
@@ -269,48 +270,14 @@ def test_onnx_model_says_splits_need_pytorch(qtbot, qapp, ocr_onnx, demo_images,
         session.shutdown()
 
 
-def _outside(view, widget) -> bool:
-    from PySide6.QtWidgets import QAbstractScrollArea
-
-    p = widget.parentWidget()
-    while p is not None and p is not view:
-        if isinstance(p, QAbstractScrollArea) and p.viewport().isAncestorOf(widget):
-            return False
-        p = p.parentWidget()
-    rect = QRect(widget.mapTo(view, QPoint(0, 0)), widget.size())
-    return not view.rect().adjusted(-1, -1, 1, 1).contains(rect)
-
-
 def test_dock_lays_out_at_1024x640(qtbot, demo, tmp_path: Path, monkeypatch) -> None:
-    from PySide6.QtWidgets import QWidget
-
-    from gui.main_window import MainWindow
-
-    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
-    win = MainWindow(settings=QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    try:
-        spec, images = demo
-        win.session.load_model(spec)
-        with qtbot.waitSignal(win.session.predictions_changed, timeout=JOB_MS,
-                              check_params_cb=lambda p: p is not None):
-            win.session.open_images(str(images))
-        win.resize(1024, 640)
-        view = win.views["polytope"]
+    with demo_window(qtbot, demo, tmp_path, monkeypatch, "polytope") as (win, view):
         assert isinstance(view, PolytopeView)
-        win.docks["polytope"].show()
-        win.docks["polytope"].raise_()
-        qtbot.waitUntil(lambda: view.isVisible() and not view.visibleRegion().isEmpty(), timeout=5000)
         _ready(qtbot, view)
         qtbot.waitUntil(lambda: len(view.shown_neighbours()) > 0, timeout=5000)
         qtbot.wait(50)
         assert win.size().toTuple() == (1024, 640)
         win.grab().save(str(tmp_path / "polytope-1024x640.png"))
-        off = [f"{type(w).__name__} {w.objectName()}".strip() for w in view.findChildren(QWidget)
-               if w.isVisibleTo(view) and w.isVisible() and _outside(view, w)]
-        assert off == []
+        assert widgets_off_view(view) == []
         assert view.gallery_scroll.viewport().height() >= 64 and view.gallery_scroll.viewport().width() >= 64 * 3
         assert view.knn_scroll.isVisible()
-    finally:
-        win.close()

@@ -14,6 +14,8 @@ from PySide6.QtCore import QSettings
 from gui.dialogs import OpenModelDialog
 from gui.main_window import MainWindow
 
+from .gui_layout import widgets_off_view
+
 LOAD_MS = 120_000
 
 
@@ -144,24 +146,8 @@ def test_export_every_format_from_the_window(qtbot, window: MainWindow, tmp_path
         assert not (tmp_path / f"{view.object_name}.png").exists()
 
 
-def _outside(view, widget) -> bool:
-    """Whether ``widget`` (shown, inside ``view``) reaches past the view's area, unless a scroll
-    area of the view holds it (then its viewport scrolls to it)."""
-    from PySide6.QtCore import QPoint, QRect
-    from PySide6.QtWidgets import QAbstractScrollArea
-
-    p = widget.parentWidget()
-    while p is not None and p is not view:
-        if isinstance(p, QAbstractScrollArea) and p.viewport().isAncestorOf(widget):
-            return False
-        p = p.parentWidget()
-    rect = QRect(widget.mapTo(view, QPoint(0, 0)), widget.size())
-    return not view.rect().adjusted(-1, -1, 1, 1).contains(rect)
-
-
 def test_every_view_fits_a_1024x640_window(qtbot, window: MainWindow, demo, tmp_path: Path) -> None:
     """Screenshot at 1024x640 with the demo loaded: no child widget of a shown view runs past it."""
-    from PySide6.QtWidgets import QWidget
 
     spec, images = demo
     window.session.load_model(spec)
@@ -183,8 +169,7 @@ def test_every_view_fits_a_1024x640_window(qtbot, window: MainWindow, demo, tmp_
         dock = window.docks[name]
         assert dock.rect().contains(view.geometry().translated(view.parentWidget().mapTo(dock, view.pos()) - view.pos())) \
             or view.width() <= dock.width()
-        off = [f"{type(w).__name__} {w.objectName()}".strip() for w in view.findChildren(QWidget)
-               if w.isVisibleTo(view) and w.isVisible() and _outside(view, w)]
+        off = widgets_off_view(view)
         assert off == [], f"{name}: {off}"
 
 
