@@ -485,7 +485,8 @@ class JobsPanel(QWidget):
         elif p is not None and handle.state == "running":
             message = p.message
         elif handle.state == "done":  # the last report only if it describes the end
-            message = "done" + (f": {p.message}" if p is not None and p.fraction == 1.0 and p.message else "")
+            last = p.message if p is not None and p.fraction == 1.0 else ""
+            message = "done" + (f": {last}" if last and last.lower() != "done" else "")  # never "done: done"
         item.setText(self.COL_MESSAGE, message)
         item.setToolTip(self.COL_MESSAGE, message)
         item.setText(self.COL_ELAPSED, _format_elapsed(handle))
