@@ -18,6 +18,8 @@ _WHERE = {
     "TallyResult": "tally",
     "summarize": "tally",
     "unit_masks": "tally",
+    "layer_masks": "masks",
+    "mask_cuts": "masks",
     "render_tiles": "report",
     "write_report": "report",
     "DissectionParams": "run",
@@ -37,7 +39,9 @@ __all__ = [
     "TallyResult",
     "TopQuantile",
     "dissect",
+    "layer_masks",
     "load_result",
+    "mask_cuts",
     "render_tiles",
     "save_result",
     "summarize",
@@ -46,6 +50,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # the same names for type checkers, imported eagerly
+    from engine.dissection.masks import layer_masks as layer_masks
+    from engine.dissection.masks import mask_cuts as mask_cuts
     from engine.dissection.quantile import TopQuantile as TopQuantile
     from engine.dissection.report import render_tiles as render_tiles
     from engine.dissection.report import write_report as write_report

@@ -42,7 +42,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engine.analysis import cached_job
 from engine.backends.base import Backend, forward_error
@@ -58,6 +57,7 @@ from engine.cache import (
 )
 from engine.concepts import ConceptDataset, ConceptSample, open_broden
 from engine.data.images import DIGEST_SIZE, ImageLoader, ImageSet, digest_files
+from engine.dissection.masks import cut_masks, float32_cut, mask_cuts  # noqa: F401 (float32_cut: re-exported)
 from engine.dissection.quantile import TopQuantile
 from engine.dissection.tally import LayerSummary, summarize
 from engine.jobs import Job
@@ -653,33 +653,14 @@ class _ImageLabels:
         return cls((int(sample.mask_size[0]), int(sample.mask_size[1])), pixel, whole)
 
 
-def float32_cut(thresholds: np.ndarray, *, strict: bool) -> np.ndarray:
-    """float32 cuts equivalent to float64 thresholds for float32 maps ``S``:
-    ``S >= T  <=>  S >= cut`` (cut: the least float32 >= T) and, with ``strict``,
-    ``S > T  <=>  S > cut`` (cut: the greatest float32 <= T)."""
-    t = np.asarray(thresholds, dtype=np.float64)
-    cut = t.astype(np.float32)
-    if strict:
-        return np.where(cut > t, np.nextafter(cut, np.float32(-np.inf)), cut)
-    return np.where(cut < t, np.nextafter(cut, np.float32(np.inf)), cut)
-
-
 def pair_masks(maps: torch.Tensor, cuts: torch.Tensor, mask_size: tuple[int, int], *,
                strict: bool) -> torch.Tensor:
-    """Masks of N unit maps ``(N, h, w)`` with their own float32 cuts ``(N,)``: bool (N, H, W).
-
-    The same masks as :func:`unit_masks` (bilinear, ``align_corners=False``, then ``>= T`` or
-    ``> T`` via :func:`float32_cut`), but each map is upsampled as its own one-channel item:
-    PyTorch's CPU kernel rounds multi-channel inputs differently (by an ulp, depending on the
-    channel count), which would flip the pixels that tie with ``T_k`` depending on how maps
-    share a call. One channel per item gives the same values whatever the batch.
-    """
-    if maps.shape[0] == 0:
-        return torch.zeros((0, *mask_size), dtype=torch.bool, device=maps.device)
-    s = F.interpolate(maps[:, None].float(), size=tuple(mask_size), mode="bilinear",
-                      align_corners=False)[:, 0]
-    c = cuts.to(maps.device, torch.float32)[:, None, None]
-    return s > c if strict else s >= c
+    """Masks of N unit maps ``(N, h, w)`` with their own :func:`float32_cut` cuts ``(N,)``:
+    bool (N, H, W) (kept for callers of the former name; see :mod:`engine.dissection.masks`)."""
+    c = cuts.to(maps.device, torch.float32)
+    if strict:
+        c = torch.nextafter(c, torch.tensor(float("inf"), device=c.device))
+    return cut_masks(maps, c, mask_size)
 
 
 _SKIP_MARGIN = 2.0**-20
@@ -717,8 +698,7 @@ class _SparseTally:
             np.where(labels.scored, labels.category_index, 0), device=device)
         self.n_categories = len(labels.categories)
         self.thresholds = torch.as_tensor(thresholds, device=device)
-        self.cut = torch.as_tensor(float32_cut(thresholds, strict=params.strict_mask),
-                                   device=device)
+        self.cut = torch.as_tensor(mask_cuts(thresholds, strict=params.strict_mask), device=device)
         self.inter = torch.zeros((units, n_labels), dtype=torch.int64, device=device)
         self.extra_union = torch.zeros((units, n_labels), dtype=torch.int64, device=device)
         self.label_area = torch.zeros(n_labels, dtype=torch.int64, device=device)
@@ -766,8 +746,8 @@ class _SparseTally:
                               dtype=torch.int64, device=dev)
         unit = torch.as_tensor(np.concatenate([u for _, u in chunk]), dtype=torch.int64,
                                device=dev)
-        masks = pair_masks(acts[img.to(acts.device), unit.to(acts.device)], self.cut[unit],
-                           size, strict=self.params.strict_mask).to(dev).flatten(1)  # (N, P)
+        masks = cut_masks(acts[img.to(acts.device), unit.to(acts.device)], self.cut[unit].to(acts.device),
+                          size).to(dev).flatten(1)  # (N, P)
         clock.lap(f"masks[{name}]")
         n, lab = len(unit), self.n_labels
         if n == 0:

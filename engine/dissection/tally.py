@@ -23,8 +23,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from engine.dissection.masks import unit_masks as _unit_masks
 from engine.types import ConvLensError
 
 TallyMode = Literal["paper", "lite"]
@@ -51,24 +51,18 @@ def unit_masks(
     mask_size: tuple[int, int],
     *,
     strict: bool = False,
+    tie_fallback: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Binary unit masks ``M_k`` at label resolution, as in Bau et al. 2017.
+    """Binary unit masks ``M_k`` at label resolution, as in Bau et al. 2017: bool (B, K, H, W).
 
-    ``acts`` (B, K, h, w) are upsampled bilinearly to ``mask_size = (H, W)``
-    (``F.interpolate(mode="bilinear", align_corners=False)``) into ``S``, then
-    ``M = S >= T`` (``S > T`` with ``strict=True``, NetDissect-Lite's choice). ``T`` is kept
-    in float64, so by torch's type promotion the comparison is made in float64 and the
-    thresholds are not rounded. Returns bool (B, K, H, W) on ``acts.device``.
+    :func:`engine.dissection.masks.unit_masks` (the one code path for masks) for (B, K, h, w)
+    activations, with ``strict`` defaulting to the paper's ``S >= T``.
     """
     if acts.dim() != 4:
         raise ConvLensError(
             f"unit_masks expects (B, K, h, w) activations, got {tuple(acts.shape)}."
         )
-    t = torch.as_tensor(thresholds, device=acts.device).to(torch.float64).reshape(1, -1, 1, 1)
-    if t.shape[1] != acts.shape[1]:
-        raise ConvLensError(f"{t.shape[1]} thresholds for {acts.shape[1]} units.")
-    s = F.interpolate(acts.float(), size=tuple(mask_size), mode="bilinear", align_corners=False)
-    return s > t if strict else s >= t
+    return _unit_masks(acts, thresholds, mask_size, strict=strict, tie_fallback=tie_fallback)
 
 
 class IoUTally:
