@@ -9,7 +9,7 @@ session holds the heavy objects behind them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,57 @@ from .selection import Selection
 
 
 class LoadedModelInfo:
-    """What the GUI may know of a loaded model (no torch objects leak out of the worker)."""
+    """What the GUI may know of a loaded model (no torch objects leak out of the worker).
+
+    ``choice`` is the engine's :class:`~engine.predict.OutputChoice` (which output is used as
+    class scores, by the rule of :mod:`engine.predict`; ``choice.index`` None: none is, so there
+    are no predictions), ``assumed`` the preprocessing values nothing stated (as
+    :func:`engine.cli_common.assumed_values` names them), ``messages`` what the user is told
+    about both (the same sentences the command line prints), and ``notes`` the loader's notes
+    followed by those messages.
+    """
 
     def __init__(self, spec: ModelSpec, fmt: str, sha256: str, backend: str, device: str,
-                 layers: list[LayerInfo], notes: list[str], gradients: bool) -> None:
+                 layers: list[LayerInfo], notes: list[str], gradients: bool, *, choice: Any = None,
+                 assumed: Mapping[str, str] | None = None, messages: Sequence[str] = ()) -> None:
         self.spec, self.format, self.sha256 = spec, fmt, sha256
-        self.backend, self.device, self.layers, self.notes = backend, device, layers, notes
+        self.backend, self.device, self.layers = backend, device, layers
         self.gradients = gradients
+        self.choice = choice
+        self.assumed: dict[str, str] = dict(assumed or {})
+        self.messages: list[str] = list(messages)
+        self.notes = [*notes, *self.messages]
+
+    @property
+    def class_scores(self) -> bool:
+        """Whether an output is used as class scores (False: a map or a single number)."""
+        return self.choice is None or self.choice.index is not None
+
+    @property
+    def output_summary(self) -> str:
+        """One phrase for the status bar and model info: the output used, of how many."""
+        c = self.choice
+        if c is None:
+            return ""
+        if c.index is None:
+            return "no class-score output"
+        chosen = c.chosen
+        what = f"{chosen.n_classes} classes" + (", probabilities" if chosen.score_kind == "probs" else "")
+        if len(c.outputs) == 1:
+            return what
+        return f"output {c.index} of {len(c.outputs)} ({what})"
+
+    def describe(self) -> str:
+        """The model info: format, backend, the outputs and the one used, assumed values."""
+        lines = [f"{self.name}: {self.format} on {self.backend}/{self.device}, {len(self.layers)} layers"]
+        if self.choice is not None:
+            lines.append(f"outputs: {self.choice.describe()}")
+            lines.append(f"class scores: {self.output_summary} ({self.choice.reason})" if self.choice.index is not None
+                         else f"class scores: none ({self.choice.reason}); no predictions or accuracy")
+        if self.assumed:
+            lines.append("assumed (nothing stated them): " + _said(self.assumed))
+        return "\n".join(lines)
+
 
     @property
     def name(self) -> str:
@@ -44,12 +88,42 @@ class LoadedModelInfo:
         return list(self.spec.layers) or default_layers(self.layers)
 
 
+#: what the app calls the preprocessing values :func:`engine.cli_common.assumed_values` tracks
+#: (the open-model dialog's field names)
+ASSUMED_FIELDS = {"input_size": "input size", "mean": "mean", "std": "std", "channels": "channel order"}
+
+
+def _said(assumed: Mapping[str, str]) -> str:
+    return ", ".join(f"{ASSUMED_FIELDS.get(k, k)} {v}" for k, v in assumed.items())
+
+
+def assumed_message(name: str, assumed: Mapping[str, str]) -> str:
+    """The app's form of the command line's "assumed" line: the dialog's fields, not options."""
+    fields = ", ".join(ASSUMED_FIELDS.get(k, k).capitalize() for k in assumed)
+    return (f"{name}: assumed {_said(assumed)} (neither the model file, a model config nor you said); if the "
+            f"model was trained otherwise, give {fields} in Open model")
+
+
+def output_index_given(spec: ModelSpec, stated: Mapping[str, Any] | None) -> bool:
+    """Whether the user, the model config or the spec itself names the classifier output (then
+    it is used as it is, rule 2 of :mod:`engine.predict`), as the command line decides it."""
+    from engine.models.config import find_config_beside, read_config
+
+    if stated and stated.get("output_index") is not None:
+        return True
+    if spec.output_index != 0:
+        return True
+    cfg = find_config_beside(spec.path)
+    return cfg is not None and "output_index" in read_config(cfg)
+
+
 class Session(QObject):
     model_loaded = Signal(object)  # LoadedModelInfo
     model_failed = Signal(str)  # message (file + cause)
     images_failed = Signal(str)
     predictions_changed = Signal(object)  # engine Predictions or None
     status = Signal(str)  # short messages for the status bar
+    notice = Signal(str, str)  # (title, text): what the user should know about the model just loaded, once
 
     def __init__(self, selection: Selection, runner: JobRunner, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -61,30 +135,77 @@ class Session(QObject):
         self._loaded: Any = None  # engine LoadedModel, touched by worker jobs only
         self._backend: Any = None  # engine Backend, touched by worker jobs only
         self.images_path: str | None = None
+        self.show_notices = True  # show :attr:`notice` in a box on the visible window (False: only emit it)
+        self.notice_box: Any = None
+        self._told: set[tuple[Any, ...]] = set()
         selection.images_changed.connect(lambda _s: self._refresh_predictions())
 
     # ------------------------------------------------------------------ model
 
-    def load_model(self, spec: ModelSpec) -> JobHandle:
-        """Load ``spec`` on the worker; on success it becomes the session's model."""
+    def load_model(self, spec: ModelSpec, stated: Mapping[str, Any] | None = None) -> JobHandle:
+        """Load ``spec`` on the worker; on success it becomes the session's model.
 
-        def job() -> Generator[Progress, None, tuple[Any, Any, LoadedModelInfo]]:
-            from engine.backends import open_backend
-            from engine.models import load_model
-
-            yield Progress(None, f"loading {Path(spec.path).name}")
-            loaded = load_model(spec)
-            yield Progress(0.5, "opening backend")
-            backend = open_backend(loaded)
-            layers = backend.layers()
-            info = LoadedModelInfo(spec, loaded.format, loaded.sha256, backend.name, backend.device, layers,
-                                   loaded.notes, backend.supports_gradients)
-            return loaded, backend, info
-
-        handle = self.runner.submit(f"Load {Path(spec.path).name}", job, key="load-model")
+        The same steps as the command line's :func:`engine.cli_common.open_model`: load, name the
+        preprocessing values nothing stated (``stated``: the values the user gave, by spec key,
+        e.g. ``{"input_size": "48x48", "output_index": 2}``; None: only what the model file, a
+        model config beside it or the architecture says), run one probe image (a shape mismatch
+        says which field to change), and choose the class-score output by
+        :func:`engine.predict.choose_output`, reopening with that ``output_index``. The info's
+        ``spec`` is the spec in use.
+        """
+        handle = self.runner.submit(f"Load {Path(spec.path).name}", lambda: self._open_job(spec, stated),
+                                    key="load-model")
         handle.finished.connect(self._model_ready)
         handle.failed.connect(lambda e: self.model_failed.emit(_message(e)))
         return handle
+
+    def _open_job(self, spec: ModelSpec, stated: Mapping[str, Any] | None
+                  ) -> Generator[Progress, None, tuple[Any, Any, LoadedModelInfo]]:
+        import dataclasses
+
+        from engine.backends import open_backend
+        from engine.cli_common import assumed_values
+        from engine.models import load_model
+        from engine.predict import choose_output, probe_batch
+        from engine.types import ConvLensError
+
+        name = Path(spec.path).name
+        yield Progress(None, f"loading {name}")
+        loaded = load_model(spec)
+        assumed = assumed_values(spec, dict(stated) if stated is not None else None)
+        yield Progress(0.5, "opening backend")
+        backend = open_backend(loaded)
+        yield Progress(0.7, "checking the outputs on a probe image")
+        try:
+            result = backend.forward(probe_batch(spec))
+        except ConvLensError as e:
+            backend.close()
+            size = "x".join(map(str, spec.preprocess.input_size))
+            why = (f"the input size {size} was assumed: give the size the model was trained at in Input size"
+                   if "input_size" in assumed else
+                   f"check Input size (now {size}), Channel order and the grey-channel option")
+            raise ConvLensError(f"{e} ({why})") from None
+        given = spec.output_index if output_index_given(spec, stated) else None
+        try:
+            choice = choose_output(result.outputs, len(spec.classes) if spec.classes else None, given)
+        except ConvLensError:
+            backend.close()
+            raise
+        if choice.index is not None and choice.index != spec.output_index:
+            backend.close()
+            spec = spec.with_(output_index=choice.index)
+            loaded = dataclasses.replace(loaded, spec=spec)
+            backend = open_backend(loaded)
+        messages = [m for m in (choice.message(name),) if m]
+        if messages and choice.index is not None:
+            messages[0] = messages[0].replace("--output-index N chooses another", "Open model > Output chooses another")
+        if assumed:
+            messages.append(assumed_message(name, assumed))
+        layers = backend.layers()
+        info = LoadedModelInfo(spec, loaded.format, loaded.sha256, backend.name, backend.device, layers,
+                               loaded.notes, backend.supports_gradients, choice=choice, assumed=assumed,
+                               messages=messages)
+        return loaded, backend, info
 
     def _model_ready(self, result: tuple[Any, Any, LoadedModelInfo]) -> None:
         old = self._backend
@@ -95,8 +216,41 @@ class Session(QObject):
         self.predictions_changed.emit(None)
         self.selection.model = self.model
         self.model_loaded.emit(self.model)
-        self.status.emit(f"Loaded {self.model.name} ({self.model.format}) on {self.model.backend}/{self.model.device}")
+        info = self.model
+        several = info.choice is not None and len(info.choice.outputs) > 1
+        extra = f"; class scores: {info.output_summary}" if several or not info.class_scores else ""
+        extra += f"; assumed {_said(info.assumed)}" if info.assumed else ""
+        self.status.emit(f"Loaded {info.name} ({info.format}) on {info.backend}/{info.device}{extra}")
+        self._tell_once(info)
         self._refresh_predictions()
+
+    def _tell_once(self, info: LoadedModelInfo) -> None:
+        """Emit :attr:`notice` for what the user should know about a model (the output used,
+        the values assumed), once per model and settings in this session; with a visible
+        window to show it on, show it there as a non-modal box (object name
+        ``model_notice``)."""
+        if not info.messages:
+            return
+        key = (info.spec.path, info.sha256, info.spec.output_index, tuple(sorted(info.assumed.items())))
+        if key in self._told:
+            return
+        self._told.add(key)
+        text = "\n\n".join(info.messages)
+        self.notice.emit(f"About {info.name}", text)
+        from PySide6.QtWidgets import QApplication, QMessageBox
+
+        window = QApplication.activeWindow() or next(
+            (w for w in QApplication.topLevelWidgets() if w.isVisible() and w.isWindow() and w.inherits("QMainWindow")),
+            None)
+        if window is None or not self.show_notices:
+            return
+        box = QMessageBox(QMessageBox.Icon.Information, f"About {info.name}", text, QMessageBox.StandardButton.Ok,
+                          window)
+        box.setObjectName("model_notice")
+        box.setDetailedText(info.describe())
+        box.setModal(False)
+        box.show()
+        self.notice_box = box
 
     # ------------------------------------------------------------------ images
 
@@ -157,7 +311,13 @@ class Session(QObject):
         images = self.selection.images
         if self._backend is None or images is None or self.model is None:
             return
+        if not self.model.class_scores:  # a map or a single number: nothing to predict (said when loaded)
+            self.status.emit(f"{self.model.name}: its output is not class scores: no predictions or accuracy; "
+                             "layers, heatmaps and dissection still work")
+            return
         spec = self.model.spec
+        several = self.model.choice is not None and len(self.model.choice.outputs) > 1
+        which = f" (from output {spec.output_index})" if several else ""
 
         def fn(backend: Any, loaded: Any) -> Generator[Progress, None, tuple[Any, Any]]:
             from engine.activations import extract
@@ -170,7 +330,12 @@ class Session(QObject):
             self.predictions_from_cache, self.predictions = result
             self.predictions_changed.emit(self.predictions)
             acc = self.predictions.accuracy
-            self.status.emit("Predictions ready" + ("" if acc is None else f": accuracy {acc:.1%}"))
+            unmatched = self.predictions.unmatched_labels()
+            tail = ""
+            if unmatched:
+                names = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+                tail = f"; folder labels that match no class name: {names}"
+            self.status.emit(f"Predictions ready{which}" + ("" if acc is None else f": accuracy {acc:.1%}") + tail)
 
         handle = self.run("Predict", fn, key="predictions", on_done=done)
         if handle is not None:
