@@ -13,13 +13,25 @@ NetDissect-Lite:
     the whole image), anything else is a PNG file (relative to ``images/``) whose pixel label is
     ``R + 256 * G`` (0 = unlabelled). A category cell may list several PNGs.
 ``label.csv``
-    ``number,name,category[,frequency,coverage,syns]``; ``category`` reads ``object(2109);part(3)``.
-    A label's *primary* category is the one with the largest count (the first one on ties).
-``category.csv``, ``c_<category>.csv``
-    Category summaries and category-local codes. They are not needed to read global label numbers,
-    so this reader does not parse them; they count towards :meth:`ConceptDataset.fingerprint`.
+    ``number,name,category[,frequency,coverage,syns]``; ``category`` reads ``object(2109);part(3)``
+    (images per category). Broden has no row 0 and leaves gaps nowhere, but neither is assumed.
+``c_<category>.csv``
+    ``code,number,name,frequency,coverage``: category-local codes, and per label its coverage
+    (pixels, in whole-mask units) within that category. Read only for the primary category.
+``category.csv``
+    Category summaries; not read (it counts towards :meth:`ConceptDataset.fingerprint`).
 
-:func:`open_broden` parses the CSV files only; masks are decoded image by image in
+Every label is scored in one *primary* category. When every category in use has its
+``c_<category>.csv`` (Broden and the built-in set do), it is NetDissect's rule
+(``primary_categories_per_index`` of NetDissect-Lite's ``loader/data_loader.py``): among the
+categories **in use**, the one where the label has the largest coverage, the later one in
+``index.csv`` order on a tie; a label with no coverage in any of them takes the rule below
+restricted to the categories in use. Without those files: the category with the largest count in
+``label.csv`` (the first one listed on ties), which may be a category not in use (the label is then
+not scored).
+
+:func:`open_broden` parses the CSV files only, streaming ``index.csv`` (one compact record per
+row, about 0.5 KB for a Broden row); masks are decoded image by image in
 :meth:`ConceptDataset.sample`, so a data set of any size can be streamed.
 """
 
@@ -29,7 +41,7 @@ import csv
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -42,6 +54,8 @@ META_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
 """The fixed columns of ``index.csv``; every other column is a label category."""
 
 _CATEGORY_COUNT = re.compile(r"^\s*([^()]+?)\s*\(\s*(\d+)\s*\)\s*$")
+_NUMBER = re.compile(r"[0-9]+")
+"""An ``index.csv`` entry that is a label number (ASCII digits, as NetDissect writes them)."""
 
 
 class ConceptError(ConvLensError):
@@ -79,8 +93,29 @@ class ConceptSample:
         cats.update(cat for cat, m in self.pixel_labels if m.any())
         return frozenset(cats)
 
+    def labels(self) -> frozenset[int]:
+        """Every label number the image carries, pixel-level or image-level (0 excluded)."""
+        out = {n for _, n in self.image_labels}
+        for _, m in self.pixel_labels:
+            out.update(int(v) for v in np.unique(m))
+        out.discard(0)
+        return frozenset(out)
 
-@dataclass(frozen=True)
+    def mask(self, number: int) -> np.ndarray:
+        """bool ``(sh, sw)``: the pixels that carry label ``number`` in any of the image's
+        planes (the union over the PNGs of every category cell), all of them when it is one of
+        the image's image-level labels. ``number`` must be positive."""
+        if number <= 0:
+            raise ValueError(f"label numbers of concepts are positive, got {number}")
+        if any(n == number for _, n in self.image_labels):
+            return np.ones(self.mask_size, dtype=bool)
+        out = np.zeros(self.mask_size, dtype=bool)
+        for _, m in self.pixel_labels:
+            out |= m == number
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class _Row:
     """One parsed ``index.csv`` row; ``entries`` is aligned with the data set's categories."""
 
@@ -301,46 +336,100 @@ def primary_category(counts: dict[str, int]) -> str:
     return next(c for c, n in counts.items() if n == best)
 
 
-def _read_labels(root: str) -> tuple[dict[int, Concept], dict[int, frozenset[str]]]:
-    """label.csv as ``number -> Concept`` and ``number -> all categories listed``."""
+def _read_labels(root: str) -> dict[int, tuple[str, dict[str, int]]]:
+    """label.csv as ``number -> (name, {category: count})``; label 0 maps to ``("-", {})``."""
     path = os.path.join(root, "label.csv")
     header, rows = _read_csv(path)
     missing = [c for c in ("number", "name", "category") if c not in header]
     if missing:
         raise ConceptError(f"{path}: header lacks column(s) {', '.join(missing)}.")
-    concepts: dict[int, Concept] = {}
-    listed: dict[int, frozenset[str]] = {}
+    labels: dict[int, tuple[str, dict[str, int]]] = {}
     for line, row in rows:
         try:
             number = int(row["number"])
             counts = parse_label_categories(row["category"] or "")
         except (TypeError, ValueError) as e:
             raise ConceptError(f"{path}, row {line}: {e}.") from None
-        if number < 0 or number in concepts or number in listed:
+        if number < 0 or number in labels:
             raise ConceptError(
                 f"{path}, row {line}: label number {number} is negative or repeated."
             )
         if number == 0:
-            listed[0] = frozenset()
+            labels[0] = (row["name"] or "-", {})
             continue
         if not counts:
             raise ConceptError(f"{path}, row {line}: label {number} lists no category.")
-        concepts[number] = Concept(number, row["name"] or "", primary_category(counts))
-        listed[number] = frozenset(counts)
-    return concepts, listed
+        labels[number] = (row["name"] or "", counts)
+    return labels
+
+
+def _read_coverage(root: str, categories: Sequence[str]) -> dict[str, dict[int, float]] | None:
+    """Per category in use, ``number -> coverage`` from ``c_<category>.csv``; None when one
+    of those files is absent (the primary category then follows label.csv's counts)."""
+    paths = {c: os.path.join(root, f"c_{c}.csv") for c in categories}
+    if not categories or not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    out: dict[str, dict[int, float]] = {}
+    for cat, path in paths.items():
+        header, rows = _read_csv(path)
+        missing = [c for c in ("number", "coverage") if c not in header]
+        if missing:
+            raise ConceptError(f"{path}: header lacks column(s) {', '.join(missing)}.")
+        cov: dict[int, float] = {}
+        for line, row in rows:
+            try:
+                number = int(row["number"])
+                value = float(row["coverage"] or 0.0)
+            except (TypeError, ValueError):
+                raise ConceptError(
+                    f"{path}, row {line}: number must be an integer and coverage a number."
+                ) from None
+            if number > 0:
+                cov[number] = value
+        out[cat] = cov
+    return out
+
+
+def ndl_primary_category(number: int, categories: Sequence[str],
+                         coverage: dict[str, dict[int, float]]) -> str | None:
+    """NetDissect's primary category of label ``number`` among ``categories`` (in order): the
+    largest coverage, the later category on a tie; None when its coverage is 0 in all."""
+    best, at = max((coverage[c].get(number, 0.0), i) for i, c in enumerate(categories))
+    return categories[at] if best > 0 else None
+
+
+def _iter_index(path: str) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, fields)`` of index.csv, the header first (line 1), streamed; blank lines
+    are skipped. ConceptError if the file is missing or unreadable."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            for fields in reader:
+                if fields:
+                    yield reader.line_num, fields
+    except FileNotFoundError:
+        raise ConceptError(
+            f"{path}: file not found (not a Broden-layout concept data set?)."
+        ) from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ConceptError(f"{path}: cannot read the CSV file ({e}).") from e
 
 
 def _parse_index(
-    root: str, categories: Sequence[str] | None, known: dict[int, Concept]
+    root: str, categories: Sequence[str] | None, known: Collection[int]
 ) -> tuple[tuple[str, ...], list[_Row]]:
     path = os.path.join(root, "index.csv")
-    header, rows = _read_csv(path)
+    rows = _iter_index(path)
+    _, header = next(rows, (0, []))
     missing = [c for c in META_COLUMNS if c not in header]
     if missing:
         raise ConceptError(
             f"{path}: header lacks column(s) {', '.join(missing)}; expected "
             f"{','.join(META_COLUMNS)},<category>..."
         )
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise ConceptError(f"{path}: header repeats column(s) {', '.join(repeated)}.")
     all_cats = tuple(c for c in header if c not in META_COLUMNS)
     if categories is None:
         cats = all_cats
@@ -350,27 +439,38 @@ def _parse_index(
             has = ", ".join(all_cats) or "none"
             raise ConceptError(f"{path}: no category column {', '.join(unknown)} (has {has}).")
         cats = tuple(c for c in all_cats if c in categories)
+    col = {c: header.index(c) for c in header}
+    i_image, i_split = col["image"], col["split"]
+    i_sizes = [col[c] for c in ("ih", "iw", "sh", "sw")]
+    i_cats = [col[c] for c in cats]
+    splits: dict[str, str] = {}  # one string per distinct split name,
+    sizes: dict[tuple[int, int], tuple[int, int]] = {}  # one tuple per distinct size
+
     out: list[_Row] = []
-    for line, row in rows:
+    for line, fields in rows:
         where = f"{path}, row {line}"
-        if None in row or any(row.get(c) is None for c in header):
-            raise ConceptError(f"{where}: {len(header)} columns expected.")
+        if len(fields) != len(header):
+            raise ConceptError(f"{where}: {len(header)} columns expected, found {len(fields)}.")
         try:
-            ih, iw, sh, sw = (int(row[c]) for c in ("ih", "iw", "sh", "sw"))
+            ih, iw, sh, sw = (int(fields[i]) for i in i_sizes)
         except ValueError:
             raise ConceptError(f"{where}: ih, iw, sh, sw must be integers.") from None
         if min(ih, iw, sh, sw) <= 0:
             raise ConceptError(f"{where}: image and mask sizes must be positive.")
-        if not row["image"]:
+        if not fields[i_image]:
             raise ConceptError(f"{where}: empty image column.")
         entries: list[tuple[int | str, ...]] = []
-        for cat in cats:
+        for cat, i in zip(cats, i_cats, strict=True):
+            raw = fields[i]
+            if not raw:
+                entries.append(())
+                continue
             cell: list[int | str] = []
-            for raw in row[cat].split(";"):
-                item = raw.strip()
+            for part in raw.split(";"):
+                item = part.strip()
                 if not item:
                     continue
-                if item.isdigit():
+                if _NUMBER.fullmatch(item):
                     n = int(item)
                     if n and n not in known:
                         raise ConceptError(f"{where}: {cat} label number {n} is not in label.csv.")
@@ -379,7 +479,10 @@ def _parse_index(
                     cell.append(item)
             entries.append(tuple(cell))
         if any(entries):
-            out.append(_Row(line, row["image"], row["split"], (ih, iw), (sh, sw), tuple(entries)))
+            split = splits.setdefault(fields[i_split], fields[i_split])
+            size = sizes.setdefault((ih, iw), (ih, iw))
+            mask_size = sizes.setdefault((sh, sw), (sh, sw))
+            out.append(_Row(line, fields[i_image], split, size, mask_size, tuple(entries)))
     return cats, out
 
 
@@ -399,15 +502,25 @@ def open_broden(
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
         raise ConceptError(f"{root}: not a folder.")
-    labels, listed = _read_labels(root)
+    labels = _read_labels(root)
     cats, rows = _parse_index(root, categories, labels)
     if split is not None:
         rows = [r for r in rows if r.split == split]
     if limit is not None:
         rows = rows[: max(limit, 0)]
-    in_use = set(cats)
-    concepts = tuple(labels[n] for n in sorted(labels) if listed[n] & in_use)
-    known = np.zeros(max(listed, default=0) + 1, dtype=bool)
-    known[list(listed)] = True
+    coverage = _read_coverage(root, cats)
+    concepts = []
+    for n in sorted(labels):
+        name, counts = labels[n]
+        in_use = {c: k for c, k in counts.items() if c in cats}
+        if n == 0 or not in_use:
+            continue
+        if coverage is None:
+            primary = primary_category(counts)
+        else:
+            primary = ndl_primary_category(n, cats, coverage) or primary_category(in_use)
+        concepts.append(Concept(n, name, primary))
+    known = np.zeros(max(labels, default=0) + 1, dtype=bool)
+    known[list(labels)] = True
     known[0] = True
-    return ConceptDataset(root, cats, concepts, tuple(rows), known)
+    return ConceptDataset(root, cats, tuple(concepts), tuple(rows), known)
