@@ -326,13 +326,14 @@ def test_report_files(rnet, rnet_result, concepts: ConceptDataset, tmp_path: Pat
     page = (out / "index.html").read_text(encoding="utf-8")
     assert all(n in page for n in RNET_LAYERS) and "<svg" in page
     sources = re.findall(r'src="([^"]+)"', page)
-    assert len(sources) == len(rows) and all((out / s).is_file() for s in sources)
+    # tiles of the units the report draws (detectors and the top units; the rest on demand)
+    assert 0 < len(sources) <= len(rows) and all((out / s).is_file() for s in sources)
     ET.parse(out / "layers.svg")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["layers"]["conv3"]["summary"] == result.summary_line("conv3")
-    with Image.open(out / "tiles" / "conv1" / "unit_0.png") as im:
+    with Image.open(out / sources[0]) as im:
         im.load()
-        assert im.width > 10 * 90
+        assert im.width > 10 * 64  # top_k images side by side
 
 
 def _cli(argv: list[str]) -> int:
@@ -350,8 +351,8 @@ def test_cli_dissect(rnet_spec, concepts: ConceptDataset, tmp_path: Path, monkey
     assert _cli([*base, "--layers", "conv2,conv3", "--rule", "lite"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"conv2: \d+/48 units are detectors covering \d+ concepts?", err)
-    assert all((out / f).is_file() for f in ("dissection.csv", "summary.json", "layers.svg",
-                                             "index.html", "tiles/conv3/unit_63.png"))
+    assert all((out / f).is_file() for f in ("dissection.csv", "summary.json", "layers.svg", "index.html"))
+    assert any((out / "tiles" / "conv3").iterdir())
     assert json.loads((out / "summary.json").read_text())["params"]["mask_rule"] == "lite"
     assert _cli([*base, "--layers", "conv2,nope"]) == 1
     assert "'nope'" in capsys.readouterr().err

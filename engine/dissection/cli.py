@@ -54,6 +54,9 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--rule", choices=["paper", "lite"], default="paper",
                     help="paper: Bau et al. 2017; lite: NetDissect-Lite's union rule and S > T masks")
     sp.add_argument("--strict-mask", action="store_true", help="mask S > T instead of S >= T")
+    sp.add_argument("--no-tie-fallback", action="store_true",
+                    help="apply S >= T even where a mass of activations ties with T (default: such units use "
+                         "S > T, see docs/dissection.md)")
     sp.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
     sp.add_argument("--top-k", type=positive_int, default=10, help="top images per unit (default 10)")
     sp.add_argument("--no-tiles", action="store_true", help="skip the per-unit image tiles")
@@ -80,7 +83,7 @@ def _dissect(a: argparse.Namespace) -> None:
     params = DissectionParams(
         quantile=a.quantile, iou_threshold=a.iou_threshold, mask_rule=a.rule,
         strict_mask=a.strict_mask or a.rule == "lite", batch_size=a.batch_size, top_k=a.top_k,
-        categories=categories,
+        categories=categories, **({"tie_factor": None} if a.no_tie_fallback else {}),
     )
     params.check()
     from engine.cache import check_replaceable
@@ -102,7 +105,11 @@ def _dissect(a: argparse.Namespace) -> None:
     with writing(a.out):
         out = write_report(result, concepts, a.out, backend=None if a.no_tiles else backend)
     report_skipped([{"path": str(p), "reason": str(r)} for p, r in result.skipped])
+    for warning in result.warnings:
+        print(shown(f"convlens: warning: {warning}"), file=sys.stderr)
     if not quiet:
+        for note in result.notes:
+            print(shown(note), file=sys.stderr)
         for name in result.layers:
             print(shown(result.summary_line(name)), file=sys.stderr)
         skipped = f", {len(result.skipped)} images skipped" if result.skipped else ""

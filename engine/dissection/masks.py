@@ -28,11 +28,21 @@ the same whatever the batch, the number of units or the caller.
 **Tie fallback** (degenerate thresholds): when a mass of a unit's activations ties with
 ``T_k`` (``T_k = 0`` on a sparse ReLU unit that is zero at more than 99.5% of positions, or any
 value many positions share), the paper's ``S >= T`` would select every such position: for
-``T_k = 0`` the whole image. A dissection therefore records per unit ``tie_fallback[k]``: True
-when the paper's rule was requested and ``P(A_k >= T_k) > TIE_FACTOR * q`` over all positions of
-all images (``TIE_FACTOR = 2``); those units use ``S > T`` instead. A unit whose activations
-never exceed ``T_k`` then has empty masks, IoU 0 with every concept and no label. With
-``strict=True`` every unit already uses ``S > T`` and ``tie_fallback`` changes nothing.
+``T_k = 0`` the whole image. A dissection therefore counts ``P(A_k >= T_k)`` over all positions
+of all images (over the activations, as the quantile is: about ``q`` for a unit without ties)
+and records per unit ``tie_fallback[k]`` (:func:`tie_fallback`), True when the paper's rule was
+requested, ``P(A_k >= T_k) > tie_factor * q`` (``TIE_FACTOR = 2``, the dissection's
+``DissectionParams.tie_factor``; None turns the rule off) and either
+
+- some activation exceeds ``T_k`` (the tie is below the unit's top values: ``S > T`` keeps
+  those, the top ``<= q`` of its activations), or
+- ``T_k`` is the unit's largest activation and more than ``TOP_TIE_SHARE`` (half) of all
+  positions take it (a constant or nearly constant unit): ``S > T`` is then empty.
+
+Those units use ``S > T``. A unit saturated at its maximum on fewer positions (ReLU6, a
+hard tanh) keeps ``S >= T``: its mask is the saturated region, its top activations. A unit
+whose activations never exceed ``T_k`` under ``S > T`` has empty masks, IoU 0 with every
+concept and no label. With ``strict=True`` every unit already uses ``S > T``.
 """
 
 from __future__ import annotations
@@ -48,6 +58,23 @@ from engine.types import ConvLensError
 TIE_FACTOR = 2.0
 """A unit falls back to ``S > T`` when ``P(A_k >= T_k)`` exceeds this many times the top
 quantile ``q`` (ties at the threshold would make its ``S >= T`` mask that much larger)."""
+
+TOP_TIE_SHARE = 0.5
+"""A unit whose threshold is its maximum keeps ``S >= T`` (its saturated region) unless more
+than this share of all positions take that maximum."""
+
+
+def tie_fallback(at_threshold: np.ndarray, positions: int, exceeds: np.ndarray, quantile: float,
+                 factor: float = TIE_FACTOR) -> np.ndarray:
+    """(K,) bool: which units use ``S > T`` instead of ``S >= T`` (see the module docstring).
+
+    ``at_threshold``: per unit the count of activations ``A_k >= T_k`` over ``positions``
+    positions (all images); ``exceeds``: whether some activation is ``> T_k``.
+    """
+    count = np.asarray(at_threshold, dtype=np.float64)
+    tied = count > factor * quantile * positions
+    flat_top = count > TOP_TIE_SHARE * positions
+    return tied & (np.asarray(exceeds, dtype=bool) | flat_top)
 
 
 def float32_cut(thresholds: np.ndarray, *, strict: bool) -> np.ndarray:

@@ -333,6 +333,30 @@ class TopQuantile:
         self._error_bound = (high - low) / 2.0
         return (low + high) / 2.0
 
+    def count_bound(self, thresholds: np.ndarray) -> np.ndarray:
+        """(K,) float64: an upper bound on the number of values ``>= thresholds[k]`` of each unit
+        (``inf`` when the kept state cannot bound it).
+
+        Exact mode: when the smallest kept value is below the threshold, every value at or above
+        it is kept and the bound is their exact count; otherwise (ties or values reaching past
+        the kept top values, e.g. ``T_k = 0`` on a sparse ReLU unit) it is ``inf``. Approximate
+        mode: the count of the bins whose maximum reaches the threshold. A dissection counts the
+        exact number in its second pass; this bound tells which units may need the tie
+        fallback (see :mod:`engine.dissection.masks`).
+        """
+        t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+        if t.shape != (self.n_units,):
+            raise ConvLensError(f"{t.size} thresholds for {self.n_units} units.")
+        if self.exact:
+            top = self._top.double().cpu().numpy()
+            if top.shape[1] == 0:
+                return np.zeros(self.n_units)
+            count = (top >= t[:, None]).sum(axis=1).astype(np.float64)
+            return np.where(top.min(axis=1) >= t, np.inf, count)
+        counts = self._counts.cpu().numpy()
+        bmax = self._bmax.double().cpu().numpy()
+        return np.where(bmax >= t[:, None], counts, 0).sum(axis=1).astype(np.float64)
+
     @staticmethod
     def _bracket(
         counts: np.ndarray, bmin: np.ndarray, bmax: np.ndarray, rank: int

@@ -57,7 +57,7 @@ from engine.cache import (
 )
 from engine.concepts import ConceptDataset, ConceptSample, open_broden
 from engine.data.images import DIGEST_SIZE, ImageLoader, ImageSet, digest_files
-from engine.dissection.masks import cut_masks, float32_cut, mask_cuts  # noqa: F401 (float32_cut: re-exported)
+from engine.dissection.masks import TIE_FACTOR, cut_masks, float32_cut, mask_cuts, tie_fallback  # noqa: F401 (float32_cut: re-exported)
 from engine.dissection.quantile import TopQuantile
 from engine.dissection.tally import LayerSummary, summarize
 from engine.jobs import Job
@@ -65,7 +65,8 @@ from engine.types import ConvLensError, ImageRecord, LayerInfo, Preprocess, Prog
 
 log = logging.getLogger("convlens.dissection")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: per-unit tie fallback and P(A >= T), passes, notes and warnings."""
 CACHE_KIND = "dissection"
 
 MaskRule = Literal["paper", "lite"]
@@ -92,6 +93,9 @@ class DissectionParams:
     ``strict_mask``: ``M = S > T`` (NetDissect-Lite) instead of ``S >= T`` (the paper).
     ``batch_size``: images per forward pass. ``top_k``: top images kept per unit.
     ``categories``: the concept categories to score (None: all of the data set).
+    ``tie_factor``: a unit whose ``P(A_k >= T_k)`` exceeds ``tie_factor * quantile`` (a mass of
+    activations ties with its threshold) uses ``S > T`` instead of ``S >= T`` (see
+    :mod:`engine.dissection.masks`); None applies the paper's rule literally to every unit.
     ``device``: where thresholds and tallies are computed (None: the backend's device for
     torch models, CUDA if available else CPU for ONNX models).
     """
@@ -104,6 +108,7 @@ class DissectionParams:
     top_k: int = 10
     categories: tuple[str, ...] | None = None
     device: str | None = None
+    tie_factor: float | None = TIE_FACTOR
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -122,6 +127,8 @@ class DissectionParams:
             raise ConvLensError(f"quantile must be in (0, 1), got {self.quantile}.")
         if self.mask_rule not in ("paper", "lite"):
             raise ConvLensError(f'mask_rule must be "paper" or "lite", got {self.mask_rule!r}.')
+        if self.tie_factor is not None and not self.tie_factor >= 1.0:
+            raise ConvLensError(f"tie_factor must be >= 1 (or None), got {self.tie_factor}.")
         if self.batch_size < 1 or self.top_k < 1:
             raise ConvLensError(
                 f"batch_size and top_k must be >= 1, got {self.batch_size} and {self.top_k}."
@@ -147,6 +154,13 @@ class LayerDissection:
     summary: LayerSummary
     top_images: np.ndarray  # (K, top_k) int64
     top_values: np.ndarray  # (K, top_k) float32
+    tie_fallback: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    """(K,) bool: the units whose threshold tied with a mass of activations
+    (``P(A_k >= T_k) > tie_factor * q``), so that their masks use ``S > T`` instead of the
+    paper's ``S >= T`` (see :mod:`engine.dissection.masks`); all False with ``strict_mask``."""
+    at_threshold: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """(K,) float64: ``P(A_k >= T_k)`` over all positions of all images (about ``q`` for a unit
+    without ties)."""
 
 
 @dataclass
@@ -170,6 +184,13 @@ class DissectionResult:
     input_digests: np.ndarray | None = None
     """(F, 16) uint8: content digest of each of the concept set's ``content_files()`` as
     dissected (None for results saved without them)."""
+    passes: int = 2
+    """Forward passes over the images: 1 when the maps were kept for the tally (they fit
+    ``params.map_budget_mb``), else 2."""
+    notes: tuple[str, ...] = ()
+    """How the run went beyond the numbers, as sentences (passes, tie fallbacks)."""
+    warnings: tuple[str, ...] = ()
+    """What the user should know about the result (e.g. a 1x1 layer scored image-level)."""
     from_cache: bool = False
 
     def summary_line(self, layer: str) -> str:
@@ -369,13 +390,18 @@ class _Labels:
 def summarize_layer(iou: np.ndarray, names: Sequence[str], category_index: np.ndarray,
                     categories: Sequence[str], threshold: float) -> LayerSummary:
     """:func:`summarize` over the scored labels only (``category_index >= 0``), with label
-    numbers mapped back to global ones."""
+    numbers mapped back to global ones; a unit whose IoU is 0 with every concept gets no label
+    (label 0, name and category ``""``, category -1)."""
     cols = np.concatenate(([0], np.flatnonzero(category_index >= 0)))
     s = summarize(iou[:, cols], [names[c] for c in cols],
                   np.where(cols == 0, 0, category_index[cols]), categories, threshold)
+    none = s.iou <= 0  # IoU 0 with every concept (e.g. a mask that is always empty): no label
     return replace(
         s,
-        label=cols[s.label],
+        label=np.where(none, 0, cols[s.label]),
+        label_name=tuple("" if n else name for n, name in zip(none, s.label_name, strict=True)),
+        category=np.where(none, -1, s.category),
+        category_name=tuple("" if n else name for n, name in zip(none, s.category_name, strict=True)),
         category_label=np.where(s.category_label >= 0, cols[np.maximum(s.category_label, 0)], -1),
     )
 
@@ -496,8 +522,11 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
     clock.seconds["pass1"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
+    factor = params.tie_factor or 1.0
+    candidates = {name: quantiles[name].count_bound(thresholds[name])
+                  > factor * params.quantile * quantiles[name].total for name in layers}
     tallies = yield from _pass2(backend, concepts, image_set, pre, order, info, thresholds,
-                                kept, labels, params, device, clock)
+                                candidates, kept, labels, params, device, clock)
     del kept
     clock.seconds["pass2"] = time.perf_counter() - t1
 
@@ -511,8 +540,12 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
             summary=summarize_layer(iou, labels.names, labels.category_index, labels.categories,
                                     params.iou_threshold),
             top_images=top_images, top_values=top_values,
+            tie_fallback=tallies[name].tie_fallback(),
+            at_threshold=tallies[name].at_threshold_fraction(),
         )
     clock.lap("summary")
+    notes = [tie_note(name, out[name].tie_fallback, params) for name in layers
+             if out[name].tie_fallback.any()]
     seconds = _phase_totals(clock.seconds, layers)
     seconds["total"] = time.perf_counter() - t0
     result = DissectionResult(
@@ -520,8 +553,17 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
         params=params, layers=out, concept_names=labels.names,
         concept_categories=labels.categories_of, categories=labels.categories,
         n_images=len(order), seconds=seconds, skipped=tuple(skipped), input_digests=input_digests,
+        notes=tuple(notes),
     )
     return result
+
+
+def tie_note(layer: str, fallback: np.ndarray, params: DissectionParams) -> str:
+    """The sentence saying which units of ``layer`` fell back to ``S > T``."""
+    units = np.flatnonzero(fallback).tolist()
+    shown = ", ".join(map(str, units[:20])) + (", ..." if len(units) > 20 else "")
+    return (f"{layer}: {len(units)} unit{'' if len(units) == 1 else 's'} ({shown}) tie with the threshold "
+            f"(P(A >= T) > {params.tie_factor:g} x {params.quantile:g}); their masks use S > T")
 
 
 def restrict_categories(concepts: ConceptDataset, categories: Sequence[str]) -> ConceptDataset:
@@ -589,11 +631,11 @@ def _pass1(
 def _pass2(
     backend: Backend, concepts: ConceptDataset, image_set: ImageSet, pre: Preprocess,
     order: list[int], info: dict[str, LayerInfo], thresholds: dict[str, np.ndarray],
-    kept: dict[str, torch.Tensor] | None, labels: _Labels, params: DissectionParams,
+    candidates: dict[str, np.ndarray], kept: dict[str, torch.Tensor] | None, labels: _Labels, params: DissectionParams,
     device: torch.device, clock: _Clock,
 ) -> Job[dict[str, _SparseTally]]:
     """IoU tallies of every layer; returns ``{layer: _SparseTally}`` (a sub-generator)."""
-    tallies = {name: _SparseTally(li.units, labels, thresholds[name], params, device)
+    tallies = {name: _SparseTally(li.units, labels, thresholds[name], params, device, candidates[name])
                for name, li in info.items()}
     layers = list(info)
     n = len(order)
@@ -689,28 +731,48 @@ class _SparseTally:
     """
 
     def __init__(self, units: int, labels: _Labels, thresholds: np.ndarray,
-                 params: DissectionParams, device: torch.device) -> None:
+                 params: DissectionParams, device: torch.device,
+                 candidates: np.ndarray | None = None) -> None:
         n_labels = len(labels.names)
         self.n_labels = n_labels
+        self.units = units
         self.params = params
         self.device = device
         self.label_category = torch.as_tensor(
             np.where(labels.scored, labels.category_index, 0), device=device)
         self.n_categories = len(labels.categories)
-        self.thresholds = torch.as_tensor(thresholds, device=device)
-        self.cut = torch.as_tensor(mask_cuts(thresholds, strict=params.strict_mask), device=device)
-        self.inter = torch.zeros((units, n_labels), dtype=torch.int64, device=device)
-        self.extra_union = torch.zeros((units, n_labels), dtype=torch.int64, device=device)
+        # Rows: one per unit with the requested rule, then one per tie candidate with S > T
+        # (the row the unit takes if its tie count calls for the fallback).
+        cand = np.zeros(0, dtype=np.int64) if params.strict_mask or params.tie_factor is None else (
+            np.arange(units) if candidates is None else np.flatnonzero(np.asarray(candidates, dtype=bool)))
+        self.candidates = cand
+        self.row_unit = torch.as_tensor(np.concatenate((np.arange(units), cand)), device=device)
+        t = np.asarray(thresholds, dtype=np.float64)
+        self.thresholds = torch.as_tensor(t, device=device)
+        cut = np.concatenate((mask_cuts(t, strict=params.strict_mask), mask_cuts(t[cand], strict=True)))
+        self.cut = torch.as_tensor(cut, device=device)
+        self.ge_cut = torch.as_tensor(mask_cuts(t, strict=False), device=device)
+        rows = units + len(cand)
+        self.inter = torch.zeros((rows, n_labels), dtype=torch.int64, device=device)
+        self.extra_union = torch.zeros((rows, n_labels), dtype=torch.int64, device=device)
         self.label_area = torch.zeros(n_labels, dtype=torch.int64, device=device)
+        self.at_threshold = torch.zeros(units, dtype=torch.int64, device=device)  # count A_k >= T_k
+        self.positions = 0  # positions per unit seen (images x h x w)
+        self.unit_max = torch.full((units,), -torch.inf, dtype=torch.float64, device=device)
         self.scored = labels.scored
 
     def update(self, acts: torch.Tensor, images: Sequence[_ImageLabels], clock: _Clock,
                name: str) -> None:
         """Add a batch: ``acts`` (B, K, h, w) and the B images' labels."""
+        acts = acts.to(self.device)
+        self.at_threshold += (acts >= self.ge_cut[None, :, None, None]).sum(dim=(0, 2, 3))
+        self.positions += acts.shape[0] * acts.shape[2] * acts.shape[3]
         hi = acts.amax(dim=(2, 3)).double()
         lo = acts.amin(dim=(2, 3)).double()
+        if len(hi):
+            self.unit_max = torch.maximum(self.unit_max, hi.amax(dim=0))
         margin = _SKIP_MARGIN * torch.maximum(hi.abs(), lo.abs())
-        active = (hi + margin >= self.thresholds[None]).cpu().numpy()  # (B, K)
+        active = (hi + margin >= self.thresholds[None])[:, self.row_unit].cpu().numpy()  # (B, R)
         by_size: dict[tuple[int, int], list[int]] = {}
         for b, im in enumerate(images):
             by_size.setdefault(im.mask_size, []).append(b)
@@ -745,9 +807,9 @@ class _SparseTally:
         img = torch.as_tensor(np.concatenate([np.full(len(u), j) for j, u in chunk]),
                               dtype=torch.int64, device=dev)
         unit = torch.as_tensor(np.concatenate([u for _, u in chunk]), dtype=torch.int64,
-                               device=dev)
-        masks = cut_masks(acts[img.to(acts.device), unit.to(acts.device)], self.cut[unit].to(acts.device),
-                          size).to(dev).flatten(1)  # (N, P)
+                               device=dev)  # rows (see __init__)
+        masks = cut_masks(acts[img.to(acts.device), self.row_unit[unit].to(acts.device)],
+                          self.cut[unit].to(acts.device), size).to(dev).flatten(1)  # (N, P)
         clock.lap(f"masks[{name}]")
         n, lab = len(unit), self.n_labels
         if n == 0:
@@ -774,21 +836,48 @@ class _SparseTally:
         """The tally of both tallies' images together (int64 sums: any split and order of the
         images gives the one-pass counts exactly); neither is changed."""
         if other.inter.shape != self.inter.shape or not torch.equal(other.cut.cpu(), self.cut.cpu()) \
+                or not np.array_equal(other.candidates, self.candidates) \
                 or other.params.result_key() != self.params.result_key():
             raise ConvLensError("cannot merge IoU tallies of different layers, labels, thresholds or settings.")
         out = copy.copy(self)
         out.inter = self.inter + other.inter.to(self.device)
         out.extra_union = self.extra_union + other.extra_union.to(self.device)
         out.label_area = self.label_area + other.label_area.to(self.device)
+        out.at_threshold = self.at_threshold + other.at_threshold.to(self.device)
+        out.positions = self.positions + other.positions
+        out.unit_max = torch.maximum(self.unit_max, other.unit_max.to(self.device))
+        return out
+
+    def at_threshold_fraction(self) -> np.ndarray:
+        """(K,) float64 ``P(A_k >= T_k)`` over the positions seen."""
+        return self.at_threshold.cpu().numpy() / max(self.positions, 1)
+
+    def tie_fallback(self) -> np.ndarray:
+        """(K,) bool: the units whose ``S >= T`` mask falls back to ``S > T`` (never with
+        ``strict_mask``): :func:`engine.dissection.masks.tie_fallback` of the counts."""
+        out = np.zeros(self.units, dtype=bool)
+        if self.params.tie_factor is not None and len(self.candidates):
+            c = self.candidates
+            out[c] = tie_fallback(self.at_threshold.cpu().numpy()[c], self.positions,
+                                  self.unit_max.cpu().numpy()[c] > self.thresholds.cpu().numpy()[c],
+                                  self.params.quantile, self.params.tie_factor)
         return out
 
     def iou(self) -> np.ndarray:
-        """(K, L) float64 IoU over the data set (0 for unscored labels and empty unions)."""
+        """(K, L) float64 IoU over the data set (0 for unscored labels and empty unions), each
+        unit by its rule (the tie fallback applied)."""
         inter = self.inter.cpu().numpy()
         union = self.label_area.cpu().numpy()[None] + self.extra_union.cpu().numpy()
         union[:, 0] = 0
         union[:, ~self.scored] = 0
-        return np.divide(inter, union, out=np.zeros(union.shape), where=union > 0)
+        rows = np.divide(inter, union, out=np.zeros(union.shape), where=union > 0)
+        out = rows[:self.units].copy()
+        fallback = self.tie_fallback()
+        if fallback.any():
+            row_of = np.full(self.units, -1)
+            row_of[self.candidates] = self.units + np.arange(len(self.candidates))
+            out[fallback] = rows[row_of[fallback]]
+        return out
 
 
 @dataclass
@@ -843,6 +932,8 @@ def save_result(result: DissectionResult, folder: str | Path) -> Path:
         np.save(folder / f"{stem}_iou.npy", np.asarray(ld.iou, dtype=np.float64))
         np.save(folder / f"{stem}_top_images.npy", np.asarray(ld.top_images, dtype=np.int64))
         np.save(folder / f"{stem}_top_values.npy", np.asarray(ld.top_values, dtype=np.float32))
+        np.save(folder / f"{stem}_tie_fallback.npy", np.asarray(ld.tie_fallback, dtype=bool))
+        np.save(folder / f"{stem}_at_threshold.npy", np.asarray(ld.at_threshold, dtype=np.float64))
         layers.append({"name": name, "stem": stem, "units": ld.units, "shape": list(ld.shape)})
     if result.input_digests is not None:
         np.save(folder / "input_digests.npy", np.asarray(result.input_digests, dtype=np.uint8))
@@ -860,6 +951,9 @@ def save_result(result: DissectionResult, folder: str | Path) -> Path:
         "seconds": result.seconds,
         "skipped": [list(s) for s in result.skipped],
         "input_digests": result.input_digests is not None,
+        "passes": result.passes,
+        "notes": list(result.notes),
+        "warnings": list(result.warnings),
     })
     return folder
 
@@ -905,6 +999,8 @@ def _read_result(folder: Path, meta: dict[str, Any]) -> DissectionResult:
         check_array(folder, f"{stem}_iou", np.float64, (units, len(names)))
         k = check_array(folder, f"{stem}_top_images", np.int64, (units, None))[1]
         check_array(folder, f"{stem}_top_values", np.float32, (units, k))
+        check_array(folder, f"{stem}_tie_fallback", np.bool_, (units,))
+        check_array(folder, f"{stem}_at_threshold", np.float64, (units,))
         iou = load_array(folder, f"{stem}_iou", mmap=False)
         layers[entry["name"]] = LayerDissection(
             layer=entry["name"], units=units, shape=tuple(int(d) for d in entry["shape"]),
@@ -913,6 +1009,8 @@ def _read_result(folder: Path, meta: dict[str, Any]) -> DissectionResult:
                                     params.iou_threshold),
             top_images=load_array(folder, f"{stem}_top_images", mmap=False),
             top_values=load_array(folder, f"{stem}_top_values", mmap=False),
+            tie_fallback=load_array(folder, f"{stem}_tie_fallback", mmap=False),
+            at_threshold=load_array(folder, f"{stem}_at_threshold", mmap=False),
         )
     digests = None
     if meta.get("input_digests"):
@@ -924,4 +1022,6 @@ def _read_result(folder: Path, meta: dict[str, Any]) -> DissectionResult:
         concept_names=names, concept_categories=cat_names, categories=categories,
         n_images=int(meta["n_images"]), seconds={k: float(v) for k, v in meta["seconds"].items()},
         skipped=tuple((str(a), str(b)) for a, b in meta["skipped"]), input_digests=digests,
+        passes=int(meta["passes"]), notes=tuple(str(n) for n in meta["notes"]),
+        warnings=tuple(str(w) for w in meta["warnings"]),
     )
