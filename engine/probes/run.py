@@ -113,7 +113,8 @@ class ProbeResult:
     """A transformation probe over an image set (plain data).
 
     ``values`` (T,) the sweep; per image j of the N read (``paths[j]``, record
-    ``record_indices[j]``): ``distance`` (L, N, T) normalised feature distances, ``pred`` (N, T)
+    ``record_indices[j]``): ``distance`` (L, N, T) normalised feature distances (``input_distance``
+    (N, T) the same on the model input), ``pred`` (N, T)
     predicted class, ``prob`` (N, T) its probability, ``ref_prob`` (N, T) the probability of the
     class predicted for the untransformed image (``ref_pred`` (N,)). ``pooled[l]`` (N, T, C_l):
     each unit's spatial mean; ``pooled_ref[l]`` (N, C_l) the same for the untransformed image.
@@ -135,6 +136,7 @@ class ProbeResult:
     layer_shapes: tuple[tuple[int, ...], ...]
     values: np.ndarray
     distance: np.ndarray
+    input_distance: np.ndarray
     pred: np.ndarray
     prob: np.ndarray
     ref_pred: np.ndarray
@@ -178,6 +180,12 @@ class ProbeResult:
         """(L, T) mean normalised distance over the images (NaN entries left out)."""
         with np.errstate(invalid="ignore"):
             return np.nanmean(self.distance, axis=1) if self.n else np.full(self.distance.shape[::2], np.nan)
+
+    def input_invariance(self) -> np.ndarray:
+        """(T,) the same normalised distance on the model input itself (the preprocessed pixels):
+        the reference a layer's curve compares with (above it: the layer moves more than the pixels)."""
+        with np.errstate(invalid="ignore"):
+            return np.nanmean(self.input_distance, axis=0) if self.n else np.full(len(self.values), np.nan)
 
     def invariance_std(self) -> np.ndarray:
         with np.errstate(invalid="ignore"):
@@ -239,6 +247,7 @@ class ProbeResult:
                 "unit": tf.UNITS[self.transform], "values": [float(v) for v in self.values],
                 "params": self.params.result_key(), "features": self.feature_note,
                 "n_train": self.n_train, "n_test": self.n_test, "layers": layers,
+                "input_invariance": [_num(v) for v in self.input_invariance()],
                 "prediction_agreement": [float(v) for v in self.agreement()],
                 "composition": self.composition_summary(), "seconds": self.seconds,
                 "skipped": [list(s) for s in self.skipped]}
@@ -338,7 +347,7 @@ def linear_analysis(ref: np.ndarray, swept: np.ndarray, train: np.ndarray, test:
 def split_indices(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded split of ``range(n)`` into sorted train and test indices (both non-empty for n >= 2)."""
     perm = np.random.default_rng(seed).permutation(n)
-    k = min(n - 1, max(1, int(round(train_fraction * n))))
+    k = min(n - 1, max(1, round(train_fraction * n)))
     return np.sort(perm[:k]), np.sort(perm[k:])
 
 
@@ -450,6 +459,16 @@ class _Projector:
         return flat if self.matrix is None else flat @ self.matrix
 
 
+def _distances(full: np.ndarray) -> np.ndarray:
+    """(n, S) ``||f[:, s] - f[:, 0]|| / ||f[:, 0]||`` of (n, S, D) features (NaN where f[:, 0] is 0)."""
+    base = full[:, :1]
+    num = np.linalg.norm((full - base).astype(np.float64), axis=2)
+    den = np.linalg.norm(base.astype(np.float64), axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return d.astype(np.float32)
+
+
 def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], params: ProbeParams) -> Job[ProbeResult]:
     from engine.data.images import ImageError, load_image
     from engine.predict import to_probabilities
@@ -465,6 +484,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], pa
     shapes = [tuple(infos[name].shape) if name in infos else () for name in layers]
 
     dist: list[list[np.ndarray]] = [[] for _ in layers]
+    input_dist: list[np.ndarray] = []
     pooled: list[list[np.ndarray]] = [[] for _ in layers]
     flats: list[list[np.ndarray]] = [[] for _ in layers]
     projectors: list[_Projector | None] = [None] * len(layers)
@@ -489,6 +509,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], pa
         if not chunk:
             continue
         batch = np.concatenate([sweep_inputs(img, params, pre, sweep) for _r, img in chunk])
+        input_dist.append(_distances(batch.reshape(len(chunk), len(sweep), -1))[:, 1:])
         outs, acts = [], {name: [] for name in layers}  # type: ignore[var-annotated]
         for b in range(0, len(batch), params.batch_size):
             res = backend.forward(batch[b:b + params.batch_size], layers)
@@ -509,12 +530,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], pa
             raw = raw.reshape(len(chunk), len(sweep), *raw.shape[1:])
             full = raw.reshape(len(chunk), len(sweep), -1)
             units = raw.reshape(len(chunk), len(sweep), raw.shape[2], -1).mean(axis=3) if raw.ndim > 3 else full
-            base = full[:, :1]
-            num = np.linalg.norm((full - base).astype(np.float64), axis=2)
-            den = np.linalg.norm(base.astype(np.float64), axis=2)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                d = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-            dist[li].append(d[:, 1:].astype(np.float32))
+            dist[li].append(_distances(full)[:, 1:])
             pooled[li].append(units.astype(np.float32))
             if params.features == "flat":
                 if projectors[li] is None:
@@ -576,6 +592,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], pa
         class_names=tuple(spec.classes) if spec.classes else None, params=params, layers=tuple(layers),
         layer_shapes=tuple(tuple(int(v) for v in s) for s in shapes), values=np.asarray(values, dtype=np.float64),
         distance=np.stack([cat(dist[li], (0, t_count)) for li in range(len(layers))]),
+        input_distance=cat(input_dist, (0, t_count)),
         pred=np.concatenate(preds).astype(np.int64), prob=np.concatenate(probs).astype(np.float32),
         ref_pred=np.concatenate(ref_preds).astype(np.int64), ref_prob=np.concatenate(ref_probs).astype(np.float32),
         pooled=tuple(np.ascontiguousarray(p[:, 1:]) for p in pooled_all),
@@ -592,7 +609,8 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], pa
 
 _ARRAYS: dict[str, tuple[Any, tuple[int | None, ...]]] = {
     "record_indices": (np.int64, (None,)), "values": (np.float64, (None,)),
-    "distance": (np.float32, (None, None, None)), "pred": (np.int64, (None, None)), "prob": (np.float32, (None, None)),
+    "distance": (np.float32, (None, None, None)), "input_distance": (np.float32, (None, None)),
+    "pred": (np.int64, (None, None)), "prob": (np.float32, (None, None)),
     "ref_pred": (np.int64, (None,)), "ref_prob": (np.float32, (None, None)), "feature_dims": (np.int64, (None,)),
     "comp_pairs": (np.int64, (None, 3)), "comp_frob": (np.float64, (None, None)),
     "comp_test": (np.float64, (None, None)), "comp_direct": (np.float64, (None, None)),
@@ -637,7 +655,7 @@ def load_result(folder: str | Path) -> ProbeResult:
         layers = tuple(str(x) for x in meta["layers"])
         n, t, n_l = len(meta["paths"]), shapes["values"][0], len(layers)
         p_count = shapes["comp_pairs"][0]
-        want = {"record_indices": (n,), "distance": (n_l, n, t), "pred": (n, t), "prob": (n, t), "ref_pred": (n,),
+        want = {"record_indices": (n,), "distance": (n_l, n, t), "input_distance": (n, t), "pred": (n, t), "prob": (n, t), "ref_pred": (n,),
                 "ref_prob": (n, t), "feature_dims": (n_l,), "comp_frob": (n_l, p_count), "comp_test": (n_l, p_count),
                 "comp_direct": (n_l, p_count)}
         bad = [k for k, v in want.items() if shapes[k] != v]

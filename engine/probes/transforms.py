@@ -78,7 +78,7 @@ def parse_range(text: str) -> tuple[float, ...]:
             start, stop, step = parts
             if not all(math.isfinite(v) for v in parts) or step == 0 or (stop - start) * step < 0:
                 raise ConvLensError(f"range {text!r}: the step must be non-zero and lead from start to stop")
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            n = math.floor((stop - start) / step + 1e-9) + 1
             if n > 1000:
                 raise ConvLensError(f"range {text!r}: {n} values (at most 1000)")
             values = [round(start + i * step, 10) for i in range(n)]
@@ -147,7 +147,7 @@ def apply(img: np.ndarray, transform: str, theta: float, fill: str = "reflect",
     if transform == "rotate":
         quarter = theta / 90.0
         if h == w and quarter == round(quarter):
-            return np.ascontiguousarray(np.rot90(img, k=int(round(quarter)) % 4, axes=(0, 1)))
+            return np.ascontiguousarray(np.rot90(img, k=round(quarter) % 4, axes=(0, 1)))
         r = math.radians(theta)
         cos, sin = math.cos(r), math.sin(r)
         # displayed counter-clockwise (rows point down): input = [[cos, sin], [-sin, cos]] @ output
