@@ -229,6 +229,14 @@ def _scaled(job: Job[Any], lo: float, hi: float, prefix: str) -> Job[Any]:
         yield Progress(f, prefix + p.message)
 
 
+def _padded(rows: list[np.ndarray]) -> np.ndarray:
+    """Metrics of different item counts (per unit, and one per layer) as one (M, I) array, NaN-padded."""
+    out = np.full((len(rows), max(len(r) for r in rows)), np.nan)
+    for m, r in enumerate(rows):
+        out[m, :len(r)] = r
+    return out
+
+
 def _compute(backend: Any, model_sha: str, image_set: Any, params: SanityParams,
              cache: Cache | None) -> Job[SanityResult]:
     from ..data.images import ImageLoader
@@ -269,7 +277,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, params: SanityParams,
                                                         f"{','.join(names)}")
                 value = yield from _scaled(exp.compute(rb, step_inputs, scratch), lo, lo + 1 / total, shown)
                 sims = exp.compare(original, value)
-                values.append(np.stack([np.asarray(sims[m], np.float64).ravel() for m in exp.metrics]))
+                values.append(_padded([np.asarray(sims[m], np.float64).ravel() for m in exp.metrics]))
                 if keep:
                     step_maps.append(np.asarray(value[:keep], np.float32))
         finally:
