@@ -254,6 +254,13 @@ def spatial_layers(backend: Backend, layers: Sequence[str]) -> dict[str, LayerIn
     return {n: info[n] for n in layers}
 
 
+def one_position_warnings(info: dict[str, LayerInfo]) -> list[str]:
+    """A warning per layer whose maps are 1x1 (no spatial extent): each unit's mask is then the
+    whole image or nothing, so its IoU is image-level (such layers are never default layers)."""
+    return [f"layer {name!r} has 1x1 maps (shape {list(li.shape)}): each unit's mask is the whole image or "
+            "nothing, so its IoU is image-level" for name, li in info.items() if li.shape[1] * li.shape[2] == 1]
+
+
 def forward_batch(backend: Backend, batch: np.ndarray, layers: Sequence[str],
                   device: torch.device) -> dict[str, torch.Tensor]:
     """The activations of ``layers`` on ``device``: torch models stay on their device
@@ -553,7 +560,7 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
         params=params, layers=out, concept_names=labels.names,
         concept_categories=labels.categories_of, categories=labels.categories,
         n_images=len(order), seconds=seconds, skipped=tuple(skipped), input_digests=input_digests,
-        notes=tuple(notes),
+        notes=tuple(notes), warnings=tuple(one_position_warnings(info)),
     )
     return result
 
