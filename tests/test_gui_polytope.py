@@ -163,9 +163,9 @@ def test_affine_head_is_said(qtbot, ctx, view: PolytopeView) -> None:
     assert view.result.head["affine"]
     note = view.affine_note()
     assert "affine" in note and view.note_label.isVisibleTo(view) and view.note_label.text() == note
-    # the engine suggests earlier layers for spatial split points only: the view offers the default
-    assert view.result.head["suggested_layers"] == []
-    assert view.suggested_layers() == ["prelu3"] and "Suggested earlier split layers: prelu3" in note
+    # prelu4 is not spatial (after the flatten): the engine suggests the nearest earlier spatial layers
+    assert view.result.head["suggested_layers"][0] == "prelu3"
+    assert view.suggested_layers()[0] == "prelu3" and "Suggested earlier split layers: prelu3" in note
     assert view.suggest_button.isVisibleTo(view) and view.suggest_button.text() == "Split at prelu3"
     qtbot.mouseClick(view.suggest_button, Qt.MouseButton.LeftButton)
     assert view.layer() == "prelu3"
@@ -210,18 +210,22 @@ def test_hidden_view_waits_restores_its_state_and_can_be_cancelled(qtbot, ctx, v
     _ready(qtbot, view, delta=2, candidates=30)
     state = view.save_state()
     assert state == {"layer": "prelu3", "delta": 2, "candidates": 30}
-    other = PolytopeView(ctx)  # never shown: lists the split points, computes nothing
+    other = PolytopeView(ctx)  # never shown: runs nothing, not even the list of split points
     qtbot.addWidget(other)
     other.restore_state({"layer": "pool2", "delta": None, "candidates": 7})
-    with qtbot.waitSignal(other.layers_ready, timeout=JOB_MS):
-        pass
-    assert other.layer() == "pool2" and other.delta() is None and other.q_spin.value() == 7
-    assert other._handle is None and other.result is None
-    assert "computed when this view is shown" in other.status.text()
+    qtbot.wait(300)
+    assert other._layers_handle is None and other._handle is None and other.result is None
+    assert other.layer_combo.count() == 0 and other.delta() is None and other.q_spin.value() == 7
+    assert "split points and galleries are computed when this view is shown" in other.status.text()
+    assert other.save_state() == {"layer": "pool2", "delta": None, "candidates": 7}  # kept for a project
+    assert not [j for j in ctx.runner.jobs() if j.state in ("queued", "running") and j.title.startswith("Polytope")
+                and j not in (view._handle, view._layers_handle)]
     other.restore_state(state)
-    assert other.layer() == "prelu3" and other.delta() == 2 and other._handle is None
-    other.show()  # shown: computes (the engine finds it in its disk cache)
-    assert other._handle is not None
+    assert other.save_state() == state and other._handle is None
+    with qtbot.waitSignal(other.layers_ready, timeout=JOB_MS):
+        other.show()  # shown: lists the split points, then computes (the engine finds it in its disk cache)
+    assert other.layer() == "prelu3" and other.delta() == 2
+    qtbot.waitUntil(lambda: other._handle is not None or other.result is not None, timeout=JOB_MS)
     _ready(qtbot, other, delta=2, candidates=30)
     assert other.result.from_cache and digest(other.result) == digest(view.result)
     # a job cancelled from the jobs panel leaves the view saying so, not waiting forever
@@ -281,3 +285,30 @@ def test_dock_lays_out_at_1024x640(qtbot, demo, tmp_path: Path, monkeypatch) -> 
         assert widgets_off_view(view) == []
         assert view.gallery_scroll.viewport().height() >= 64 and view.gallery_scroll.viewport().width() >= 64 * 3
         assert view.knn_scroll.isVisible()
+
+
+def test_a_dock_tabbed_away_at_start_up_runs_nothing_until_raised(qtbot, demo, tmp_path: Path, monkeypatch) -> None:
+    from PySide6.QtCore import QSettings
+
+    from gui.main_window import MainWindow
+
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    win = MainWindow(settings=QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(win)
+    win.show()
+    try:
+        spec, images = demo
+        win.session.load_model(spec)
+        with qtbot.waitSignal(win.session.predictions_changed, timeout=JOB_MS, check_params_cb=lambda p: p is not None):
+            win.session.open_images(str(images))
+        view = win.views["polytope"]
+        qtbot.wait(300)
+        assert not view.on_screen()  # tabbed behind another dock: "visible", nothing on screen
+        assert [j.title for j in win.runner.jobs() if j.title.startswith("Polytope")] == []
+        assert view.layer_combo.count() == 0 and "computed when this view is shown" in view.status.text()
+        with qtbot.waitSignal(view.layers_ready, timeout=JOB_MS):
+            win.docks["polytope"].raise_()
+        assert view.on_screen() and view.layer() == "prelu3"
+        _ready(qtbot, view, layer="prelu3")
+    finally:
+        win.close()

@@ -366,3 +366,29 @@ def test_an_onnx_model_is_refused_saying_what_to_load(ocr_onnx: Path, demo_image
     be = open_backend(load_model(build_spec(str(ocr_onnx))), "onnx", "cpu")
     with pytest.raises(ConvLensError, match=r"needs an eager PyTorch model .* runs on onnxruntime"):
         run_sync(run(be, "ocr", open_image_set(demo_images), PolytopeParams(), cache=Cache(tmp_path / "c")))
+
+
+def test_knn_table_is_as_wide_as_the_largest_gallery(demo_result) -> None:
+    from engine.polytope import scsc
+    from engine.polytope.run import KNN_MAX_ENTRIES, KNN_MIN, knn_width
+
+    _, _, _, _, res = demo_result
+    largest = max(len(res.gallery(j)[0]) for j in range(res.n))
+    assert largest > KNN_MIN  # the demo's galleries are whole classes (~100 images)
+    assert res.knn.shape == (res.n, largest)
+    j = int(np.argmax([len(res.gallery(j)[0]) for j in range(res.n)]))
+    assert j not in res.knn[j] and len(set(res.knn[j].tolist())) == largest
+    assert scsc.popcount(res.covers[j]) - 1 == largest
+    # the memory bound: N x k stays within KNN_MAX_ENTRIES, never below KNN_MIN, never past N - 1
+    assert knn_width(50_000, 25_000) == KNN_MAX_ENTRIES // 50_000 and knn_width(1_000_000, 10) == KNN_MIN
+    assert knn_width(10, 3) == 9 and knn_width(300, 250) == 250
+
+
+def test_split_after_the_flatten_suggests_the_nearest_earlier_spatial_layers(demo_result) -> None:
+    from engine.polytope.run import suggest_earlier
+
+    be = demo_result[0]
+    assert "prelu4" not in be.split_candidates(spatial_only=True)
+    sug = suggest_earlier(be, "prelu4")
+    assert sug[0] == "prelu3" and all(s in be.split_candidates(spatial_only=True) for s in sug)
+    assert suggest_earlier(be, "prelu3")[0] == "conv3"  # a spatial layer: the ones before it, as before

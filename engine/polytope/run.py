@@ -56,7 +56,7 @@ log = logging.getLogger("convlens.polytope")
 _R = TypeVar("_R")
 
 CACHE_KIND = "polytope"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the kNN table as wide as the largest gallery
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class PolytopeResult:
     feasible: np.ndarray
     covers: np.ndarray
     features_norm: np.ndarray  # (N,) |psi|
-    knn: np.ndarray  # (N, min(N - 1, 64)) nearest images by Euclidean distance on psi, nearest first
+    knn: np.ndarray  # (N, k) nearest images by Euclidean distance on psi, nearest first; k: see knn_width
     baselines: dict[str, Any]
     seconds: dict[str, float]
     throughput: dict[str, float]
@@ -503,7 +503,22 @@ def _distance_rows(f: np.ndarray, sq: np.ndarray, lo: int, hi: int) -> tuple[np.
     return eu, co
 
 
-def _knn_table(features: np.ndarray, k: int = 64) -> np.ndarray:
+#: the kNN table keeps at most this many entries (N x k int64: 8 M entries = 64 MB); past that, k
+#: is cut to ``KNN_MAX_ENTRIES // N`` (at least :data:`KNN_MIN`) and the view says it is capped
+KNN_MAX_ENTRIES = 8_000_000
+KNN_MIN = 64
+
+
+def knn_width(n: int, largest_gallery: int) -> int:
+    """Columns of the kNN table: as many as the largest gallery holds (so that "kNN at the
+    gallery's size" is never cut short), at least :data:`KNN_MIN`, at most N - 1 and within
+    :data:`KNN_MAX_ENTRIES`."""
+    k = max(KNN_MIN, largest_gallery)
+    k = min(k, max(KNN_MIN, KNN_MAX_ENTRIES // max(1, n)))
+    return max(0, min(k, n - 1))
+
+
+def _knn_table(features: np.ndarray, k: int = KNN_MIN) -> np.ndarray:
     n = len(features)
     k = min(k, n - 1)
     f = np.asarray(features, dtype=np.float64)
@@ -609,14 +624,20 @@ def _later_pl_layers(backend: Any, layer: str, limit: int = 3) -> list[str]:
 
 
 def suggest_earlier(backend: Any, layer: str, limit: int = 3) -> list[str]:
-    """Spatial split points before ``layer`` whose head has hidden units (nearest first)."""
+    """Spatial split points before ``layer`` whose head has hidden units (nearest first).
+
+    ``layer`` itself need not be spatial: for a split after the flatten (RNet ``prelu4``, a
+    VGG classifier layer) the nearest earlier spatial layers are suggested."""
     from engine.polytope.head import HeadProgram
 
-    cands = backend.split_candidates(spatial_only=True)
-    if layer not in cands:
+    spatial = backend.split_candidates(spatial_only=True)
+    order = spatial if layer in spatial else backend.split_candidates()
+    if layer not in order:
         return []
+    keep = set(spatial)
+    earlier = [c for c in order[:order.index(layer)] if c in keep]
     out: list[str] = []
-    for c in reversed(cands[:cands.index(layer)]):
+    for c in reversed(earlier):
         if any(c.startswith(o + ".") for o in out):  # the last child of a block already listed
             continue
         try:
@@ -698,7 +719,8 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layer: str, params: P
         q_image=core.q["image"], q_kind=core.q["kind"], q_a=core.q["a"], q_b=core.q["b"],
         q_threshold=core.q["threshold"], q_bias=core.q["bias"], margins=core.margins, chosen=core.chosen,
         chosen_offsets=core.chosen_offsets, delta=core.delta, feasible=core.feasible, covers=core.covers,
-        features_norm=np.linalg.norm(features, axis=1), knn=_knn_table(features), baselines=base,
+        features_norm=np.linalg.norm(features, axis=1), baselines=base,
+        knn=_knn_table(features, knn_width(n, int(scsc.popcount(core.covers).max(initial=1)) - 1)),
         seconds=seconds,
         throughput=core.throughput, sanity=sanity, skipped=tuple(loader.skipped),
     )

@@ -16,7 +16,9 @@ Controls: the split layer (the backend's split candidates, the engine's default 
 of the set at once (:func:`engine.polytope.run.run`, cached on disk by the engine and here in
 memory per setting), on the inference worker through ``ctx.session.run`` with key
 ``"polytope"``: a new setting supersedes the job under way. Changing the image only reads the
-result. The job starts when the view is shown (a dock tabbed away computes nothing).
+result. Nothing runs while the view is not on screen (a hidden or tabbed-away dock computes
+nothing, not even the list of split points): a model loaded meanwhile is looked at when the view
+is first shown.
 
 When the head after the split layer is affine (only pooling and linear layers) the view says so
 and lists the earlier split layers the engine suggests. ONNX models cannot be split: the view
@@ -36,9 +38,10 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtCore import QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QPixmap, QShowEvent
 from PySide6.QtWidgets import (
+    QDockWidget,
     QHBoxLayout,
     QLabel,
     QProgressBar,
@@ -134,6 +137,8 @@ class PolytopeView(View):
         self._views: OrderedDict[tuple[str, tuple[int, int]], np.ndarray] = OrderedDict()
         self._decoding: set[tuple[str, tuple[int, int]]] = set()
         self._pending_state: dict[str, Any] = {}
+        self._watched_dock: QWidget | None = None
+        self._layers_wanted = False  # a model was loaded while the view was not shown: list its split points when it is
         self._build()
         sel, session = ctx.selection, ctx.session
         session.model_loaded.connect(self._model_loaded)
@@ -262,7 +267,8 @@ class PolytopeView(View):
     # ------------------------------------------------------------------ View API
 
     def save_state(self) -> dict[str, Any]:
-        return {"layer": self.layer(), "delta": self.delta(), "candidates": self.q_spin.value()}
+        layer = self.layer() or str(self._pending_state.get("layer", ""))  # not listed yet: the one restored
+        return {"layer": layer, "delta": self.delta(), "candidates": self.q_spin.value()}
 
     def restore_state(self, state: dict[str, Any]) -> None:
         if isinstance(state.get("candidates"), int) and not isinstance(state["candidates"], bool):
@@ -356,14 +362,36 @@ class PolytopeView(View):
         if dock is not None:
             dock.show()
             dock.raise_()
+        if self._layers_wanted:
+            self._list_layers()
         self.show_selected()
         self._request(force=True)
 
     # ------------------------------------------------------------------ state changes
 
+    def on_screen(self) -> bool:
+        """Whether the view is shown (visible, with some of it on screen): only then does it run
+        anything (a dock tabbed away is hidden; one tabbed in front is shown)."""
+        return self.isVisible() and not self.visibleRegion().isEmpty()
+
     def showEvent(self, event: QShowEvent) -> None:
         super().showEvent(event)
-        self._request()
+        # a dock tabbed behind another stays "visible" with nothing on screen, and gets no show
+        # event when its tab is raised: its visibilityChanged says so
+        dock = self.parentWidget()
+        if isinstance(dock, QDockWidget) and dock is not self._watched_dock:
+            self._watched_dock = dock
+            dock.visibilityChanged.connect(lambda on: QTimer.singleShot(0, self._shown) if on else None)
+        QTimer.singleShot(0, self._shown)  # once laid out: its visible region is known then
+
+    def _shown(self) -> None:
+        if not self.on_screen():
+            return
+        if self._layers_wanted:
+            self._list_layers()
+        else:
+            self._request()
+        self._render()  # thumbnails not decoded while hidden
 
     def _forget(self) -> None:
         if self._handle is not None:
@@ -374,13 +402,25 @@ class PolytopeView(View):
         self._error = ""
         self.progress.hide()
 
-    def _model_loaded(self, info: Any) -> None:
+    def _model_loaded(self, _info: Any = None) -> None:
         self._forget()
         if self._layers_handle is not None:
             self._layers_handle.cancel()
+            self._layers_handle = None
         self.layer_combo.clear()
         self._default_layer = ""
         self._split_error = ""
+        self._layers_wanted = True
+        if self.on_screen():
+            self._list_layers()
+        self._render()
+
+    def _list_layers(self) -> None:
+        """List the model's split points on the worker (then the gallery of the default layer)."""
+        info = self.ctx.session.model
+        self._layers_wanted = False
+        if info is None or self._layers_handle is not None:
+            return
 
         def job(backend: Any, _loaded: Any) -> Generator[Progress, None, tuple[list[str], str, str]]:
             from engine.polytope.head import default_layer
@@ -482,7 +522,7 @@ class PolytopeView(View):
             self._error = ""
             self._render()
             return
-        if (key == self._handle_key and self._handle is not None) or not (force or self.isVisible()):
+        if (key == self._handle_key and self._handle is not None) or not (force or self.on_screen()):
             return
         from engine.polytope.run import PolytopeParams
 
@@ -580,7 +620,7 @@ class PolytopeView(View):
         model = self.ctx.session.model
         keys = [(self._path(i), size) for i in images]
         keys = [k for k in keys if k not in self._decoding]
-        if model is None or not keys:
+        if model is None or not keys or not self.on_screen():  # decoded when shown (_shown renders again)
             return
         self._decoding.update(keys)
         pre = model.spec.preprocess
@@ -633,7 +673,8 @@ class PolytopeView(View):
         elif self._handle is not None:
             text = f"Computing the galleries of every image at {self._handle_key[0] if self._handle_key else ''}…"
         elif not self.layer():
-            text = "Listing the split points…"
+            text = "Listing the split points…" if self._layers_handle is not None else \
+                "The split points and galleries are computed when this view is shown."
         elif res is None:
             text = "The gallery is computed when this view is shown."
         else:
@@ -649,8 +690,9 @@ class PolytopeView(View):
 
     def suggested_layers(self) -> list[str]:
         """Earlier split layers whose head has hidden units, when the head is affine: the
-        engine's suggestions, else the default layer when it comes before the chosen one (the
-        engine suggests only for spatial layers, e.g. not for RNet's ``prelu4``)."""
+        engine's suggestions (the nearest earlier spatial layers, also for a split after the
+        flatten such as RNet's ``prelu4``), else the default layer when it comes before the
+        chosen one (a result cached before the engine suggested those)."""
         res = self.result
         if res is None or not res.head.get("affine"):
             return []
@@ -683,7 +725,9 @@ class PolytopeView(View):
     def knn_comparison(self) -> dict[str, Any] | None:
         """kNN (Euclidean on psi) of the query at the gallery's size: its images and scores.
 
-        The result keeps the 64 nearest images of each: k is capped there (``capped``)."""
+        The result keeps as many nearest images as its largest gallery holds (within the engine's
+        memory bound, :data:`engine.polytope.run.KNN_MAX_ENTRIES`): ``capped`` says when k is
+        cut there."""
         j = self.result_index(self._query)
         if j is None:
             return None
