@@ -299,7 +299,9 @@ def test_repeat_comes_from_cache_and_cancel_leaves_nothing(rnet, rnet_result, co
     _same(first, load_result(save_result(first, tmp_path / "saved")))
 
     # Pass 2 running the model again (activations not kept in memory) gives the same result.
-    monkeypatch.setattr(run, "_KEEP_BYTES", 0)
+    from engine.dissection import passes
+
+    monkeypatch.setattr(passes, "_KEEP_BYTES", 0)
     rerun = run_sync(dissect(backend, loaded.cache_id, concepts, RNET_LAYERS,
                              DissectionParams(batch_size=7), cache=Cache(tmp_path / "rerun")))
     _same(first, replace(rerun, params=first.params))

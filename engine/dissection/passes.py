@@ -1,0 +1,215 @@
+"""The passes of a dissection over the concept images: the model's activations per batch, the
+thresholds and top images (pass 1), and the IoU tallies (pass 2, over kept maps or the model
+run again)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from engine.backends.base import Backend, forward_error
+from engine.backends.torch_backend import TorchBackend
+from engine.concepts import ConceptDataset
+from engine.data.images import ImageLoader, ImageSet
+from engine.dissection.labels import _ImageLabels, _LabelPrefetcher, _Labels
+from engine.dissection.quantile import TopQuantile
+from engine.dissection.result import DissectionParams
+from engine.dissection.sparse import _SparseTally
+from engine.dissection.timing import _Clock
+from engine.jobs import Job
+from engine.types import ConvLensError, ImageRecord, LayerInfo, Preprocess, Progress
+
+_KEEP_BYTES = 512 * 2**20
+"""Pass 1 keeps the activations in memory (float32) for pass 2 when they fit in this many
+bytes and the computation runs on the CPU, where the forward pass is the costliest step."""
+
+
+_PASS1_SHARE = 0.3
+"""Fraction of the progress bar given to pass 1 (pass 2, which tallies, is the longer)."""
+
+
+def dissection_preprocess(pre: Preprocess) -> Preprocess:
+    """The model's preprocessing with ``resize="stretch"``: the whole image reaches the model,
+    so an activation map lines up with the whole label mask (a centre crop would not)."""
+    return replace(pre, resize="stretch")
+
+
+def concept_image_set(concepts: ConceptDataset) -> ImageSet:
+    """The concept images as an :class:`ImageSet` (record ``i`` is concept image ``i``)."""
+    records = tuple(ImageRecord(concepts.image_path(i)) for i in range(len(concepts)))
+    return ImageSet(source=concepts.root, records=records)
+
+
+def spatial_layers(backend: Backend, layers: Sequence[str]) -> dict[str, LayerInfo]:
+    """``LayerInfo`` of each requested layer; ConvLensError naming any unknown or non-spatial one."""
+    if not layers:
+        raise ConvLensError("no layers to dissect: name at least one convolutional layer.")
+    backend.check_capture(layers)
+    info = {li.name: li for li in backend.layers()}
+    flat = [n for n in layers if not info[n].is_spatial]
+    if flat:
+        raise ConvLensError(
+            f"{backend.spec.path}: layer(s) {', '.join(map(repr, flat))} have no spatial map "
+            f"(shape {list(info[flat[0]].shape)}); dissection needs (units, h, w) outputs."
+        )
+    return {n: info[n] for n in layers}
+
+
+def one_position_warnings(info: dict[str, LayerInfo]) -> list[str]:
+    """A warning per layer whose maps are 1x1 (no spatial extent): each unit's mask is then the
+    whole image or nothing, so its IoU is image-level (such layers are never default layers)."""
+    return [f"layer {name!r} has 1x1 maps (shape {list(li.shape)}): each unit's mask is the whole image or "
+            "nothing, so its IoU is image-level" for name, li in info.items() if li.shape[1] * li.shape[2] == 1]
+
+
+def forward_batch(backend: Backend, batch: np.ndarray, layers: Sequence[str],
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """The activations of ``layers`` on ``device``: torch models stay on their device
+    (``forward_tensors``, no host copy), ONNX outputs are moved there from numpy."""
+    if isinstance(backend, TorchBackend):
+        try:
+            _, acts = backend.forward_tensors(backend.to_tensor(batch), layers)
+        except RuntimeError as e:
+            raise forward_error(backend.spec.path, batch.shape, e) from None
+        return {n: acts[n].to(device, torch.float32) for n in layers}
+    res = backend.forward(batch, capture=layers)
+    return {n: torch.from_numpy(res.activations[n]).to(device, torch.float32) for n in layers}
+
+
+def _compute_device(backend: Backend, params: DissectionParams) -> torch.device:
+    if params.device:
+        return torch.device(params.device)
+    if isinstance(backend, TorchBackend):
+        return backend.torch_device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _TopImages:
+    """Per unit, the ``k`` images with the largest max activation (earlier image on ties)."""
+
+    def __init__(self, units: int, k: int, device: torch.device) -> None:
+        self.k = k
+        self.values = torch.empty((units, 0), dtype=torch.float32, device=device)
+        self.images = torch.empty((units, 0), dtype=torch.int64, device=device)
+
+    def update(self, acts: torch.Tensor, indices: torch.Tensor) -> None:
+        mx = acts.amax(dim=(2, 3)).T  # (K, B)
+        vals = torch.cat((self.values, mx), dim=1)
+        ids = torch.cat((self.images, indices[None].expand(mx.shape[0], -1)), dim=1)
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.k]
+        self.values = torch.gather(vals, 1, order)
+        self.images = torch.gather(ids, 1, order)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        vals = self.values.cpu().numpy().astype(np.float32)
+        ids = self.images.cpu().numpy().astype(np.int64)
+        pad = self.k - vals.shape[1]
+        if pad > 0:
+            vals = np.pad(vals, ((0, 0), (0, pad)), constant_values=np.nan)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return ids, vals
+
+
+def _phase_totals(seconds: dict[str, float], layers: Sequence[str]) -> dict[str, float]:
+    """Per-layer laps plus their sums per phase (``quantile``, ``masks``, ``tally``)."""
+    out = dict(seconds)
+    for phase in ("quantile", "masks", "tally"):
+        out[phase] = out.get(phase, 0.0) + sum(seconds.get(f"{phase}[{n}]", 0.0) for n in layers)
+    for n in layers:
+        out[f"tally[{n}]"] = seconds.get(f"masks[{n}]", 0.0) + seconds.get(f"tally[{n}]", 0.0)
+        out.pop(f"masks[{n}]", None)
+    return out
+
+
+def _pass1(
+    backend: Backend, image_set: ImageSet, pre: Preprocess, order: list[int],
+    info: dict[str, LayerInfo], params: DissectionParams, device: torch.device, clock: _Clock,
+) -> Job[tuple[dict[str, TopQuantile], dict[str, _TopImages], dict[str, torch.Tensor] | None,
+               list[tuple[str, str]]]]:
+    """Thresholds and top images (a sub-generator).
+
+    Returns ``(quantiles, tops, kept, skipped)``: ``kept`` holds every activation (float32,
+    row ``j`` = image ``order[j]``) when the compute device is the CPU and they fit in
+    ``_KEEP_BYTES``, so that pass 2 need not run the model again; else None.
+    """
+    n = len(order)
+    quantiles = {name: TopQuantile(li.units, n * li.shape[1] * li.shape[2], params.quantile,
+                                   device=device) for name, li in info.items()}
+    tops = {name: _TopImages(li.units, params.top_k, device) for name, li in info.items()}
+    size = sum(4 * n * int(np.prod(li.shape)) for li in info.values())
+    kept = ({name: torch.empty((n, *li.shape), dtype=torch.float32) for name, li in info.items()}
+            if device.type == "cpu" and size <= _KEEP_BYTES else None)
+    layers = list(info)
+    done = 0
+    with ImageLoader(image_set, pre, batch_size=params.batch_size, indices=order) as loader:
+        clock.lap("setup")
+        for batch in loader:
+            clock.lap("load")
+            acts = forward_batch(backend, batch.array, layers, device)
+            clock.lap("forward")
+            idx = torch.as_tensor(batch.indices, device=device)
+            for name in layers:
+                quantiles[name].update(acts[name])
+                clock.lap(f"quantile[{name}]")
+                tops[name].update(acts[name], idx)
+                clock.lap("top_images")
+                if kept is not None:
+                    kept[name][done:done + len(batch)] = acts[name]
+                    clock.lap("keep")
+            done += len(batch)
+            yield Progress(_PASS1_SHARE * done / n, f"pass 1/2: {done}/{n} images")
+            clock.lap("progress")
+        skipped = list(loader.skipped)
+    return quantiles, tops, kept, skipped
+
+
+def _pass2(
+    backend: Backend, concepts: ConceptDataset, image_set: ImageSet, pre: Preprocess,
+    order: list[int], info: dict[str, LayerInfo], thresholds: dict[str, np.ndarray],
+    candidates: dict[str, np.ndarray], kept: dict[str, torch.Tensor] | None, labels: _Labels, params: DissectionParams,
+    device: torch.device, clock: _Clock,
+) -> Job[dict[str, _SparseTally]]:
+    """IoU tallies of every layer; returns ``{layer: _SparseTally}`` (a sub-generator)."""
+    tallies = {name: _SparseTally(li.units, labels, thresholds[name], params, device, candidates[name])
+               for name, li in info.items()}
+    layers = list(info)
+    n = len(order)
+    done = 0
+    prefetch = _LabelPrefetcher(concepts, order, ahead=3 * params.batch_size)
+    try:
+        for indices, acts in _pass2_batches(backend, image_set, pre, order, layers, kept, params,
+                                            device, clock):
+            images = [_ImageLabels.of(s, labels) for s in prefetch.take(indices)]
+            clock.lap("labels")
+            for name in layers:
+                tallies[name].update(acts[name], images, clock, name)
+            done += len(indices)
+            yield Progress(_PASS1_SHARE + (1 - _PASS1_SHARE) * done / n,
+                           f"pass 2/2: {done}/{n} images")
+            clock.lap("progress")
+    finally:
+        prefetch.close()
+    return tallies
+
+
+def _pass2_batches(
+    backend: Backend, image_set: ImageSet, pre: Preprocess, order: list[int],
+    layers: list[str], kept: dict[str, torch.Tensor] | None, params: DissectionParams,
+    device: torch.device, clock: _Clock,
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """``(image indices, activations)`` per batch: from ``kept`` or from the model again."""
+    if kept is not None:
+        for s in range(0, len(order), params.batch_size):
+            yield order[s:s + params.batch_size], {n: kept[n][s:s + params.batch_size]
+                                                   for n in layers}
+        return
+    with ImageLoader(image_set, pre, batch_size=params.batch_size, indices=order) as loader:
+        clock.lap("setup")
+        for batch in loader:
+            clock.lap("load")
+            acts = forward_batch(backend, batch.array, layers, device)
+            clock.lap("forward")
+            yield batch.indices.tolist(), acts
