@@ -12,7 +12,10 @@ description=...)`` and ``set_defaults(func=...)``; ``func(args) -> int`` returns
   :func:`write_text_output`, :func:`write_json_output`;
 * jobs with a progress bar on standard error: :func:`run_job`, :class:`ProgressBar`;
 * messages: :func:`say` (not with ``-q``), :func:`warn`, :func:`error`, :func:`shown`,
-  :func:`report_skipped`.
+  :func:`report_skipped`;
+* where the model passes run: :func:`add_executor_options` (``--ray ADDRESS``, ``--workers N``,
+  ``--gpus-per-worker G``) and :func:`executor_from_args` (None: this process; else a
+  :class:`engine.cluster.RayExecutor`, or a ConvLensError saying how to install Ray).
 
 Exit codes: ``EXIT_OK`` 0 success, ``EXIT_INPUT`` 1 a problem with the input (raise a
 :class:`~engine.types.ConvLensError` naming the file and the cause), ``EXIT_USAGE`` 2 a usage
@@ -468,6 +471,38 @@ def parse_layers(value: str | None, spec: ModelSpec, backend: Any) -> list[str]:
     from .models.layers import default_layers
 
     return default_layers(backend.layers())
+
+
+# ----------------------------------------------------------------------------- executor options
+
+
+def add_executor_options(p: argparse.ArgumentParser) -> None:
+    """``--ray ADDRESS``, ``--workers N``, ``--gpus-per-worker G`` (see :func:`executor_from_args`)."""
+    g = p.add_argument_group("cluster (optional: pip install convlens[cluster])")
+    g.add_argument("--ray", metavar="ADDRESS",
+                   help="run the model passes on a Ray cluster: 'local' starts one on this machine, else the "
+                        "cluster's address (auto, host:6379, ray://host:10001)")
+    g.add_argument("--workers", type=positive_int, default=None,
+                   help="Ray workers (actors), each loading the model once (default 2; with --ray only)")
+    g.add_argument("--gpus-per-worker", type=float_range(0, 64, low_open=False, high_open=False), default=None,
+                   metavar="G", help="GPUs per Ray worker (default: 1 when the cluster has GPUs, else 0)")
+
+
+def executor_from_args(a: argparse.Namespace) -> Any:
+    """None (run in this process) without ``--ray``; else a :class:`engine.cluster.RayExecutor`
+    (not connected yet). ``--workers``/``--gpus-per-worker`` without ``--ray`` is an error, and
+    so is ``--ray`` where Ray is not installed (the message says ``pip install convlens[cluster]``)."""
+    address = getattr(a, "ray", None)
+    if address is None:
+        given = [o for o, v in (("--workers", getattr(a, "workers", None)),
+                                ("--gpus-per-worker", getattr(a, "gpus_per_worker", None))) if v is not None]
+        if given:
+            raise ConvLensError(f"{' and '.join(given)} only apply with --ray ADDRESS (e.g. --ray local)")
+        return None
+    from .cluster import RayExecutor, require_ray
+
+    require_ray()
+    return RayExecutor(address, workers=a.workers or 2, gpus_per_worker=a.gpus_per_worker)
 
 
 # ----------------------------------------------------------------------------- small shared pieces

@@ -12,10 +12,12 @@ from typing import Any
 
 from engine.cli_common import (
     EXIT_OK,
+    add_executor_options,
     add_model_options,
     check_out_dir,
     check_out_file,
     emit_json,
+    executor_from_args,
     listed_count,
     open_model,
     parse_layers,
@@ -57,6 +59,7 @@ def register(subparsers: Any) -> None:
         if name == "activations":
             sp.add_argument("--layers", help="comma-separated layer names (default: the model's conv stages)")
             sp.add_argument("--no-maps", action="store_true", help="keep per-unit statistics only, not maps")
+        add_executor_options(sp)
 
     sp = add("demo", cmd_demo, "RNet face classifier on real face crops: predictions and a short report")
     sp.add_argument("--out", default="convlens-demo", help="output folder (default: convlens-demo)")
@@ -111,14 +114,23 @@ def _extract_for(a: argparse.Namespace, layers_arg: str | None, with_layers: boo
     from engine.activations import extract
     from engine.data.images import open_image_set
 
+    executor = executor_from_args(a)  # before any work: --ray without Ray installed says how to get it
     check_out_dir(a.out, ["summary.json", *([] if with_layers else ["predictions.csv"])])
     spec = spec_from_args(a)
     images = open_image_set(a.images)
     opened = open_model(spec, a)
     loaded, backend, spec = opened.loaded, opened.backend, opened.spec
     layers = parse_layers(layers_arg, spec, backend) if with_layers else []
-    acts = run_job(extract(backend, loaded.cache_id, images, layers, batch_size=a.batch_size,
-                           store_maps=not getattr(a, "no_maps", False)), "extract", a.quiet)
+    store_maps = not getattr(a, "no_maps", False)
+    if executor is None:
+        acts = run_job(extract(backend, loaded.cache_id, images, layers, batch_size=a.batch_size,
+                               store_maps=store_maps), "extract", a.quiet)
+    else:
+        from engine.cluster import extract_on_ray
+
+        with executor:
+            acts = run_job(extract_on_ray(backend, loaded.cache_id, images, layers, executor=executor,
+                                          batch_size=a.batch_size, store_maps=store_maps), "extract", a.quiet)
     return spec, images, opened, acts
 
 
