@@ -177,9 +177,10 @@ class ConceptDataset:
     def label_categories(self) -> np.ndarray:
         """int64 ``(n_labels,)``: index into :attr:`categories` of each label's primary category.
 
-        -1 for label 0, for numbers that are no concept of this data set, and for concepts whose
-        primary category is not in use (a label filed under ``object(5);part(9)`` when only
-        ``object`` is).
+        -1 for label 0, for numbers that are no concept of this data set, and, only in a folder
+        without ``c_<category>.csv`` files, for concepts whose primary category is not in use (a
+        label filed under ``object(5);part(9)`` when only ``object`` is). With those files (Broden)
+        the primary category is always one in use (see the module docstring).
         """
         out = np.full(self.n_labels, -1, dtype=np.int64)
         for c in self.concepts:
