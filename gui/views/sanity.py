@@ -34,7 +34,6 @@ import pyqtgraph as pg
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QPainter, QPen, QPolygonF
 from PySide6.QtWidgets import (
-    QComboBox,
     QDockWidget,
     QGridLayout,
     QHBoxLayout,
@@ -207,14 +206,14 @@ class SanityView(View):
     # ------------------------------------------------------------------ layout
 
     def _build(self) -> None:
-        self.explanation_combo = QComboBox()
+        self.explanation_combo = ElidingComboBox(12)
         self.explanation_combo.setToolTip("The explanation to check (those the open model supports)")
         self.explanation_combo.currentIndexChanged.connect(lambda _i: self._update_controls())
-        self.mode_combo = QComboBox()
+        self.mode_combo = ElidingComboBox(10)
         for key, label in MODES:
             self.mode_combo.addItem(label, key)
         self.mode_combo.setToolTip("Cascading: step k randomises the top k layers; or each layer alone")
-        self.layer_combo = ElidingComboBox(14)
+        self.layer_combo = ElidingComboBox(10)
         self.layer_combo.setToolTip("The layer the explanation looks at (Grad-CAM: its default when not set)")
         self.layer_combo.activated.connect(self._layer_chosen)
         self.unit_spin = QSpinBox()
@@ -269,7 +268,7 @@ class SanityView(View):
             axis = self.plot.getAxis(side)
             axis.setPen("k")
             axis.setTextPen("k")
-        self.legend = self.plot.addLegend(offset=(-6, 6), labelTextColor="k")
+        self.legend = self.plot.addLegend(offset=(-4, 2), labelTextColor="k", colCount=6)
         self.plot.setMouseEnabled(x=False, y=False)
         self.strip_title = QLabel()
         self.strip_title.setWordWrap(True)
@@ -604,7 +603,9 @@ class SanityView(View):
                 self.plot.addItem(pg.ErrorBarItem(x=x[ok], y=y[ok], height=2 * sd[ok], beam=0.1,
                                                   pen=pg.mkPen(QColor(c.red(), c.green(), c.blue(), 120))))
         lo = float(np.nanmin(np.concatenate([[0.0], (mean - spread).ravel()])))
-        self.plot.setYRange(max(-1.05, min(-0.2, lo - 0.05)), 1.05, padding=0)
+        # room above 1 for the one-row legend: the curves start at 1 ("original")
+        self.plot.setYRange(max(-1.05, min(-0.2, lo - 0.05)), 1.3, padding=0)
+        self.plot.getAxis("left").setTicks([[(v, f"{v:g}") for v in np.arange(-1.0, 1.01, 0.5)]])
         self.plot.setXRange(-0.3, len(labels) - 0.7, padding=0)
         self.plot.setLabel("bottom", "layers randomised, from the output down" if res.mode == "cascade"
                            else "the one layer randomised")
