@@ -10,13 +10,24 @@ per batch. The GUI runs the same generator in a worker thread; tests and the CLI
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from typing import TypeVar
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from .types import Progress
 
 R = TypeVar("R")
 Job = Generator[Progress, None, R]
+
+
+@dataclass(frozen=True)
+class DataProgress(Progress):
+    """A :class:`Progress` that also carries plain, typed values about the step just done
+    (``data``: names to numbers or strings, e.g. a training batch's ``{"epoch": 1, "batch": 3,
+    "task_loss": 0.41}``), so that a caller reads them instead of parsing ``message``. Everything
+    that takes a Progress takes one; :func:`subjob` passes ``data`` through."""
+
+    data: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Cancelled(Exception):
@@ -51,4 +62,4 @@ def subjob(job: Job[R], start: float, stop: float, prefix: str = "") -> Job[R]:
         except StopIteration as s:
             return s.value
         f = None if p.fraction is None else start + (stop - start) * p.fraction
-        yield Progress(f, prefix + p.message)
+        yield replace(p, fraction=f, message=prefix + p.message)  # a DataProgress keeps its data

@@ -5,6 +5,7 @@ ordinary-vs-interpretable comparison on a small fixed-seed configuration."""
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import math
@@ -119,8 +120,25 @@ def test_training_job_cancel_resume_and_outputs(parts, tmp_path: Path, monkeypat
     params = TrainParams(layer="relu4", epochs=2, batch_size=24)
     steps = 3  # 72 images / 24
     # an uninterrupted run
-    full = run_sync(train_filters(backend, loaded.cache_id, train, params, tmp_path / "full", val_images=val))
+    reports: list = []
+    full = run_sync(train_filters(backend, loaded.cache_id, train, params, tmp_path / "full", val_images=val),
+                    reports.append)
     assert [h["epoch"] for h in full.history] == [1, 2] and full.resumed_from == 0
+    # the typed progress payload (engine.jobs.DataProgress): one per batch, one per epoch, as recorded
+    from engine.jobs import DataProgress
+
+    data = [dict(p.data) for p in reports if isinstance(p, DataProgress)]
+    per_batch = [d for d in data if d["kind"] == "batch"]
+    assert [(d["epoch"], d["batch"]) for d in per_batch] == [(e, b) for e in (1, 2) for b in (1, 2, 3)]
+    assert all(d["epochs"] == 2 and d["batches"] == steps for d in per_batch)
+    with open(tmp_path / "full" / "batches.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # (the CSV holds 6 significant digits)
+    np.testing.assert_allclose([d["task_loss"] for d in per_batch], [float(r["task_loss"]) for r in rows], rtol=1e-5)
+    np.testing.assert_allclose([d["filter_loss"] for d in per_batch], [float(r["filter_loss"]) for r in rows],
+                               rtol=1e-5, atol=1e-9)
+    per_epoch = [d for d in data if d["kind"] == "epoch"]
+    assert [{k: v for k, v in d.items() if k != "kind"} for d in per_epoch] == full.history
     assert full.history[0]["lambda"] > 0 and full.history[1]["filter_loss"] < 0
     # cancelled in epoch 2: progress came per batch; the checkpoint of epoch 1 stays, nothing else
     job = train_filters(backend, loaded.cache_id, train, params, tmp_path / "cut", val_images=val)
@@ -133,8 +151,13 @@ def test_training_job_cancel_resume_and_outputs(parts, tmp_path: Path, monkeypat
     assert sum("epoch 1/2, batch" in m for m in seen) == steps
     assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "model.pt").exists()
     assert not [p for p in (tmp_path / "cut").iterdir() if p.name.endswith(".tmp")]
-    resumed = run_sync(train_filters(backend, loaded.cache_id, train, params, tmp_path / "cut", val_images=val))
+    reports = []
+    resumed = run_sync(train_filters(backend, loaded.cache_id, train, params, tmp_path / "cut", val_images=val),
+                       reports.append)
     assert resumed.resumed_from == 1
+    resume = [p.data for p in reports if isinstance(p, DataProgress) and p.data["kind"] == "resume"]
+    assert len(resume) == 1 and resume[0]["epoch"] == 1 and len(resume[0]["history"]) == 1
+    assert len(resume[0]["batches"]) == steps
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     for k in a:

@@ -243,6 +243,38 @@ def test_training_the_open_model_on_the_open_images(qtbot, view: FiltersView, ct
     assert view.figure(FigureOptions(kind="training")).title == f"Interpretable training of rnet.pt at {LAYER}"
 
 
+def test_open_the_trained_model_in_place_and_back(qtbot, view: FiltersView, ctx: AppContext, demo) -> None:
+    """After training the open model (the test above): "Open interpretable" replaces the session's
+    model by the trained TorchScript and selects the same image and filter at the measured layer;
+    the comparison stays; "Back to the start model" reopens the demo RNet."""
+    comp = view.comparison
+    assert comp is not None and comp["start"] == "model" and view.opened_run == "original"
+    assert view.open_buttons["interpretable"].isEnabled() and view.open_buttons["ordinary"].isEnabled()
+    assert not view.open_buttons["original"].isEnabled()  # it is the one open
+    sel = ctx.selection
+    sel.current_image, sel.layer, sel.unit = 7, LAYER, 5
+    with qtbot.waitSignal(ctx.session.model_loaded, timeout=JOB_MS):
+        qtbot.mouseClick(view.open_buttons["interpretable"], Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: view.opened_run == "interpretable", timeout=JOB_MS)
+    info = ctx.session.model
+    assert info.format == "torchscript" and info.spec.path == comp["runs"]["interpretable"]["files"]["torchscript"]
+    assert info.layer(f"{LAYER}.mask") is not None and info.spec.classes == comp["start_spec"].classes
+    assert (sel.layer, sel.unit, sel.current_image) == (f"{LAYER}.mask", 5, 7)
+    assert view.comparison is comp and view.compare_table.model.rowCount() == 64
+    assert not view.open_buttons["interpretable"].isEnabled() and view.open_buttons["original"].isEnabled()
+    assert "in place of the previous one" in view.train_status.text()
+    # a comparison row now selects the filter in the trained model
+    view.compare_table.select_id(3)
+    rect = view.compare_table.view.visualRect(view.compare_table.view.currentIndex())
+    qtbot.mouseClick(view.compare_table.view.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    assert (sel.layer, sel.unit) == (f"{LAYER}.mask", 3)
+    with qtbot.waitSignal(ctx.session.model_loaded, timeout=JOB_MS):
+        qtbot.mouseClick(view.open_buttons["original"], Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: view.opened_run == "original", timeout=JOB_MS)
+    assert ctx.session.model.spec.path == demo[0].path and ctx.session.model.format == "state_dict"
+    assert (sel.layer, sel.unit, sel.current_image) == (LAYER, 3, 7)
+
+
 def test_another_model_clears_the_table(view: FiltersView, ctx: AppContext, demo, tmp_path: Path) -> None:
     """Last in the module (it replaces the module's model): metrics of one model are not shown
     as another's."""

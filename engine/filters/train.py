@@ -14,7 +14,11 @@ mean max activation of the filters: ``lambda_t = weight * mean_max_{t-1} / t``.
 ``interpretable=False`` is the ordinary baseline: the same converted tree (new conv included)
 with the masks disabled and no filter loss, the same initial weights, data order and budget.
 
-The job yields progress after every batch (cancel between batches with ``gen.close()``), writes
+The job yields progress after every batch (cancel between batches with ``gen.close()``) as an
+:class:`engine.jobs.DataProgress` whose ``data`` is typed: ``{"kind": "batch", "epoch", "epochs",
+"batch", "batches", "task_loss", "filter_loss", "lambda"}`` per batch, ``{"kind": "epoch", **row}``
+after each epoch (the ``history`` row: task and filter loss means, lambda, train and validation
+accuracy, mean max) and ``{"kind": "resume", "epoch", "history", "batches"}`` when it resumes. It writes
 ``checkpoint.pt`` atomically after every epoch and resumes from it when run again with the same
 settings. At the end the output folder holds
 
@@ -41,7 +45,7 @@ import numpy as np
 import torch
 
 from engine.cache import atomic_write_bytes, atomic_write_text, make_key
-from engine.jobs import Job
+from engine.jobs import DataProgress, Job
 from engine.types import ConvLensError, ModelSpec, Progress
 
 from .convert import ConversionSpec, InterpretableBlock, convert_copy, layer_channels
@@ -312,7 +316,9 @@ def train_filters(backend: Any, model_sha: str, images: Any, params: TrainParams
             categories = [np.asarray(c, dtype=np.int64) for c in state["categories"]]
             mean_max = float(state["mean_max"])
             start_epoch = int(state["epoch"]) + 1
-            yield Progress(None, f"resuming after epoch {start_epoch - 1}")
+            yield DataProgress(None, f"resuming after epoch {start_epoch - 1}",
+                               data={"kind": "resume", "epoch": start_epoch - 1, "history": [dict(h) for h in history],
+                                     "batches": [dict(b) for b in batches]})
     resumed_from = start_epoch - 1
     n = len(x_all)
     steps = math.ceil(n / params.batch_size)
@@ -374,8 +380,10 @@ def train_filters(backend: Any, model_sha: str, images: Any, params: TrainParams
             batches.append({"epoch": epoch, "batch": b + 1, "task_loss": task_v, "filter_loss": floss_v,
                             "lambda": lam})
             done = (epoch - 1) * steps + b + 1
-            yield Progress(done / total, f"epoch {epoch}/{params.epochs}, batch {b + 1}/{steps}, "
-                                         f"task loss {task_v:.4f}")
+            yield DataProgress(done / total, f"epoch {epoch}/{params.epochs}, batch {b + 1}/{steps}, "
+                                             f"task loss {task_v:.4f}",
+                               data={"kind": "batch", "epoch": epoch, "epochs": params.epochs, "batch": b + 1,
+                                     "batches": steps, "task_loss": task_v, "filter_loss": floss_v, "lambda": lam})
         categories, mean_max = st.categories(), st.mean_max()
         row = {"epoch": epoch, "task_loss": sums["task"] / n, "filter_loss": sums["filter"] / n, "lambda": lam,
                "train_accuracy": sums["correct"] / n, "mean_max": mean_max}
@@ -389,6 +397,8 @@ def train_filters(backend: Any, model_sha: str, images: Any, params: TrainParams
         _save_torch({"key": key, "epoch": epoch, "model": model.state_dict(), "optim": opt.state_dict(),
                      "history": history, "batches": batches, "categories": [c.tolist() for c in categories],
                      "mean_max": mean_max, "params": json.dumps(params.to_dict())}, ckpt)
+        # after the checkpoint: a job closed here resumes after this epoch
+        yield DataProgress((epoch * steps) / total, f"epoch {epoch}/{params.epochs} done", data={"kind": "epoch", **row})
 
     for m in masks:
         m.keep_input = False

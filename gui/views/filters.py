@@ -24,13 +24,16 @@ start model, trains the interpretable CNN and then the ordinary baseline (same s
 order and budget) into ``<cache>/filters-train/<settings hash>/{interpretable,ordinary}``
 (resumable: the engine resumes from a matching checkpoint), and measures both trained models
 at the converted layer (``<layer>.mask``) on the same data. Live curves (pyqtgraph): the task
-loss per batch of each run (from the job's progress) and, after every epoch, the filter loss
-per batch and the train / validation accuracy per epoch (read from the engine's atomic
-``checkpoint.pt``). "Cancel" stops between batches. The comparison tab shows the three models'
-headline numbers and, per filter index, the start model's metrics beside both trained ones.
-The trained checkpoints are not opened as a second model (the session holds one model): the
-comparison table is the side-by-side view; the status line names the checkpoint folders, each
-with a ``model.toml`` that File > Open model reads.
+and filter loss per batch of each run and the train / validation accuracy per epoch, from the
+engine's typed progress (:class:`engine.jobs.DataProgress` ``data``, see
+:func:`engine.filters.train.train_filters`; nothing is parsed from progress text). "Cancel" stops
+between batches. The comparison tab shows the three models' headline numbers and, per filter
+index, the start model's metrics beside both trained ones (the side-by-side table). The session
+holds one model, so a trained model is not opened beside the original: "Open interpretable" /
+"Open ordinary" / "Back to the start model" open it *in place of* the model now open (its
+TorchScript file) and select the same image, the measured layer and the same filter index, so
+the heatmaps show that filter in each model in turn. The status line names the checkpoint
+folders, each with a ``model.toml`` that File > Open model reads.
 
 *Figures*: ``metrics`` (headline numbers, histograms of the entropies and of part IoU, the
 most interpretable filters) and ``training`` (the loss and accuracy curves and the comparison
@@ -39,19 +42,17 @@ table).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import re
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtCore import QPointF, QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QPainter, QPen, QPolygonF
 from PySide6.QtWidgets import (
     QComboBox,
@@ -115,7 +116,6 @@ BUILTIN_SIZE = 48
 PARTNET_LAYER = "relu4"
 NEED_MODEL = "Load a model to measure its filters."
 _RUN_COLORS: dict[str, str] = {"interpretable": "#d62728", "ordinary": "#1f77b4", "original": "#7f7f7f"}
-_BATCH_RE = re.compile(r"epoch (\d+)/(\d+), batch (\d+)/(\d+), task loss ([-+0-9.eEnaif]+)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +283,7 @@ class FiltersView(View):
         self.data_note = ""  # what data the metrics ran on
         self.curves: dict[str, dict[str, list[float]]] = {}
         self.comparison: dict[str, Any] | None = None
+        self.opened_run = ""  # which model of the comparison the session has open ("" none of them)
         self._handle: JobHandle | None = None
         self._train_handle: JobHandle | None = None
         self._syncing = False
@@ -476,8 +477,29 @@ class FiltersView(View):
         self.compare_label.setWordWrap(True)
         self.compare_label.setTextFormat(Qt.TextFormat.RichText)
         self.compare_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        # the session holds one model: "open" replaces it, keeping the image, the filter index and
+        # the layer, so that the heatmaps show the same filter of the same image in each model in turn
+        self.open_buttons: dict[str, QPushButton] = {}
+        open_row = QHBoxLayout()
+        open_row.setContentsMargins(0, 0, 0, 0)
+        for run, text in (("interpretable", "Open interpretable"), ("ordinary", "Open ordinary"),
+                          ("original", "Back to the start model")):
+            b = QPushButton(text)
+            b.setToolTip(f"Open the {run} model in place of the model now open (the session holds one model), "
+                         "keeping the selected image, layer and filter index")
+            b.clicked.connect(lambda _c=False, r=run: self.open_run_model(r))
+            b.setEnabled(False)
+            self.open_buttons[run] = b
+            open_row.addWidget(b)
+        open_row.addStretch(1)
+        compare_box = QWidget()
+        cbox = QVBoxLayout(compare_box)
+        cbox.setContentsMargins(0, 0, 0, 0)
+        cbox.addLayout(open_row)
+        cbox.addWidget(self.compare_label)
+        cbox.addStretch(1)
         compare_scroll = QScrollArea()
-        compare_scroll.setWidget(self.compare_label)
+        compare_scroll.setWidget(compare_box)
         compare_scroll.setWidgetResizable(True)
         compare_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         compare_scroll.setMinimumHeight(36)
@@ -774,7 +796,9 @@ class FiltersView(View):
 
     def _compare_selected(self, row_id: Any) -> None:
         comp = self.comparison
-        if comp and comp.get("layer_in_session"):
+        if comp and self.opened_run in ("interpretable", "ordinary"):
+            self._select(comp["measured_layer"], int(row_id))  # the trained model is open
+        elif comp and (comp.get("layer_in_session") or self.opened_run == "original"):
             self._select(comp["layer"], int(row_id))
 
     def _select(self, layer: str, unit: int) -> None:
@@ -904,12 +928,75 @@ class FiltersView(View):
         self._draw_curves()
         self._fill_comparison()
         self.compare_label.setText("<br>".join(self.comparison_lines()))
+        self.opened_run = "original" if comp.get("start") == "model" else ""
+        self._update_open_buttons()
         runs = comp["runs"]
         self.train_status.setText(f"Trained at {comp['layer']} (measured at {comp['measured_layer']}); "
                                   f"checkpoints in {comp['out_dir']}")
         self.train_status.setToolTip("\n".join(f"{name}: {r['out_dir']}" for name, r in runs.items()))
         self._selection_changed()
         self.training_done.emit(comp)
+
+    def run_spec(self, run: str) -> Any:
+        """The ModelSpec that opens model ``run`` of the comparison ("interpretable", "ordinary":
+        the trained TorchScript, which opens with nothing else; "original": the start model), or
+        None."""
+        comp = self.comparison
+        if not comp:
+            return None
+        if run == "original":
+            return comp.get("start_spec")
+        r = comp["runs"].get(run)
+        start = comp.get("start_spec")
+        if r is None or start is None:
+            return None
+        from engine.types import ModelSpec
+
+        files = r["files"]
+        if "torchscript" in files:
+            return ModelSpec(path=files["torchscript"], preprocess=start.preprocess, classes=r.get("classes") or
+                             start.classes, output_index=start.output_index)
+        return None  # no TorchScript (see files["torchscript_error"]): open model.toml from File > Open model
+
+    def open_run_model(self, run: str) -> Any:
+        """Open model ``run`` of the comparison in place of the session's model, then select the
+        same image, the measured layer (``<layer>.mask`` in a trained model, ``<layer>`` in the
+        start model) and the same filter index. Returns the load job's handle (None: nothing to
+        open)."""
+        spec = self.run_spec(run)
+        comp = self.comparison
+        if spec is None or comp is None:
+            if comp:
+                why = comp["runs"].get(run, {}).get("files", {}).get("torchscript_error", "")
+                self.train_status.setText(f"The {run} model has no TorchScript file to open{f' ({why})' if why else ''}: "
+                                          f"open {comp['runs'].get(run, {}).get('out_dir', '')}/model.toml with "
+                                          "File > Open model.")
+            return None
+        sel = self.ctx.selection
+        image, unit = sel.current_image, sel.unit
+        layer = comp["layer"] if run == "original" else comp["measured_layer"]
+        handle = self.ctx.session.load_model(spec)
+
+        def reselect(_r: Any = None) -> None:
+            model = self.ctx.session.model
+            if model is not None and model.layer(layer) is not None:
+                sel.layer = layer
+            if unit is not None and unit >= 0:
+                sel.unit = unit
+            if image is not None and image >= 0 and sel.images is not None and image < len(sel.images):
+                sel.current_image = image
+            self.opened_run = run
+            self.train_status.setText(f"Opened the {run} model ({Path(spec.path).name}) in place of the previous one; "
+                                      f"the heatmaps show filter {unit} at {layer}. Switch back with the buttons above.")
+            self._update_open_buttons()
+
+        handle.finished.connect(lambda _r: QTimer.singleShot(0, reselect))
+        handle.failed.connect(lambda e: self.train_status.setText(f"Could not open the {run} model: {_message(e)}"))
+        return handle
+
+    def _update_open_buttons(self) -> None:
+        for run, b in self.open_buttons.items():
+            b.setEnabled(self.run_spec(run) is not None and self.opened_run != run)
 
     def _fill_comparison(self) -> None:
         if self.comparison:
@@ -1145,18 +1232,21 @@ def _open_data(kind: str, n_images: int, landmarks: str | None, parts_dir: str |
     return images, landmarks, parts, Path(images.source).name if getattr(images, "source", None) else "", 0.0
 
 
-def _read_history(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(per-epoch history, per-batch rows) from the engine's checkpoint, when one is there."""
-    import torch
-
-    ckpt = folder / "checkpoint.pt"
-    if not ckpt.is_file():
-        return [], []
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a checkpoint being replaced: the next epoch reads it again
-        return [], []
-    return list(state.get("history", [])), list(state.get("batches", []))
+def _add_training_step(c: dict[str, list[float]], data: Mapping[str, Any]) -> None:
+    """Extend the curves ``c`` of one run by the engine's typed progress payload
+    (:class:`engine.jobs.DataProgress` ``data`` of :func:`engine.filters.train.train_filters`):
+    a batch's task and filter loss, an epoch's train / validation accuracy, or on a resume the
+    history so far."""
+    kind = data.get("kind")
+    if kind == "batch":
+        c["task_loss"].append(float(data["task_loss"]))
+        c["filter_loss"].append(float(data["filter_loss"]))
+    elif kind == "epoch":
+        c["train_accuracy"].append(float(data.get("train_accuracy", float("nan"))))
+        if "val_accuracy" in data:
+            c["val_accuracy"].append(float(data["val_accuracy"]))
+    elif kind == "resume":
+        _fill_from_history(c, list(data.get("history", [])), list(data.get("batches", [])))
 
 
 def _fill_from_history(c: dict[str, list[float]], history: list[dict[str, Any]],
@@ -1229,7 +1319,6 @@ def _train_job(backend: Any, loaded: Any, start: str, params: Any, mparams: Any,
         c = curves.setdefault(name, _empty_curves())
         folder = out / name
         gen = train_filters(backend, sha, train, p, folder, val_images=val, source_format=loaded.format)
-        epoch_seen = 0
         try:
             while True:
                 try:
@@ -1237,16 +1326,7 @@ def _train_job(backend: Any, loaded: Any, start: str, params: Any, mparams: Any,
                 except StopIteration as stop:
                     res = stop.value
                     break
-                m = _BATCH_RE.search(prog.message)
-                if m:
-                    epoch = int(m.group(1))
-                    if epoch != epoch_seen:
-                        if epoch_seen:
-                            hist, batches = _read_history(folder)
-                            _fill_from_history(c, hist, batches)
-                        epoch_seen = epoch
-                    with contextlib.suppress(ValueError):
-                        c["task_loss"].append(float(m.group(5)))
+                _add_training_step(c, getattr(prog, "data", None) or {})
                 f = None if prog.fraction is None else lo + (hi - lo) * 0.9 * prog.fraction
                 yield TrainProgress(f, f"{name}: {prog.message}", run=name, curves=_snapshot(curves))
         finally:
@@ -1267,11 +1347,12 @@ def _train_job(backend: Any, loaded: Any, start: str, params: Any, mparams: Any,
                                                          landmarks=landmarks, parts=parts),
                                           lo + (hi - lo) * 0.9, hi, f"{name} metrics: ")
         runs[name] = {"out_dir": res.out_dir, "final": res.final, "files": res.files, "history": res.history,
-                      "resumed_from": res.resumed_from}
+                      "resumed_from": res.resumed_from, "classes": tuple(res.classes)}
     yield TrainProgress(1.0, "done", curves=_snapshot(curves))
     return {"layer": params.layer, "measured_layer": f"{params.layer}.mask", "start_name": start_name,
             "layer_in_session": layer_in_session, "metrics": metrics, "runs": runs, "curves": curves,
-            "out_dir": str(out), "params": params.to_dict()}
+            "out_dir": str(out), "params": params.to_dict(), "start": start,
+            "start_spec": spec if start == "partnet" else backend.spec}
 
 
 def _batch_rows(folder: Path, res: Any) -> list[dict[str, Any]]:
