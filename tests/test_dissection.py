@@ -29,7 +29,6 @@ from engine.dissection import (
     IoUTally,
     dissect,
     load_result,
-    run,
     save_result,
     unit_masks,
     write_report,
@@ -200,6 +199,18 @@ def test_iou_matches_hand_computation(tmp_path: Path) -> None:
     assert not strict.layers["conv"].iou[1].any()
 
 
+def _drive(job, on_message=None) -> tuple[DissectionResult, list[str]]:
+    """Run a job by hand, calling ``on_message(message)`` at each progress report."""
+    messages = []
+    try:
+        while True:
+            messages.append(next(job).message)
+            if on_message is not None:
+                on_message(messages[-1])
+    except StopIteration as stop:
+        return stop.value, messages
+
+
 def test_unreadable_image_is_skipped(tmp_path: Path) -> None:
     _broden(tmp_path / "broden")
     (tmp_path / "broden" / "images" / "B.png").write_bytes(b"not a png")
@@ -207,14 +218,55 @@ def test_unreadable_image_is_skipped(tmp_path: Path) -> None:
     weight = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])[:, :, None, None]
     sha, backend = _model(tmp_path, "identity", IDENTITY_NET,
                           {"conv.weight": weight, "conv.bias": torch.zeros(2)}, 8)
-    result = run_sync(dissect(backend, sha, concepts, ["conv"], DissectionParams(quantile=0.1),
-                              cache=Cache(tmp_path / "c")))
+    for budget in (1024, 0):  # one forward pass and two
+        result, messages = _drive(dissect(backend, sha, concepts, ["conv"],
+                                          DissectionParams(quantile=0.1, map_budget_mb=budget),
+                                          cache=Cache(tmp_path / f"c{budget}")))
+        assert result.passes == (1 if budget else 2)
+        assert result.n_images == 2 and [Path(p).name for p, _ in result.skipped] == ["B.png"]
+        assert sum(m.startswith("pass 1/2: thresholds") for m in messages) == 1  # pass 1 not restarted
+        # Unit 1 over A and C only (128 values, 64 ones): T1 = 1, M1 = all of A; beach IoU 64/64.
+        assert result.layers["conv"].thresholds[1] == 1.0
+        assert result.layers["conv"].iou[1, 3] == 1.0
+        assert -1 not in result.layers["conv"].top_images[:, :2] and \
+            1 not in result.layers["conv"].top_images
+
+
+@pytest.mark.parametrize("budget", [0, 1024])
+def test_image_unreadable_in_the_second_pass_leaves_both_passes(tmp_path: Path, budget: int) -> None:
+    """B.png is corrupted once pass 1 is done: with two forward passes it fails to load in pass 2
+    and the result counts A and C in both passes (as if B had been unreadable from the start);
+    with one (maps kept) pass 2 never reads it and the result is the clean one."""
+    _broden(tmp_path / "broden")
+    concepts = open_broden(tmp_path / "broden")
+    weight = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])[:, :, None, None]
+    sha, backend = _model(tmp_path, "identity", IDENTITY_NET,
+                          {"conv.weight": weight, "conv.bias": torch.zeros(2)}, 8)
+    params = DissectionParams(quantile=0.1, map_budget_mb=budget)
+    clean = run_sync(dissect(backend, sha, concepts, ["conv"], params, cache=Cache(tmp_path / "clean")))
+    image_b = tmp_path / "broden" / "images" / "B.png"
+    good_b = image_b.read_bytes()
+
+    def corrupt(message: str) -> None:
+        if message.startswith("pass 2/2: IoU"):
+            image_b.write_bytes(b"not a png")
+
+    result, _messages = _drive(dissect(backend, sha, concepts, ["conv"], params, cache=Cache(tmp_path / "c")),
+                              corrupt)
+    ld = result.layers["conv"]
+    if budget:
+        assert result.passes == 1 and result.n_images == 3 and result.skipped == ()
+        np.testing.assert_array_equal(ld.thresholds, clean.layers["conv"].thresholds)
+        np.testing.assert_array_equal(ld.iou, clean.layers["conv"].iou)
+        return
     assert result.n_images == 2 and [Path(p).name for p, _ in result.skipped] == ["B.png"]
-    # Unit 1 over A and C only (128 values, 64 ones): T1 = 1, M1 = all of A; beach IoU 64/64.
-    assert result.layers["conv"].thresholds[1] == 1.0
-    assert result.layers["conv"].iou[1, 3] == 1.0
-    assert -1 not in result.layers["conv"].top_images[:, :2] and \
-        1 not in result.layers["conv"].top_images
+    image_b.write_bytes(b"not a png")
+    from_start = run_sync(dissect(backend, sha, concepts, ["conv"], params, cache=Cache(tmp_path / "start")))
+    image_b.write_bytes(good_b)
+    for f in ("thresholds", "iou", "top_images", "top_values"):
+        np.testing.assert_array_equal(getattr(ld, f), getattr(from_start.layers["conv"], f))
+    assert not np.array_equal(ld.thresholds, clean.layers["conv"].thresholds)
+    assert ld.iou[1, 3] == 1.0  # beach over A and C: the IoUs count the same images as the thresholds
 
 
 def test_equals_dense_tally_of_every_mask(rnet, rnet_result, concepts: ConceptDataset,
@@ -283,7 +335,7 @@ def _same(a: DissectionResult, b: DissectionResult) -> None:
         (b.model_sha256, b.n_images, b.categories, b.params)
     for n in a.layers:
         x, y = a.layers[n], b.layers[n]
-        for f in ("thresholds", "iou", "top_images", "top_values"):
+        for f in ("thresholds", "iou", "top_images", "top_values", "tie_fallback", "at_threshold"):
             np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
         assert x.summary.label_name == y.summary.label_name
         np.testing.assert_array_equal(x.summary.is_detector, y.summary.is_detector)
@@ -299,11 +351,9 @@ def test_repeat_comes_from_cache_and_cancel_leaves_nothing(rnet, rnet_result, co
     _same(first, load_result(save_result(first, tmp_path / "saved")))
 
     # Pass 2 running the model again (activations not kept in memory) gives the same result.
-    from engine.dissection import passes
-
-    monkeypatch.setattr(passes, "_KEEP_BYTES", 0)
     rerun = run_sync(dissect(backend, loaded.cache_id, concepts, RNET_LAYERS,
-                             DissectionParams(batch_size=7), cache=Cache(tmp_path / "rerun")))
+                             DissectionParams(batch_size=7, map_budget_mb=0), cache=Cache(tmp_path / "rerun")))
+    assert (first.passes, rerun.passes) == (1, 2)
     _same(first, replace(rerun, params=first.params))
 
     fresh = Cache(tmp_path / "fresh")

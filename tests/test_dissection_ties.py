@@ -82,7 +82,8 @@ def test_sparse_unit_falls_back_and_no_mask_is_the_whole_image(concepts: Concept
     assert ld.thresholds.tolist()[0::2] == [0.0, 1.0] and ld.thresholds[1] > 0
     assert ld.at_threshold.tolist()[0::2] == [1.0, 1.0] and ld.at_threshold[1] < 2 * 0.005
     assert ld.tie_fallback.tolist() == [True, False, True] and not lit.tie_fallback.any()
-    assert any("sparse: 2 units (0, 2) tie" in n for n in result.notes) and literal.notes == ()
+    assert any("sparse: 2 units (0, 2) tie" in n for n in result.notes)
+    assert not any("tie" in n for n in literal.notes)
     # the constant unit never exceeds T_2: no mask, IoU 0, no label (the paper's rule: whole image)
     assert not ld.iou[2].any() and ld.summary.label_name[2] == "" and not ld.summary.is_detector[2]
     assert lit.iou[2].max() > 0 and lit.summary.label_name[2] != ""
@@ -103,10 +104,16 @@ def test_sparse_unit_falls_back_and_no_mask_is_the_whole_image(concepts: Concept
     np.testing.assert_array_equal(ld.iou, dense.result().iou)  # the tally scores those masks
     np.testing.assert_array_equal(ld.iou[1], lit.iou[1])
     assert ld.summary.iou[0] < lit.summary.iou[0]
+    # two forward passes (maps not kept): the same thresholds, counts, fallbacks and IoUs
+    two = run_sync(dissect(backend, sha, concepts, ["sparse"], DissectionParams(map_budget_mb=0),
+                           cache=Cache(tmp_path / "two")))
+    assert (result.passes, two.passes) == (1, 2)
+    for f in ("thresholds", "iou", "tie_fallback", "at_threshold", "top_images", "top_values"):
+        np.testing.assert_array_equal(getattr(two.layers["sparse"], f), getattr(ld, f))
     back = load_result(save_result(result, tmp_path / "saved"))
     np.testing.assert_array_equal(back.layers["sparse"].tie_fallback, ld.tie_fallback)
     np.testing.assert_array_equal(back.layers["sparse"].at_threshold, ld.at_threshold)
-    assert back.notes == result.notes
+    assert (back.notes, back.passes, back.warnings) == (result.notes, result.passes, result.warnings)
 
 
 def test_a_strict_dissection_needs_no_fallback(concepts: ConceptDataset, tmp_path: Path) -> None:

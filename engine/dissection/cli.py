@@ -57,6 +57,9 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--no-tie-fallback", action="store_true",
                     help="apply S >= T even where a mass of activations ties with T (default: such units use "
                          "S > T, see docs/dissection.md)")
+    sp.add_argument("--map-budget-mb", type=float_range(0, 1e9, low_open=False, high_open=False), default=1024.0,
+                    help="keep the layers' maps in memory up to this many MB and run the model once; "
+                         "else twice (default 1024)")
     sp.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
     sp.add_argument("--top-k", type=positive_int, default=10, help="top images per unit (default 10)")
     sp.add_argument("--no-tiles", action="store_true", help="skip the per-unit image tiles")
@@ -74,6 +77,7 @@ def cmd_dissect(a: argparse.Namespace) -> int:
 
 def _dissect(a: argparse.Namespace) -> None:
     from engine.concepts import open_broden
+    from engine.dissection.masks import TIE_FACTOR
     from engine.dissection.report import write_report
     from engine.dissection.run import DissectionParams, dissect
 
@@ -83,7 +87,8 @@ def _dissect(a: argparse.Namespace) -> None:
     params = DissectionParams(
         quantile=a.quantile, iou_threshold=a.iou_threshold, mask_rule=a.rule,
         strict_mask=a.strict_mask or a.rule == "lite", batch_size=a.batch_size, top_k=a.top_k,
-        categories=categories, **({"tie_factor": None} if a.no_tie_fallback else {}),
+        categories=categories, tie_factor=None if a.no_tie_fallback else TIE_FACTOR,
+        map_budget_mb=a.map_budget_mb,
     )
     params.check()
     from engine.cache import check_replaceable

@@ -5,7 +5,7 @@ run again)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,11 +21,6 @@ from engine.dissection.sparse import _SparseTally
 from engine.dissection.timing import _Clock
 from engine.jobs import Job
 from engine.types import ConvLensError, ImageRecord, LayerInfo, Preprocess, Progress
-
-_KEEP_BYTES = 512 * 2**20
-"""Pass 1 keeps the activations in memory (float32) for pass 2 when they fit in this many
-bytes and the computation runs on the CPU, where the forward pass is the costliest step."""
-
 
 _PASS1_SHARE = 0.3
 """Fraction of the progress bar given to pass 1 (pass 2, which tallies, is the longer)."""
@@ -124,26 +119,54 @@ def _phase_totals(seconds: dict[str, float], layers: Sequence[str]) -> dict[str,
     return out
 
 
+def map_bytes(info: dict[str, LayerInfo], n_images: int) -> int:
+    """Bytes of the layers' float32 maps of ``n_images`` images (what one-pass mode keeps)."""
+    return sum(4 * n_images * int(np.prod(li.shape)) for li in info.values())
+
+
+def keeps_maps(info: dict[str, LayerInfo], n_images: int, params: DissectionParams) -> bool:
+    """Whether the maps fit ``params.map_budget_mb`` (one forward pass) or not (two)."""
+    return map_bytes(info, n_images) <= params.map_budget_mb * 2**20
+
+
+@dataclass
+class _Kept:
+    """Pass 1's activation maps for pass 2 (float32, CPU memory): row ``j`` of ``maps[layer]``
+    is image ``rows[j]`` (the images that loaded, in order)."""
+
+    maps: dict[str, torch.Tensor]
+    rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Pass1:
+    quantiles: dict[str, TopQuantile]
+    tops: dict[str, _TopImages]
+    kept: _Kept | None
+    skipped: list[tuple[str, str]]
+    loaded: list[int]  # the images of ``order`` that loaded, in order
+
+
 def _pass1(
     backend: Backend, image_set: ImageSet, pre: Preprocess, order: list[int],
     info: dict[str, LayerInfo], params: DissectionParams, device: torch.device, clock: _Clock,
-) -> Job[tuple[dict[str, TopQuantile], dict[str, _TopImages], dict[str, torch.Tensor] | None,
-               list[tuple[str, str]]]]:
-    """Thresholds and top images (a sub-generator).
+    *, keep: bool,
+) -> Job[_Pass1]:
+    """Thresholds and top images (a sub-generator); with ``keep`` every map is kept for pass 2.
 
-    Returns ``(quantiles, tops, kept, skipped)``: ``kept`` holds every activation (float32,
-    row ``j`` = image ``order[j]``) when the compute device is the CPU and they fit in
-    ``_KEEP_BYTES``, so that pass 2 need not run the model again; else None.
+    The quantile sketches are made for every image of ``order``; when some fail to load they
+    are told the smaller count at the end (:meth:`TopQuantile.shrink_total`), so a failure
+    never restarts the pass and the thresholds count exactly the images that loaded.
     """
     n = len(order)
     quantiles = {name: TopQuantile(li.units, n * li.shape[1] * li.shape[2], params.quantile,
                                    device=device) for name, li in info.items()}
     tops = {name: _TopImages(li.units, params.top_k, device) for name, li in info.items()}
-    size = sum(4 * n * int(np.prod(li.shape)) for li in info.values())
-    kept = ({name: torch.empty((n, *li.shape), dtype=torch.float32) for name, li in info.items()}
-            if device.type == "cpu" and size <= _KEEP_BYTES else None)
+    pin = device.type == "cuda"
+    kept = _Kept({name: torch.empty((n, *li.shape), dtype=torch.float32, pin_memory=pin)
+                  for name, li in info.items()}) if keep else None
     layers = list(info)
-    done = 0
+    loaded: list[int] = []
     with ImageLoader(image_set, pre, batch_size=params.batch_size, indices=order) as loader:
         clock.lap("setup")
         for batch in loader:
@@ -151,37 +174,48 @@ def _pass1(
             acts = forward_batch(backend, batch.array, layers, device)
             clock.lap("forward")
             idx = torch.as_tensor(batch.indices, device=device)
+            done = len(loaded)
             for name in layers:
                 quantiles[name].update(acts[name])
                 clock.lap(f"quantile[{name}]")
                 tops[name].update(acts[name], idx)
                 clock.lap("top_images")
                 if kept is not None:
-                    kept[name][done:done + len(batch)] = acts[name]
+                    kept.maps[name][done:done + len(batch)].copy_(acts[name], non_blocking=pin)
                     clock.lap("keep")
-            done += len(batch)
-            yield Progress(_PASS1_SHARE * done / n, f"pass 1/2: {done}/{n} images")
+            loaded.extend(batch.indices.tolist())
+            yield Progress(_PASS1_SHARE * len(loaded) / n, f"pass 1/2: {len(loaded)}/{n} images")
             clock.lap("progress")
         skipped = list(loader.skipped)
-    return quantiles, tops, kept, skipped
+    if kept is not None:
+        kept.rows = loaded
+    if loaded and len(loaded) < n:
+        for name, li in info.items():
+            quantiles[name].shrink_total(len(loaded) * li.shape[1] * li.shape[2])
+    return _Pass1(quantiles, tops, kept, skipped, loaded)
 
 
 def _pass2(
     backend: Backend, concepts: ConceptDataset, image_set: ImageSet, pre: Preprocess,
     order: list[int], info: dict[str, LayerInfo], thresholds: dict[str, np.ndarray],
-    candidates: dict[str, np.ndarray], kept: dict[str, torch.Tensor] | None, labels: _Labels, params: DissectionParams,
+    candidates: dict[str, np.ndarray], kept: _Kept | None, labels: _Labels, params: DissectionParams,
     device: torch.device, clock: _Clock,
-) -> Job[dict[str, _SparseTally]]:
-    """IoU tallies of every layer; returns ``{layer: _SparseTally}`` (a sub-generator)."""
+) -> Job[tuple[dict[str, _SparseTally], list[tuple[str, str]]]]:
+    """IoU tallies of every layer over the images ``order`` (a sub-generator).
+
+    Returns ``({layer: _SparseTally}, failed)``: ``failed`` lists the images that loaded in
+    pass 1 but not now (only when the model runs again); the tallies then lack them.
+    """
     tallies = {name: _SparseTally(li.units, labels, thresholds[name], params, device, candidates[name])
                for name, li in info.items()}
     layers = list(info)
     n = len(order)
     done = 0
+    failed: list[tuple[str, str]] = []
     prefetch = _LabelPrefetcher(concepts, order, ahead=3 * params.batch_size)
     try:
         for indices, acts in _pass2_batches(backend, image_set, pre, order, layers, kept, params,
-                                            device, clock):
+                                            device, clock, failed):
             images = [_ImageLabels.of(s, labels) for s in prefetch.take(indices)]
             clock.lap("labels")
             for name in layers:
@@ -192,19 +226,23 @@ def _pass2(
             clock.lap("progress")
     finally:
         prefetch.close()
-    return tallies
+    return tallies, failed
 
 
 def _pass2_batches(
     backend: Backend, image_set: ImageSet, pre: Preprocess, order: list[int],
-    layers: list[str], kept: dict[str, torch.Tensor] | None, params: DissectionParams,
-    device: torch.device, clock: _Clock,
+    layers: list[str], kept: _Kept | None, params: DissectionParams,
+    device: torch.device, clock: _Clock, failed: list[tuple[str, str]],
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """``(image indices, activations)`` per batch: from ``kept`` or from the model again."""
+    """``(image indices, activations)`` per batch: from ``kept`` or from the model again (the
+    images that fail to load then are appended to ``failed``)."""
     if kept is not None:
-        for s in range(0, len(order), params.batch_size):
-            yield order[s:s + params.batch_size], {n: kept[n][s:s + params.batch_size]
-                                                   for n in layers}
+        wanted = set(order)
+        rows = [j for j, i in enumerate(kept.rows) if i in wanted]
+        for s in range(0, len(rows), params.batch_size):
+            part = rows[s:s + params.batch_size]
+            sel = slice(part[0], part[-1] + 1) if part[-1] - part[0] == len(part) - 1 else torch.as_tensor(part)
+            yield [kept.rows[j] for j in part], {n: kept.maps[n][sel] for n in layers}
         return
     with ImageLoader(image_set, pre, batch_size=params.batch_size, indices=order) as loader:
         clock.lap("setup")
@@ -213,3 +251,4 @@ def _pass2_batches(
             acts = forward_batch(backend, batch.array, layers, device)
             clock.lap("forward")
             yield batch.indices.tolist(), acts
+        failed.extend(loader.skipped)

@@ -333,6 +333,20 @@ class TopQuantile:
         self._error_bound = (high - low) / 2.0
         return (low + high) / 2.0
 
+    def shrink_total(self, total: int) -> None:
+        """Expect ``total`` values per unit instead (fewer than announced: e.g. images that
+        failed to load), so :meth:`thresholds` answers once ``total`` have been seen.
+
+        Exact: the kept top values are at least as many as a smaller total needs (``m`` never
+        decreases with ``total``), so the result is the same as a sketch made for ``total``.
+        """
+        if not self.count <= total <= self.total or total < 1:
+            raise ConvLensError(f"TopQuantile can shrink its total from {self.total} to between "
+                                f"max(1, {self.count}) values seen and itself, not to {total}.")
+        self.total = total
+        self._lo, self._hi, self._gamma = _rank_plan(total, self.q)
+        self._error_bound = None
+
     def count_bound(self, thresholds: np.ndarray) -> np.ndarray:
         """(K,) float64: an upper bound on the number of values ``>= thresholds[k]`` of each unit
         (``inf`` when the kept state cannot bound it).

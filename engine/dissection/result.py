@@ -38,6 +38,8 @@ class DissectionParams:
     :mod:`engine.dissection.masks`); None applies the paper's rule literally to every unit.
     ``device``: where thresholds and tallies are computed (None: the backend's device for
     torch models, CUDA if available else CPU for ONNX models).
+    ``map_budget_mb``: when the dissected layers' float32 maps of all images fit in this many
+    MB they are kept in memory and the model runs once; else it runs twice (the same result).
     """
 
     quantile: float = 0.005
@@ -49,6 +51,7 @@ class DissectionParams:
     categories: tuple[str, ...] | None = None
     device: str | None = None
     tie_factor: float | None = TIE_FACTOR
+    map_budget_mb: float = 1024.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -56,9 +59,9 @@ class DissectionParams:
         return d
 
     def result_key(self) -> dict[str, Any]:
-        """The settings that change the result (batch size and device do not)."""
+        """The settings that change the result (batch size, device and map budget do not)."""
         d = self.to_dict()
-        del d["batch_size"], d["device"]
+        del d["batch_size"], d["device"], d["map_budget_mb"]
         return d
 
     def check(self) -> None:
@@ -67,6 +70,8 @@ class DissectionParams:
             raise ConvLensError(f"quantile must be in (0, 1), got {self.quantile}.")
         if self.mask_rule not in ("paper", "lite"):
             raise ConvLensError(f'mask_rule must be "paper" or "lite", got {self.mask_rule!r}.')
+        if not self.map_budget_mb >= 0:
+            raise ConvLensError(f"map_budget_mb must be >= 0, got {self.map_budget_mb}.")
         if self.tie_factor is not None and not self.tie_factor >= 1.0:
             raise ConvLensError(f"tie_factor must be >= 1 (or None), got {self.tie_factor}.")
         if self.batch_size < 1 or self.top_k < 1:

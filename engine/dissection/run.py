@@ -7,8 +7,8 @@ Visual Representations", CVPR 2017. For every unit ``k`` of the dissected layers
    :class:`~engine.dissection.quantile.TopQuantile`, which gives the threshold ``T_k`` with
    ``P(a_k > T_k) = q`` (``q = 0.005``) over all spatial positions of all images, exactly
    (bounded memory, see that class). It also keeps each unit's top-k images by max activation.
-2. **Pass 2** runs the model again (or, on the CPU, reuses the pass-1 activations when they
-   fit in ``_KEEP_BYTES`` of memory); each activation map is upsampled bilinearly to the
+2. **Pass 2** reuses the pass-1 activation maps when they fit ``params.map_budget_mb`` of
+   memory (one forward pass, ``result.passes == 1``), else runs the model again; each activation map is upsampled bilinearly to the
    image's label-mask size and thresholded (``M_k = S_k >= T_k``), and ``|M_k ∩ L_c|`` and
    ``|M_k ∪ L_c|`` are summed over the images that carry a label of concept ``c``'s category,
    with the rules of :class:`~engine.dissection.tally.IoUTally`. Only the (image, unit) pairs
@@ -21,8 +21,10 @@ concept; it is a *detector* when that IoU exceeds ``iou_threshold`` (0.04).
 
 Images are fed whole (``resize="stretch"`` whatever the model's own resize policy), so an
 activation map covers the full label mask, as in the paper. Images that fail to load are
-skipped and listed in the result; the thresholds then count the loaded images only (pass 1 is
-repeated over them, since :class:`TopQuantile` needs the count up front).
+skipped and listed in the result, and both passes count the loaded images only: a failure in
+pass 1 shrinks the quantile sketches' count (no restart); an image that loaded in pass 1 but
+fails in pass 2 (changed on disk) makes both passes run again without it. Degenerate
+thresholds (a mass of activations tied with ``T_k``) and 1x1 layers: see docs/dissection.md.
 
 The result is cached (kind ``"dissection"``) under a key of everything that determines it, so a
 repeat is instant; a cancelled run (``gen.close()``) writes nothing.
@@ -52,6 +54,7 @@ from engine.data.images import DIGEST_SIZE, digest_files
 from engine.dissection.labels import _GroupLabels, _ImageLabels, _LabelPrefetcher, _Labels, restrict_categories
 from engine.dissection.masks import TIE_FACTOR, float32_cut
 from engine.dissection.passes import (
+    _PASS1_SHARE,
     _compute_device,
     _pass1,
     _pass2,
@@ -60,6 +63,8 @@ from engine.dissection.passes import (
     concept_image_set,
     dissection_preprocess,
     forward_batch,
+    keeps_maps,
+    map_bytes,
     one_position_warnings,
     spatial_layers,
 )
@@ -180,35 +185,44 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
     clock = _Clock(device)
     t0 = time.perf_counter()
     order = list(range(len(concepts)))
+    keep = keeps_maps(info, len(order), params)
     skipped: list[tuple[str, str]] = []
-    for _attempt in range(2):
-        yield Progress(0.0, f"pass 1/2: thresholds of {len(layers)} layers over {len(order)} images")
-        quantiles, tops, kept, newly = yield from _pass1(backend, image_set, pre, order, info,
-                                                         params, device, clock)
-        if not newly:
+    for _attempt in range(3):
+        t1 = time.perf_counter()
+        yield Progress(0.0, f"pass 1/2: thresholds of {len(layers)} layers over {len(order)} images "
+                            f"({'one forward pass, maps kept' if keep else 'two forward passes'})")
+        p1 = yield from _pass1(backend, image_set, pre, order, info, params, device, clock, keep=keep)
+        skipped.extend(p1.skipped)
+        order = p1.loaded
+        if not order:
+            raise ConvLensError(f"{concepts.root}: none of the {len(concepts)} concept images could be read.")
+        thresholds = {}
+        for name in layers:
+            thresholds[name] = p1.quantiles[name].thresholds()
+            clock.lap(f"quantile[{name}]")
+        clock.seconds["pass1"] = clock.seconds.get("pass1", 0.0) + time.perf_counter() - t1
+        t2 = time.perf_counter()
+        factor = params.tie_factor or 1.0
+        candidates = {name: p1.quantiles[name].count_bound(thresholds[name])
+                      > factor * params.quantile * p1.quantiles[name].total for name in layers}
+        yield Progress(_PASS1_SHARE, f"pass 2/2: IoU of {len(layers)} layers over {len(order)} images")
+        tallies, failed = yield from _pass2(backend, concepts, image_set, pre, order, info, thresholds,
+                                            candidates, p1.kept, labels, params, device, clock)
+        clock.seconds["pass2"] = clock.seconds.get("pass2", 0.0) + time.perf_counter() - t2
+        if not failed:
             break
-        skipped.extend(newly)
-        bad = {p for p, _ in newly}
+        # loaded in pass 1 but not in pass 2 (changed on disk): thresholds again without them
+        log.warning("%s: %d image(s) failed to load in the second pass (first: %s); recomputing the "
+                    "thresholds without them", concepts.root, len(failed), failed[0][0])
+        skipped.extend(failed)
+        bad = {p for p, _ in failed}
         order = [i for i in order if image_set.records[i].path not in bad]
         if not order:
-            raise ConvLensError(f"{concepts.root}: none of the {len(concepts)} concept images "
-                                "could be read.")
+            raise ConvLensError(f"{concepts.root}: none of the {len(concepts)} concept images could be read.")
     else:
         raise ConvLensError(f"{concepts.root}: images keep failing to load; first: {skipped[0]}")
-    thresholds = {}
-    for name in layers:
-        thresholds[name] = quantiles[name].thresholds()
-        clock.lap(f"quantile[{name}]")
-    clock.seconds["pass1"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    factor = params.tie_factor or 1.0
-    candidates = {name: quantiles[name].count_bound(thresholds[name])
-                  > factor * params.quantile * quantiles[name].total for name in layers}
-    tallies = yield from _pass2(backend, concepts, image_set, pre, order, info, thresholds,
-                                candidates, kept, labels, params, device, clock)
-    del kept
-    clock.seconds["pass2"] = time.perf_counter() - t1
+    tops = p1.tops
+    del p1
 
     out: dict[str, LayerDissection] = {}
     for name in layers:
@@ -224,8 +238,12 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
             at_threshold=tallies[name].at_threshold_fraction(),
         )
     clock.lap("summary")
-    notes = [tie_note(name, out[name].tie_fallback, params) for name in layers
-             if out[name].tie_fallback.any()]
+    size = map_bytes(info, len(order)) / 2**20
+    notes = [f"one forward pass: the maps of {len(order)} images ({size:.0f} MB float32) fit map_budget_mb="
+             f"{params.map_budget_mb:g} and were kept for the tally" if keep else
+             f"two forward passes: the maps of {len(order)} images ({size:.0f} MB float32) exceed map_budget_mb="
+             f"{params.map_budget_mb:g}"]
+    notes += [tie_note(name, out[name].tie_fallback, params) for name in layers if out[name].tie_fallback.any()]
     seconds = _phase_totals(clock.seconds, layers)
     seconds["total"] = time.perf_counter() - t0
     result = DissectionResult(
@@ -233,7 +251,7 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
         params=params, layers=out, concept_names=labels.names,
         concept_categories=labels.categories_of, categories=labels.categories,
         n_images=len(order), seconds=seconds, skipped=tuple(skipped), input_digests=input_digests,
-        notes=tuple(notes), warnings=tuple(one_position_warnings(info)),
+        passes=1 if keep else 2, notes=tuple(notes), warnings=tuple(one_position_warnings(info)),
     )
     return result
 
