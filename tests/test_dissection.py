@@ -403,9 +403,12 @@ def test_cli_dissect(rnet_spec, concepts: ConceptDataset, tmp_path: Path, monkey
     assert _cli([*base, "--layers", "conv2,conv3", "--rule", "lite"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"conv2: \d+/48 units are detectors covering \d+ concepts?", err)
+    assert "one forward pass: the maps of 60 images" in err
     assert all((out / f).is_file() for f in ("dissection.csv", "summary.json", "layers.svg", "index.html"))
     assert any((out / "tiles" / "conv3").iterdir())
     assert json.loads((out / "summary.json").read_text())["params"]["mask_rule"] == "lite"
+    assert _cli([*base, "--layers", "conv2", "--map-budget-mb", "0", "--no-tiles"]) == 0
+    assert "two forward passes" in capsys.readouterr().err
     assert _cli([*base, "--layers", "conv2,nope"]) == 1
     assert "'nope'" in capsys.readouterr().err
 

@@ -181,7 +181,7 @@ def _pass1(
                 tops[name].update(acts[name], idx)
                 clock.lap("top_images")
                 if kept is not None:
-                    kept.maps[name][done:done + len(batch)].copy_(acts[name], non_blocking=pin)
+                    kept.maps[name][done:done + len(batch)].copy_(acts[name])
                     clock.lap("keep")
             loaded.extend(batch.indices.tolist())
             yield Progress(_PASS1_SHARE * len(loaded) / n, f"pass 1/2: {len(loaded)}/{n} images")
