@@ -259,3 +259,19 @@ def test_filter_metrics_and_dissection_labels_on_rnet(rnet, cache, one_thread):
     dis = run_sync(run(be, loaded.cache_id, iset, SanityParams("dissection", layer="conv2"), cache=cache))
     agree = dis.series("label_agreement")
     assert agree[:3].tolist() == [1.0, 1.0, 1.0] and agree[3] < 0.5 and dis.values.shape[2] == 48
+
+
+def test_graph_nodes_are_matched_by_the_columns_they_cover(rnet, cache, one_thread):
+    from engine.sanity.explanations import _compare_graphs
+
+    a = [{"conv3:1": {(0, 0, 0), (0, 0, 1)}, "conv2:4": {(1, 2, 2)}}]
+    # the other fit numbers its words differently: matched by columns, within the same layer
+    b = [{"conv3:7": {(0, 0, 0), (0, 0, 1), (0, 1, 1)}, "conv1:4": {(1, 2, 2)}}]
+    np.testing.assert_allclose(_compare_graphs(a, b)["node_overlap"], [2 / 3, 0.0])
+    np.testing.assert_allclose(_compare_graphs(a, a)["node_overlap"], [1.0, 1.0])
+    loaded, be, iset = rnet
+    res = run_sync(run(be, loaded.cache_id, iset, SanityParams("graphs", layer="conv3", images=2,
+                                                                layers=("dense5_1",)), cache=cache))
+    # the original graphs of both images have nodes; with the classifier random every image is
+    # predicted as one class, the transition tables have no contrast and the graphs no nodes
+    assert res.values.shape[2] >= 2 and res.values[0, 0].tolist() == [0.0] * res.values.shape[2]

@@ -7,7 +7,8 @@
 METHOD: ``gradcam``, ``saliency``, ``guided_backprop``, ``ig``, ``occlusion`` (class evidence,
 for the predicted class), ``heatmap`` (the activation map of ``--unit`` at ``--layer``),
 ``dissection`` (the labels of ``--layer``'s units on a small built-in concept set),
-``polytope`` (the gallery of every image) or ``filters`` (the filter metrics of ``--layer``).
+``polytope`` (the gallery of every image), ``filters`` (the filter metrics of ``--layer``) or
+``graphs`` (the inference graphs of the first images).
 Writes ``OUT/sanity.csv`` (one row per step: the layer randomised, per metric the mean and
 standard deviation over images / units), ``OUT/sanity.json`` (the settings, the table, per metric
 the similarity at the last step and the first step below 0.5) and ``OUT/sanity.png`` (the
@@ -23,7 +24,7 @@ from typing import Any
 
 FILES = ("sanity.csv", "sanity.json", "sanity.png")
 METHODS = ("gradcam", "saliency", "guided_backprop", "ig", "occlusion", "heatmap", "dissection", "polytope",
-           "filters")
+           "filters", "graphs")
 
 
 def _common() -> Any:

@@ -11,7 +11,10 @@ and ``compare(original, other) -> {metric: per-item values}``.
   (``label_agreement`` per unit, and the Spearman correlation of the units' best IoU);
 * ``polytope``: the polytope gallery of every image (``jaccard`` of the gallery per image);
 * ``filters``: the per-filter metrics of a layer (Spearman correlation over filters of each
-  metric: ``loss``, ``inter``, ``spatial``).
+  metric: ``loss``, ``inter``, ``spatial``);
+* ``graphs``: the inference graph of each of the first images (``node_overlap``: per node of
+  the original graph, the best Jaccard overlap of the image columns its visual word covers with
+  a node of the same layer of the randomised model's graph of that image).
 """
 
 from __future__ import annotations
@@ -182,6 +185,53 @@ def _compare_filters(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict
     return {f"{k}_spearman": np.array([spearman(a[k], b[k])]) for k in FILTER_METRICS}
 
 
+def _graphs(backend: Any, inputs: Inputs, cache: Cache) -> Job[list[dict[str, set[tuple[int, int, int]]]]]:
+    """The inference graph of each of the first images (at most ``graph_images``, 8) over the
+    layers modelled (``inputs.layer`` alone, or the model's default spatial layers): per graph,
+    per node (``layer:word``) the set of columns ``(image, i, j)`` of the fit set its word covers."""
+    from engine.graphs.model import GraphParams, explain, run
+    from engine.models.layers import default_layers
+
+    infos = backend.layers()
+    spatial = [li.name for li in infos if li.is_spatial]
+    layers = [inputs.layer] if inputs.layer else [n for n in (list(backend.spec.layers) or default_layers(infos))
+                                                  if n in spatial]
+    if not layers:
+        raise ConvLensError(f"{backend.spec.path}: no spatial layer to model an inference graph on")
+    params = GraphParams(seed=0, max_iter=int(inputs.options.get("graph_iterations", 30)))
+    fit = yield from _sub(run(backend, inputs.model_sha, inputs.image_set, layers, params, cache=cache))
+    by_name = {lm.name: lm for lm in fit.layers}
+    graphs = []
+    for i in inputs.indices[: int(inputs.options.get("graph_images", 8))]:
+        g = explain(fit, image=inputs.image_set.records[int(i)].path, n=int(inputs.options.get("graph_nodes", 3)),
+                    patches=0)
+        nodes: dict[str, set[tuple[int, int, int]]] = {}
+        for nd in g.nodes:
+            lm = by_name.get(nd.get("layer", ""))
+            if lm is not None:
+                cols = np.argwhere(lm.words == int(nd["word"]))
+                nodes[f"{lm.name}:{int(nd['word'])}"] = {(int(a), int(b), int(c)) for a, b, c in cols}
+        graphs.append(nodes)
+    return graphs
+
+
+def _compare_graphs(a: list[dict[str, set[tuple[int, int, int]]]],
+                    b: list[dict[str, set[tuple[int, int, int]]]]) -> dict[str, np.ndarray]:
+    """Per image, per node of its original graph: the best Jaccard overlap of the node's columns
+    with a node of the same layer in the image's other graph (words are cluster numbers that two
+    fits do not share: nodes are matched by the image columns their words cover)."""
+    out = []
+    for ga, gb in zip(a, b, strict=True):
+        for name, cols in ga.items():
+            layer = name.rsplit(":", 1)[0]
+            best = 0.0
+            for other, ocols in gb.items():
+                if other.rsplit(":", 1)[0] == layer and (cols or ocols):
+                    best = max(best, len(cols & ocols) / len(cols | ocols))
+            out.append(best)
+    return {"node_overlap": np.asarray(out, np.float64)}
+
+
 def _compare_maps(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     return map_similarity(a, b)
 
@@ -197,6 +247,8 @@ EXPLANATIONS: dict[str, Explanation] = {
     "dissection": Explanation("dissection", "Dissection labels", "values", ("label_agreement", "iou_spearman"),
                               _dissection, _compare_dissection, needs_layer=True, item="unit"),
     "polytope": Explanation("polytope", "Polytope gallery", "values", ("jaccard",), _polytope, _compare_polytope),
+    "graphs": Explanation("graphs", "Inference graph", "values", ("node_overlap",), _graphs, _compare_graphs,
+                          item="node"),
     "filters": Explanation("filters", "Filter metrics", "values", tuple(f"{k}_spearman" for k in FILTER_METRICS),
                            _filters, _compare_filters, needs_layer=True, item="filter"),
 }

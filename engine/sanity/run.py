@@ -37,7 +37,7 @@ class SanityParams:
 
     ``explanation``: one of :data:`~engine.sanity.explanations.EXPLANATIONS` (``gradcam``,
     ``saliency``, ``guided_backprop``, ``ig``, ``occlusion``, ``heatmap``, ``dissection``,
-    ``polytope``, ``filters``). ``mode``: ``cascade`` or ``independent``. ``layer`` (and
+    ``polytope``, ``filters``, ``graphs``). ``mode``: ``cascade`` or ``independent``. ``layer`` (and
     ``unit``): the layer Grad-CAM, the heatmap, dissection and filter metrics look at (Grad-CAM:
     None for its default). ``images``: how many images, spread evenly over the set (or
     ``indices``: exactly these image-set positions). ``layers``: the layers to randomise (None:

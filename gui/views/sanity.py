@@ -2,7 +2,7 @@
 
 Choose the explanation (the list holds those the open model supports: the class evidence
 methods for the predicted class, unit heatmaps, dissection labels, polytope galleries, filter
-metrics; none for an ONNX or TorchScript model, whose weights cannot be randomised here), the
+metrics, inference graphs; none for an ONNX or TorchScript model, whose weights cannot be randomised here), the
 mode (cascading randomisation from the output layer down, or one layer at a time), the layer and
 unit (they follow the shared selection), and press Run: one engine job
 (:func:`engine.sanity.run.run`, cached on disk by the engine) on the inference worker, with
