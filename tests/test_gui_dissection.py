@@ -218,3 +218,127 @@ def test_layer_picker_groups_filters_and_shows_shapes(qtbot) -> None:
     assert picker.tree.topLevelItem(6).isHidden()  # the backbone group has no match
     picker.filter_edit.setText("")
     assert len(picker.visible_layers()) == len(names)
+
+
+def test_defaults_to_the_commands_built_in_set(ctx: AppContext) -> None:
+    from engine.concepts import BUILTIN_DEFAULT_IMAGES, BUILTIN_DEFAULT_SIZE
+
+    fresh = DissectionView(ctx)
+    try:
+        assert (fresh.n_images_spin.value(), fresh.size_spin.value()) == (BUILTIN_DEFAULT_IMAGES, BUILTIN_DEFAULT_SIZE)
+        fresh.rule_combo.setCurrentIndex(fresh.rule_combo.findData("lite"))
+        assert fresh.params().strict_mask and fresh.params().mask_rule == "lite"  # as --rule lite
+        fresh.rule_combo.setCurrentIndex(fresh.rule_combo.findData("paper"))
+        assert not fresh.params().strict_mask
+    finally:
+        fresh.deleteLater()
+
+
+def _half_size_masks(src: Path, dst: Path) -> Path:
+    """A copy of the Broden-layout set ``src`` whose label masks are half the image size, as in
+    Broden itself (so masks thresholded at the image size and at the label-mask size differ)."""
+    import csv
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(dst / "index.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    header = list(rows[0])
+    for r in rows:
+        sh, sw = int(r["sh"]) // 2, int(r["sw"]) // 2
+        for cat in header[6:]:
+            for rel in filter(None, r[cat].split(";")):
+                if rel.endswith(".png"):
+                    path = dst / "images" / rel
+                    with Image.open(path) as im:
+                        im.convert("RGB").resize((sw, sh), Image.Resampling.NEAREST).save(path)
+        r["sh"], r["sw"] = str(sh), str(sw)
+    with open(dst / "index.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, header, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def half_broden(view: DissectionView, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _half_size_masks(builtin_concepts_dir(N_IMAGES, SIZE), tmp_path_factory.mktemp("broden") / "half")
+
+
+@pytest.mark.parametrize("rule", ["paper", "lite"])
+def test_gui_equals_cli(qtbot, ctx: AppContext, half_broden: Path, rnet_spec, tmp_path: Path, monkeypatch,
+                        rule: str) -> None:
+    """The view's dissection and its side-panel masks are the command's, for both rules: the same
+    parameters, thresholds and IoUs (exactly), and masks at the label-mask size that equal the
+    report's and a hand computation (the map upsampled with F.interpolate, >= or > T in float64)."""
+    import csv
+
+    import torch
+    import torch.nn.functional as F
+
+    from engine.backends import open_backend
+    from engine.cli import main
+    from engine.concepts import open_broden
+    from engine.data.images import ImageLoader
+    from engine.dissection import load_result
+    from engine.dissection.report import top_image_masks
+    from engine.dissection.run import concept_image_set, dissection_preprocess
+    from engine.models import load_model
+
+    w = DissectionView(ctx)
+    try:
+        w.resize(1200, 800)
+        w.show()
+        w.set_broden_folder(str(half_broden))
+        w.set_checked_layers([LAYER])
+        w.rule_combo.setCurrentIndex(w.rule_combo.findData(rule))
+        handle = w.run()
+        assert handle is not None
+        _wait(w.result_ready)
+        gui = w.result
+
+        monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cli-cache"))
+        pre = rnet_spec.preprocess
+        argv = ["dissect", "--model", rnet_spec.path, "--arch", "rnet", "--input-size", f"{pre.input_size[0]}",
+                "--mean", ",".join(map(repr, pre.mean)), "--std", ",".join(map(repr, pre.std)),
+                "--concepts", str(half_broden), "--layers", LAYER, "--rule", rule, "--out", str(tmp_path / "out")]
+        assert main(argv) == 0
+        (entry,) = (tmp_path / "cli-cache" / "dissection").iterdir()
+        cli = load_result(entry)
+        assert gui.params.result_key() == cli.params.result_key()
+        assert gui.params.strict_mask == (rule == "lite")
+        g, c = gui.layers[LAYER], cli.layers[LAYER]
+        np.testing.assert_array_equal(g.thresholds, c.thresholds)
+        np.testing.assert_array_equal(g.iou, c.iou)
+        np.testing.assert_array_equal(g.tie_fallback, c.tie_fallback)
+        with open(tmp_path / "out" / "thresholds.csv", encoding="utf-8") as f:
+            assert [float(r["threshold"]) for r in csv.DictReader(f)] == g.thresholds.tolist()
+
+        concepts = open_broden(str(half_broden))
+        assert concepts.sample(0).mask_size == (SIZE // 2, SIZE // 2)
+        loaded = load_model(rnet_spec.with_(device="cpu"))
+        backend = open_backend(loaded)
+        best = int(np.argmax(g.summary.iou))
+        for unit in (best, (best + 1) % g.units):
+            with qtbot.waitSignal(w.unit_images_ready, timeout=60000,
+                                  check_params_cb=lambda layer, u, unit=unit: (layer, u) == (LAYER, unit)):
+                w._show_unit(LAYER, unit)  # what clicking its row does
+            shown = w.shown_masks[(LAYER, unit)]
+            assert [i for i, _ in shown] == [int(i) for i in c.top_images[unit] if i >= 0]
+            report = top_image_masks(backend, concepts, cli, LAYER, unit)
+            t = float(c.thresholds[unit])
+            strict = cli.params.strict_mask or bool(c.tie_fallback[unit])
+            with ImageLoader(concept_image_set(concepts), dissection_preprocess(backend.spec.preprocess),
+                             indices=[i for i, _ in shown]) as loader:
+                maps = {i: backend.forward(b.array, capture=[LAYER]).activations[LAYER][row, unit]
+                        for b in loader for row, i in enumerate(b.indices.tolist())}
+            for (i, mask), (j, theirs) in zip(shown, report, strict=True):
+                assert i == j and mask.shape == (SIZE // 2, SIZE // 2) and mask.dtype == bool
+                np.testing.assert_array_equal(mask, theirs)
+                s = F.interpolate(torch.from_numpy(np.ascontiguousarray(maps[i], dtype=np.float32))[None, None],
+                                  size=(SIZE // 2, SIZE // 2), mode="bilinear", align_corners=False)[0, 0].double().numpy()
+                np.testing.assert_array_equal(mask, s > t if strict else s >= t)
+        assert (">" if rule == "lite" else "≥") in w.legend_label.text()
+    finally:
+        w.close()
+        w.deleteLater()

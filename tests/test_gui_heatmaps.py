@@ -173,3 +173,48 @@ def test_layer_combo_elides_long_names_in_the_middle(qtbot) -> None:
     assert "…" in shown and shown.startswith("/ba") and shown.endswith("14")
     assert combo.currentText() == name  # the item keeps the whole name
     assert combo.minimumSizeHint().width() < combo.fontMetrics().horizontalAdvance(name)
+
+
+def test_unit_masks_are_the_engines(view: HeatmapsView, ctx: AppContext) -> None:
+    """The strip's masks: the map upsampled (F.interpolate) and >= threshold x the unit's set max,
+    by the engine's mask code (engine.dissection.masks)."""
+    unit = 7
+    ctx.selection.unit = unit
+    view.threshold_slider.setValue(40)
+    acts = view.activations()
+    for image in [int(i) for i in acts.stats(LAYER).top_images[unit] if i >= 0][:3]:
+        got = view.unit_mask(image, unit, (88, 70))
+        m = torch.from_numpy(np.asarray(acts.maps(LAYER)[image, unit], dtype=np.float32))[None, None]
+        s = F.interpolate(m, size=(88, 70), mode="bilinear", align_corners=False)[0, 0].double().numpy()
+        t = view.threshold * view.unit_max(unit)
+        assert got is not None and got.dtype == bool and got.any()
+        np.testing.assert_array_equal(got, s >= t)
+
+
+def test_never_defaults_to_a_1x1_layer(qtbot, ocr_onnx, demo_images, tmp_path: Path, monkeypatch) -> None:
+    """The ONNX text-direction classifier ends in layers with 1x1 maps: the view opens on the
+    deepest layer with a spatial extent, never on one of those."""
+    from engine.models.layers import has_extent
+    from engine.types import ModelSpec
+    from gui.context import AppContext as Context
+    from gui.jobs import JobRunner
+    from gui.selection import Selection
+    from gui.session import Session
+    from tests.conftest import wait_job
+
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    selection, runner = Selection(), JobRunner()
+    session = Session(selection, runner)
+    try:
+        wait_job(session.load_model(ModelSpec(path=str(ocr_onnx))))
+        layers = session.model.layers
+        flat = [li.name for li in layers if li.is_spatial and not has_extent(li)]
+        assert flat  # the model has 1x1 layers (e.g. after global pooling)
+        w = HeatmapsView(Context(selection, runner, session))
+        qtbot.addWidget(w)
+        chosen = next(li for li in layers if li.name == selection.layer)
+        assert has_extent(chosen) and selection.layer not in flat
+        assert selection.layer == [li.name for li in layers if has_extent(li)][-1] or selection.layer in session.model.default_layers
+    finally:
+        runner.shutdown()
+        session.shutdown()

@@ -11,13 +11,22 @@ Results: one summary line per layer, a bar chart of detectors per concept catego
 and a sortable, filterable table of every unit (layer, unit, category, label, IoU, detector).
 Clicking a row selects that layer and unit in the shared selection (so the Heatmaps view shows
 it); the side panel then shows the unit's top concept images with the unit's mask outlined
-(cyan; activation upsampled to the image and thresholded at the unit's dissection threshold)
-and the pixels of the unit's concept outlined (yellow). Those few masks are computed lazily on
-the worker. "Export report…" writes the engine's HTML report into a folder.
+(cyan) and the pixels of the unit's concept outlined (yellow). The mask is the one the IoUs
+counted, from the engine's one code path (:func:`engine.dissection.report.top_image_masks`,
+i.e. :mod:`engine.dissection.masks`): the activation upsampled to the image's label-mask size
+and compared with the unit's threshold by the result's rule (``S >= T``, or ``S > T`` for the
+NetDissect-Lite rule and for units whose threshold tied), then shown at the image's size. Those
+few masks are computed lazily on the worker. "Export report…" writes the engine's HTML report
+into a folder.
+
+The settings give the same dissection as ``convlens dissect``: the "lite" rule is the
+command's ``--rule lite`` (NetDissect-Lite's union rule and ``S > T`` masks), and the built-in
+set defaults to the command's :data:`engine.concepts.BUILTIN_DEFAULT_IMAGES` images.
 """
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +54,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from engine.concepts import BUILTIN_DEFAULT_IMAGES, BUILTIN_DEFAULT_SIZE
 from engine.types import Progress
 
 from ..context import AppContext
@@ -115,6 +125,8 @@ class DissectionView(View):
         # (layer, unit) -> (concept image indices, masked images at native size) for figures
         self._figure_tiles: dict[tuple[str, int], tuple[list[int], list[np.ndarray]]] = {}
         self._figure_handle: JobHandle | None = None
+        #: (layer, unit) -> [(concept image index, bool mask at its label-mask size)] shown in the side panel
+        self.shown_masks: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
         self._handle: JobHandle | None = None
         self._broden_folder = ""
         self._syncing = False
@@ -136,12 +148,12 @@ class DissectionView(View):
         self.n_images_spin = QSpinBox()
         self.n_images_spin.setRange(16, 100_000)
         self.n_images_spin.setSingleStep(100)
-        self.n_images_spin.setValue(600)
+        self.n_images_spin.setValue(BUILTIN_DEFAULT_IMAGES)
         self.n_images_spin.setToolTip("Number of generated concept images")
         self.size_spin = QSpinBox()
         self.size_spin.setRange(16, 512)
         self.size_spin.setSingleStep(16)
-        self.size_spin.setValue(112)
+        self.size_spin.setValue(BUILTIN_DEFAULT_SIZE)
         self.size_spin.setSuffix(" px")
         self.size_spin.setToolTip("Side of the generated images")
         self.folder_label = QLabel()
@@ -164,7 +176,8 @@ class DissectionView(View):
         self.rule_combo = QComboBox()
         self.rule_combo.addItem("paper", "paper")
         self.rule_combo.addItem("lite", "lite")
-        self.rule_combo.setToolTip("Union rule: the paper's, or NetDissect-Lite's")
+        self.rule_combo.setToolTip("paper: Bau et al. 2017 (masks S ≥ T); lite: NetDissect-Lite's union rule "
+                                   "and masks S > T (as convlens dissect --rule lite)")
         self.run_button = QPushButton("Run Network Dissection")
         self.run_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel")
@@ -259,9 +272,7 @@ class DissectionView(View):
         images_scroll.setWidget(self.unit_images)
         images_scroll.setWidgetResizable(False)
         images_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.legend_label = QLabel(
-            "<span style='color:#00ffff'>■</span> unit mask (activation ≥ threshold)<br>"
-            "<span style='color:#ffdc00'>■</span> pixels of the unit's concept")
+        self.legend_label = QLabel(_legend_html("≥"))
         side = QWidget()
         side_layout = QVBoxLayout(side)
         side_layout.setContentsMargins(0, 0, 0, 0)
@@ -354,10 +365,14 @@ class DissectionView(View):
         """The engine ``DissectionParams`` of the controls."""
         from engine.dissection.run import DissectionParams
 
+        rule = self.rule_combo.currentData()
+        # as convlens dissect: --rule lite is NetDissect-Lite's union rule *and* its S > T masks
         return DissectionParams(quantile=self.quantile_spin.value(), iou_threshold=self.iou_spin.value(),
-                                mask_rule=self.rule_combo.currentData())
+                                mask_rule=rule, strict_mask=rule == "lite")
 
     def _model_loaded(self, info: Any) -> None:
+        # the engine's default layers never include a 1x1 layer; one ticked by hand is dissected
+        # with the engine's warning that its IoU is image-level (shown with the result)
         self.layer_picker.set_layers([li for li in info.layers if li.is_spatial], info.default_layers)
         self._update_controls()
 
@@ -491,9 +506,14 @@ class DissectionView(View):
         self.status.setText(f"Dissected {len(result.layers)} layer(s) on {result.n_images} concept images "
                             f"({len(result.categories)} categories) {took}.")
         # each line starts with its layer's bar colour: the line doubles as the chart's legend
-        self.summary_label.setText("<br>".join(
-            f"<span style='color:{_LAYER_COLORS[j % len(_LAYER_COLORS)]}'>■</span> {line}"
-            for j, line in enumerate(self.summary_lines())))
+        lines = [f"<span style='color:{_LAYER_COLORS[j % len(_LAYER_COLORS)]}'>■</span> {html.escape(line)}"
+                 for j, line in enumerate(self.summary_lines())]
+        # the engine's notes (tie fallbacks, passes) and warnings (a 1x1 layer is image-level), as the report
+        lines += [f"<span style='color:#555'>{html.escape(n)}</span>" for n in result.notes]
+        lines += [f"<span style='color:#b35900'>⚠ {html.escape(w)}</span>" for w in result.warnings]
+        self.summary_label.setText("<br>".join(lines))
+        self.legend_label.setText(_legend_html(">" if result.params.strict_mask else "≥"))
+        self.shown_masks = {}
         self._draw_chart()
         self.unit_table.set_rows(result.to_rows())
         self._update_controls()
@@ -565,19 +585,20 @@ class DissectionView(View):
         ld = result.layers[layer]
         s = ld.summary
         verdict = "detector" if s.is_detector[unit] else "not a detector"
+        tie = " (tied threshold: mask S > T)" if len(ld.tie_fallback) and ld.tie_fallback[unit] else ""
         self.unit_title.setText(f"{layer} unit {unit}: {s.label_name[unit]} ({s.category_name[unit]}), "
-                                f"IoU {s.iou[unit]:.3f}, {verdict}")
+                                f"IoU {s.iou[unit]:.3f}, {verdict}{tie}")
         indices = [int(i) for i in ld.top_images[unit] if i >= 0]
-        label = int(s.label[unit])
-        threshold = float(ld.thresholds[unit])
         self.unit_images.set_placeholder("Computing masks…", None)
 
-        def job(backend: Any, _loaded: Any) -> Generator[Progress, None, tuple[str, int, list[int], np.ndarray]]:
+        def job(backend: Any, _loaded: Any) -> Generator[Progress, None, tuple[str, int, list[int], np.ndarray,
+                                                                                 list[tuple[int, np.ndarray]]]]:
             yield Progress(None, f"masks of {layer} unit {unit}")
             natives: list[np.ndarray] = []
-            thumbs = _masked_concept_thumbs(backend, concepts, indices, layer, unit, threshold, label, natives)
+            masks: list[tuple[int, np.ndarray]] = []
+            thumbs = _masked_concept_thumbs(backend, concepts, result, layer, unit, indices, natives, masks)
             self_tiles[(layer, unit)] = (indices, natives)
-            return layer, unit, indices, thumbs
+            return layer, unit, indices, thumbs, masks
 
         self_tiles = self._figure_tiles
 
@@ -586,11 +607,12 @@ class DissectionView(View):
         if handle is not None:
             handle.failed.connect(self._unit_images_failed)
 
-    def _unit_images_done(self, value: tuple[str, int, list[int], np.ndarray]) -> None:
-        layer, unit, indices, thumbs = value
+    def _unit_images_done(self, value: tuple[str, int, list[int], np.ndarray, list[tuple[int, np.ndarray]]]) -> None:
+        layer, unit, indices, thumbs, masks = value
         ld = self.result.layers.get(layer) if self.result is not None else None
         if ld is None:
             return
+        self.shown_masks = {(layer, unit): masks}
         cols = max(1, (self._side_scroll.viewport().width() - self.unit_images.gap) // (THUMB + self.unit_images.gap))
         values = ld.top_values[unit]
         self.unit_images.set_tiles(thumbs, indices, cols, labels=[f"{v:#.3g}" for v in values[:len(indices)]],
@@ -638,14 +660,13 @@ class DissectionView(View):
         plan = []
         for layer, unit in wanted:
             ld = result.layers[layer]
-            plan.append((layer, unit, [int(i) for i in ld.top_images[unit] if i >= 0][:FIGURE_IMAGES],
-                         float(ld.thresholds[unit]), int(ld.summary.label[unit])))
+            plan.append((layer, unit, [int(i) for i in ld.top_images[unit] if i >= 0][:FIGURE_IMAGES]))
 
         def job(backend: Any, _loaded: Any) -> Generator[Progress, None, None]:
-            for j, (layer, unit, indices, threshold, label) in enumerate(plan):
+            for j, (layer, unit, indices) in enumerate(plan):
                 yield Progress(j / len(plan), f"figure tiles of {layer} unit {unit}")
                 natives: list[np.ndarray] = []
-                _masked_concept_thumbs(backend, concepts, indices, layer, unit, threshold, label, natives)
+                _masked_concept_thumbs(backend, concepts, result, layer, unit, indices, natives)
                 tiles[(layer, unit)] = (indices, natives)
 
         self._figure_handle = self.ctx.session.run("Dissection: figure tiles", job, key="dissection-figure")
@@ -717,7 +738,8 @@ class DissectionView(View):
                     blocks = [Row(blocks[i:i + 2] if i + 1 < len(blocks) else [blocks[i], Stack([])], gap=12)
                               for i in range(0, len(blocks), 2)]
                 elements.extend(blocks)
-                elements.append(Legend([("unit's mask (activation ≥ its dissection threshold)", QColor(0, 255, 255)),
+                rel = ">" if result.params.strict_mask else "≥"
+                elements.append(Legend([(f"unit's mask (activation {rel} its dissection threshold)", QColor(0, 255, 255)),
                                         ("pixels of the unit's concept", QColor(255, 220, 0))], outline=True))
         model = self.ctx.session.model
         model_name = model.name if model is not None else result.model
@@ -778,55 +800,60 @@ def report_target(folder: Path) -> Path:
     return free_output_dir(folder, "dissection-report")
 
 
-def _masked_concept_thumbs(backend: Any, concepts: Any, indices: Sequence[int], layer: str, unit: int,
-                           threshold: float, label: int, natives: list[np.ndarray] | None = None) -> np.ndarray:
+def _legend_html(rel: str) -> str:
+    """The side panel's legend; ``rel`` is the mask's comparison (≥ for the paper's rule, > for Lite's)."""
+    return (f"<span style='color:#00ffff'>■</span> unit mask (activation {html.escape(rel)} threshold, "
+            "at the label-mask size)<br><span style='color:#ffdc00'>■</span> pixels of the unit's concept")
+
+
+def _masked_concept_thumbs(backend: Any, concepts: Any, result: Any, layer: str, unit: int, indices: Sequence[int],
+                           natives: list[np.ndarray] | None = None,
+                           masks: list[tuple[int, np.ndarray]] | None = None) -> np.ndarray:
     """(n, THUMB, THUMB, 3) thumbnails of concept images with the unit's and the concept's masks.
 
-    With ``natives``, the same images at their own size (masks outlined at that size) are
-    appended to it, in the order of ``indices``: the figure shows them with their own pixels.
-
-    Runs on the worker: the images go through the model as dissection feeds them (whole,
-    stretched), the unit's map is upsampled to the image size with the engine's
-    :func:`~engine.dissection.tally.unit_masks` and thresholded at the unit's threshold.
+    The unit's masks are the engine's (:func:`engine.dissection.report.top_image_masks`: the
+    dissection's rule, threshold and tie fallback, at each image's label-mask size, as the
+    IoUs counted them and the report draws them); with ``masks`` they are appended to it as
+    ``(image index, bool mask)``. With ``natives``, the images at their own size (both masks
+    scaled to it, nearest) are appended to it, in the order of ``indices``: the figure shows
+    them with their own pixels. Images that cannot be read stay black. Runs on the worker.
     """
-    import torch
     from PIL import Image
 
-    from engine.data.images import ImageLoader, load_image
-    from engine.dissection.run import concept_image_set, dissection_preprocess
-    from engine.dissection.tally import unit_masks
+    from engine.data.images import load_image
+    from engine.dissection.report import top_image_masks
+
+    def scaled(mask: np.ndarray, w: int, h: int) -> np.ndarray:
+        if mask.shape == (h, w):
+            return mask
+        return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
 
     out = np.zeros((len(indices), THUMB, THUMB, 3), dtype=np.uint8)
-    native: dict[int, np.ndarray] = {}
-    if not indices:
-        return out
-    pre = dissection_preprocess(backend.spec.preprocess)
-    with ImageLoader(concept_image_set(concepts), pre, batch_size=len(indices), indices=indices) as loader:
-        for batch in loader:
-            acts = backend.forward(batch.array, capture=[layer]).activations[layer][:, unit:unit + 1]
-            for j, i in enumerate(batch.indices.tolist()):
-                img = load_image(concepts.image_path(i))
-                h, w = img.shape[:2]
-                mask = unit_masks(torch.from_numpy(np.ascontiguousarray(acts[j:j + 1])), np.array([threshold]),
-                                  (h, w))[0, 0].numpy()
-                concept = np.zeros((h, w), dtype=bool)
-                for _cat, labels in concepts.sample(i).pixel_labels:
-                    hit = Image.fromarray((labels == label).astype(np.uint8) * 255)
-                    concept |= np.asarray(hit.resize((w, h), Image.Resampling.NEAREST)) > 0
-                thumb = np.asarray(Image.fromarray(img).resize((THUMB, THUMB), Image.Resampling.BILINEAR))
-                small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
-                    (THUMB, THUMB), Image.Resampling.NEAREST)) > 0
-                small_concept = np.asarray(Image.fromarray(concept.astype(np.uint8) * 255).resize(
-                    (THUMB, THUMB), Image.Resampling.NEAREST)) > 0
-                shown = np.where(small[..., None], thumb, (thumb * 0.45).astype(np.uint8))
-                shown[mask_outline(small_concept)] = _CONCEPT_OUTLINE
-                shown[mask_outline(small)] = _UNIT_OUTLINE
-                out[indices.index(i)] = shown
-                if natives is not None:
-                    full = np.where(mask[..., None], img, (img * 0.45).astype(np.uint8))
-                    full[mask_outline(concept)] = _CONCEPT_OUTLINE
-                    full[mask_outline(mask)] = _UNIT_OUTLINE
-                    native[i] = full
-    if natives is not None:
-        natives.extend(native[i] for i in indices)
+    label = int(result.layers[layer].summary.label[unit])
+    got = dict(top_image_masks(backend, concepts, result, layer, unit, indices))
+    for j, i in enumerate(indices):
+        mask = got.get(i)
+        if mask is None:
+            if natives is not None:
+                natives.append(np.zeros((THUMB, THUMB, 3), dtype=np.uint8))
+            continue
+        if masks is not None:
+            masks.append((i, mask))
+        img = load_image(concepts.image_path(i))
+        h, w = img.shape[:2]
+        concept = np.zeros(mask.shape, dtype=bool)  # the label maps are at the label-mask size too
+        for _cat, labels in concepts.sample(i).pixel_labels:
+            concept |= labels == label
+        thumb = np.asarray(Image.fromarray(img).resize((THUMB, THUMB), Image.Resampling.BILINEAR))
+        small, small_concept = scaled(mask, THUMB, THUMB), scaled(concept, THUMB, THUMB)
+        shown = np.where(small[..., None], thumb, (thumb * 0.45).astype(np.uint8))
+        shown[mask_outline(small_concept)] = _CONCEPT_OUTLINE
+        shown[mask_outline(small)] = _UNIT_OUTLINE
+        out[j] = shown
+        if natives is not None:
+            full_mask, full_concept = scaled(mask, w, h), scaled(concept, w, h)
+            full = np.where(full_mask[..., None], img, (img * 0.45).astype(np.uint8))
+            full[mask_outline(full_concept)] = _CONCEPT_OUTLINE
+            full[mask_outline(full_mask)] = _UNIT_OUTLINE
+            natives.append(full)
     return out

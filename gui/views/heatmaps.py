@@ -44,6 +44,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from engine.models.layers import has_extent
 from engine.types import Preprocess, Progress
 
 from .. import colormaps
@@ -521,7 +522,6 @@ class HeatmapsView(View):
 
     def _model_loaded(self, info: Any) -> None:
         self._reset()
-        spatial = [li.name for li in info.layers if li.is_spatial]
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
         for li in info.layers:
@@ -532,9 +532,11 @@ class HeatmapsView(View):
                                              Qt.ItemDataRole.ToolTipRole)
         self.layer_combo.blockSignals(False)
         sel = self.ctx.selection
-        # the deepest of the model's layers of interest: the most semantic units come first
-        default = next((name for name in reversed(info.default_layers) if name in spatial),
-                       spatial[-1] if spatial else "")
+        # the deepest of the model's layers of interest: the most semantic units come first; never
+        # a 1x1 layer (no spatial extent: nothing to overlay), whatever the model's list says
+        extent = [li.name for li in info.layers if has_extent(li)]
+        default = next((name for name in reversed(info.default_layers) if name in extent),
+                       extent[-1] if extent else "")
         if not sel.layer and default:
             sel.layer = default  # emits layer_changed -> _layer_changed
         else:
@@ -864,12 +866,30 @@ class HeatmapsView(View):
                              tips=[f"image {i}: {acts.image_set.relative_path(records[i])}\nmax {v:.4g}"
                                    for i, v in zip(top, values, strict=False)])
 
+    def unit_mask(self, image: int, unit: int, size: tuple[int, int]) -> np.ndarray | None:
+        """``unit``'s mask on ``image`` at ``size``: its map upsampled to ``size`` and ``>=`` the
+        threshold (a fraction of the unit's image-set max), by the engine's one mask code path
+        (:func:`engine.dissection.masks.unit_masks`, as Network Dissection's masks); None when
+        the layer is not extracted yet."""
+        acts = self._ready(image)
+        layer = self.ctx.selection.layer
+        if acts is None or not 0 <= unit < acts.layers[layer].units:
+            return None
+        vmax = float(self._unit_max[layer][unit])
+        if vmax <= 0:
+            return np.zeros(size, dtype=bool)
+        import torch
+
+        from engine.dissection.masks import unit_masks
+
+        m = torch.from_numpy(np.ascontiguousarray(self._maps[layer][image, unit], dtype=np.float32))[None]
+        return unit_masks(m, np.array([self.threshold * vmax]), size, strict=False)[0].numpy()
+
     def _masked_thumb(self, base: np.ndarray, image: int, unit: int, size: tuple[int, int]) -> np.ndarray:
         """``base``, the thumbnail of ``image``, with ``unit``'s mask outlined and the rest dimmed."""
-        scaled = self._unit_map(image, unit, size)
-        if scaled is None:
+        mask = self.unit_mask(image, unit, size)
+        if mask is None:
             return np.zeros((*size, 3), dtype=np.uint8)
-        mask = scaled >= self.threshold
         out = np.where(mask[..., None], base, (base * 0.35).astype(np.uint8))
         out[mask_outline(mask)] = _OUTLINE
         return out
