@@ -5,7 +5,8 @@ Controls: the transformation (rotation, translation x / y, scale, brightness), i
 (``start:stop:step`` or a list; degrees, model-input pixels, factors or fractions of full range),
 the fill for the pixels a geometric transformation brings in, the layers (the model's default
 spatial layers to start with), and whether to probe the whole image set or only the selected
-image. "Run" starts :func:`engine.probes.run.run` on the inference worker through
+image. The probe of the current settings starts when the view is first shown (so ``convlens figure --view
+probes`` has something to export); after that "Run" starts :func:`engine.probes.run.run` on the inference worker through
 ``ctx.session.run`` (key ``"probe"``: a new run supersedes the one under way), with progress;
 "Cancel" stops it. The engine caches results on disk, so running a setting again is immediate.
 
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
-from PySide6.QtGui import QAction, QColor, QPainter, QPen, QPolygonF
+from PySide6.QtGui import QAction, QColor, QPainter, QPen, QPolygonF, QShowEvent
 from PySide6.QtWidgets import (
     QComboBox,
     QHBoxLayout,
@@ -522,10 +523,21 @@ class ProbesView(View):
         self._layers = [n for n in defaults if any(a.data() == n for a in self.layer_menu.actions())]
         self._layer_text()
         self._render()
+        self._auto()
 
     def _images_changed(self, *_args: object) -> None:
         self._forget()
         self._render()
+        self._auto()
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        self._auto()
+
+    def _auto(self) -> None:
+        """Shown with nothing computed (and nothing failed or cancelled): probe the current settings."""
+        if self.isVisible() and self.result is None and self._handle is None and not self._error and self._layers:
+            self.run_probe()
 
     def _forget(self) -> None:
         if self._handle is not None:
