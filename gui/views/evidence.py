@@ -52,7 +52,7 @@ from ..jobs import JobHandle
 from ..widgets.eliding_combo import ElidingComboBox
 from .base import View
 
-__all__ = ["CurveChart", "EvidenceView"]
+__all__ = ["BlobPicture", "CurveChart", "EvidenceView", "blob_marks", "overlay_rgb"]
 
 METHODS = [("gradcam", "Grad-CAM"), ("occlusion", "Occlusion"), ("ig", "Integrated gradients"),
            ("saliency", "Saliency (gradient)")]
@@ -96,6 +96,48 @@ def _qpixmap(rgb: np.ndarray) -> QPixmap:
     h, w = arr.shape[:2]
     img = QImage(arr.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()
     return QPixmap.fromImage(img)
+
+
+def blob_marks(result: Any, row: int) -> list[tuple[float, float, str, QColor]]:
+    """(row, column, number, colour) of each blob of image ``row``: its centroid, in map pixels."""
+    return [(float(result.blob_centroid[b, 0]), float(result.blob_centroid[b, 1]), str(int(result.blob_id[b])),
+             CAUSAL if result.blob_causal[b] else NON_CAUSAL) for b in result.blobs_of(row)]
+
+
+def _paint_marks(painter: QPainter, target: QRectF, native: tuple[int, int],
+                 marks: Sequence[tuple[float, float, str, QColor]], size_pt: float) -> None:
+    """Each blob's number at its centroid: white text with a dark halo (text stays text in SVG/PDF)."""
+    from PySide6.QtGui import QFont, QPainterPath
+
+    f = QFont(font(size_pt, True))
+    fm = metrics(f)
+    h, w = native
+    for r, c, text, colour in marks:
+        x = target.left() + (c + 0.5) / w * target.width() - fm.horizontalAdvance(text) / 2
+        y = target.top() + (r + 0.5) / h * target.height() + fm.ascent() / 2 - 0.5
+        path = QPainterPath()
+        path.addText(QPointF(x, y), f, text)
+        painter.setPen(QPen(QColor(0, 0, 0), max(0.8, size_pt / 5)))
+        painter.setBrush(Qt.BrushStyle.NoBrush)
+        painter.drawPath(path)
+        painter.setPen(QPen(colour.lighter(170)))
+        painter.setFont(f)
+        painter.drawText(QPointF(x, y), text)
+
+
+@dataclass
+class BlobPicture(Picture):
+    """A :class:`Picture` of the overlay with each blob's number drawn as text at its centroid."""
+
+    marks: Sequence[tuple[float, float, str, QColor]] = ()
+
+    def paint(self, painter: QPainter, rect: QRectF, dpi: int) -> None:
+        super().paint(painter, rect, dpi)
+        if not self.marks:
+            return
+        _px, w, h = self._box(rect.width(), dpi)
+        target = QRectF(rect.left() + (rect.width() - w) / 2, rect.top(), w, h)
+        _paint_marks(painter, target, self.native, self.marks, max(5.0, min(9.0, w / 14)))
 
 
 @dataclass
@@ -257,6 +299,7 @@ class EvidenceView(View):
         split.setStretchFactor(0, 1)
         split.setStretchFactor(1, 1)
         split.setChildrenCollapsible(False)
+        split.setSizes([1000, 1000])  # half and half once laid out
         self.blob_label = QLabel()
         self.blob_label.setWordWrap(True)
         self.blob_label.setTextFormat(Qt.TextFormat.RichText)
@@ -543,7 +586,12 @@ class EvidenceView(View):
             k = max(1, avail // max(h, w))
             size = (h * k, w * k) if k * max(h, w) <= avail or max(h, w) <= avail else (
                 int(h * avail / max(h, w)), int(w * avail / max(h, w)))
-            self.image_label.setPixmap(_qpixmap(overlay_rgb(r, 0, size)))
+            pix = _qpixmap(overlay_rgb(r, 0, size))
+            painter = QPainter(pix)
+            painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+            _paint_marks(painter, QRectF(0, 0, size[1], size[0]), (h, w), blob_marks(r, 0), max(7.0, size[0] / 16))
+            painter.end()
+            self.image_label.setPixmap(pix)
             self.deletion_curve.setData(r.fractions, r.deletion[0])
             self.insertion_curve.setData(r.fractions, r.insertion[0])
             self.legend.clear()
@@ -633,8 +681,9 @@ class EvidenceView(View):
         if include.get("plain", True):
             img = r.images[0]
             pics.append(Picture.of(img, "image as the model sees it", max_width=150))
-        pics.append(Picture((h, w), lambda size: overlay_rgb(r, 0, size, show_blobs),
-                            f"{method}{where}" + (": blobs numbered" if show_blobs else ""), max_width=150))
+        pics.append(BlobPicture((h, w), lambda size: overlay_rgb(r, 0, size, show_blobs),
+                                f"{method}{where}" + (": blobs numbered" if show_blobs else ""), max_width=150,
+                                marks=blob_marks(r, 0) if show_blobs else ()))
         elements: list[Element] = [Row([Row(pics, gap=6), chart], weights=[len(pics), 2], gap=10)]
         if show_blobs:
             elements.append(Legend([("causal blob (masking it lowers p by at least the threshold)", CAUSAL),
