@@ -99,6 +99,7 @@ def test_request_through_the_selection_and_cancel(qtbot, ctx, view: SanityView) 
     res = got.args[0]
     assert res.explanation == "filters" and res.mode == "independent" and res.layer == "conv3"
     assert view.explanation() == "filters" and view.mode() == "independent"
+    assert ctx.selection.item(REQUEST_KIND) is None  # read and cleared: the same request again runs again
     np.testing.assert_allclose(res.values[:2], 1.0)  # the dense layers do not change conv3's filters
     assert "No maps" in view.strip_title.text()
     view.set_params(explanation="heatmap", layer="conv1", unit=0, images=40)

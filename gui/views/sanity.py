@@ -19,7 +19,7 @@ another image shows its strip when it was checked, else says to run again.
 Other views can ask for a check without importing this one (views talk only through the
 selection): ``ctx.selection.set_item("sanity_request", {"explanation": "heatmap", "layer":
 "conv2", "unit": 3, "mode": "cascade"})`` fills in the settings that are given, raises this
-dock and runs the check (see :data:`REQUEST_KIND`).
+dock and runs the check (see :data:`REQUEST_KIND`); the view clears the item once it has read it.
 """
 
 from __future__ import annotations
@@ -458,6 +458,9 @@ class SanityView(View):
             dock.show()
             dock.raise_()
         QTimer.singleShot(0, self.run_check)
+        # a request is an event, not a state: cleared at once, so that the same request again
+        # signals again and no project file stores it
+        QTimer.singleShot(0, lambda: self.ctx.selection.clear_item(REQUEST_KIND))
 
     # ------------------------------------------------------------------ the job
 
