@@ -351,3 +351,22 @@ def test_job_caches_cancels_and_recovers(rnet, demo_images, cache) -> None:
     back = load_result(entry.parent / "copy")
     assert back.paths == r.paths and np.array_equal(back.blob_labels, r.blob_labels) and back.params == r.params
     assert back.summary()["deletion_auc"] == pytest.approx(r.summary()["deletion_auc"])
+
+
+def test_a_map_without_positive_evidence_has_no_blobs_and_still_draws(half, tmp_path: Path, cache) -> None:
+    """Class 0 of the hand-built model is a constant: its gradient, the saliency map, is zero."""
+    from PIL import Image
+
+    from engine.data.images import open_image_set
+    from engine.evidence import EvidenceParams, run
+    from engine.evidence.figure import curves_image, evidence_image
+    from engine.jobs import run_sync
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 60 + 100 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    r = run_sync(run(half, "half", open_image_set(tmp_path / "imgs"), EvidenceParams(method="saliency", target=0, steps=4),
+                     cache=cache))
+    assert r.n == 2 and (r.maps == 0).all() and len(r.blob_image) == 0
+    assert r.summary()["blobs"] == 0 and r.classes == ("0", "1")
+    assert evidence_image(r, 0).height > 8 and curves_image(r).size == (720, 300)

@@ -94,7 +94,10 @@ def evidence_image(result: Any, i: int, scale: int | None = None, legend: bool =
     page.paste(pic, (0, 0))
     d = ImageDraw.Draw(page)
     for k, line in enumerate(lines):
-        colour = INK if k == 0 else (CAUSAL if result.blob_causal[rows[k - 1]] else NON_CAUSAL)
+        if k == 0 or not len(rows):
+            colour = INK if k == 0 else MUTED
+        else:
+            colour = CAUSAL if result.blob_causal[rows[k - 1]] else NON_CAUSAL
         d.text((2, pic.height + 3 + 12 * k), line, fill=colour, font=font)
     return page
 

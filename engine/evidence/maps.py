@@ -246,7 +246,9 @@ def _gradcam(backend: Any, batch: np.ndarray, layer: str, targets: np.ndarray) -
     if sp is not None:
         with torch.inference_mode(False), torch.enable_grad():
             x = backend.to_tensor(batch)
-            a = sp.psi(x).detach().requires_grad_(True)
+            with torch.no_grad():
+                a = sp.psi(x)
+            a = a.detach().requires_grad_(True)
             out = sp.head(a)
             idx = torch.as_tensor(targets, device=out.device)
             (g,) = torch.autograd.grad(out.gather(1, idx[:, None]).sum(), [a])
