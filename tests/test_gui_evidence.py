@@ -120,3 +120,36 @@ def test_dock_in_the_window_at_1024x640(qtbot, demo, tmp_path: Path, monkeypatch
         qtbot.wait(50)
         win.grab().save(str(tmp_path / "evidence-1024x640.png"))
         assert widgets_off_view(view) == []
+
+
+def test_an_onnx_model_gets_occlusion_only(qtbot, qapp, ocr_onnx: Path, demo_images: Path, tmp_path: Path,
+                                           monkeypatch) -> None:
+    from engine.models.config import build_spec
+    from gui.context import AppContext
+    from gui.jobs import JobRunner
+    from gui.selection import Selection
+    from gui.session import Session
+
+    from .conftest import wait_job
+
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    selection, runner = Selection(), JobRunner()
+    session = Session(selection, runner)
+    session.show_notices = False
+    try:
+        wait_job(session.load_model(build_spec(str(ocr_onnx), input_size="48x192")))
+        wait_job(session.open_images(str(demo_images)))
+        v = EvidenceView(AppContext(selection, runner, session))
+        v.resize(800, 500)
+        v.show()
+        assert v.method() == "occlusion"
+        model = v.method_combo.model()
+        enabled = {v.method_combo.itemData(i): model.item(i).isEnabled() for i in range(v.method_combo.count())}
+        assert enabled == {"gradcam": False, "occlusion": True, "ig": False, "saliency": False}
+        selection.current_image = 0
+        _ready(qtbot, v, 0, method="occlusion")
+        assert v.result.maps.shape == (1, 48, 192) and np.isfinite(v.result.maps).all()
+        v.shutdown()
+        v.close()
+    finally:
+        runner.shutdown()

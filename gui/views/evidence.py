@@ -472,6 +472,12 @@ class EvidenceView(View):
             self.result = None
             self._render()
             return
+        info = session.model
+        if info.choice is not None and info.choice.index is None:
+            self.result = None
+            self._error = f"{info.name}: its output is not class scores, so there is no class to find evidence for"
+            self._render()
+            return
         if self.method() == "gradcam" and not self.layer():
             self.result = None
             self._error = "this model has no spatial layer for Grad-CAM: choose occlusion"
