@@ -195,8 +195,27 @@ def image_positions(n_records: int, params: SanityParams) -> np.ndarray:
     return np.unique(np.linspace(0, n_records - 1, k).round().astype(np.int64))
 
 
+#: the package whose results each explanation recomputes: its format version joins the key, so
+#: a change of meaning there recomputes the sanity checks built on it
+_SOURCES = {**dict.fromkeys(EVIDENCE_METHODS, "engine.evidence.run"), "dissection": "engine.dissection.run",
+            "polytope": "engine.polytope.run", "filters": "engine.filters.metrics", "graphs": "engine.graphs.model"}
+
+
+def _source_version(explanation: str) -> int | None:
+    import importlib
+
+    mod = _SOURCES.get(explanation)
+    if mod is None:
+        return None
+    try:
+        return int(getattr(importlib.import_module(mod), "FORMAT_VERSION", 0))
+    except ImportError:
+        return None
+
+
 def sanity_key(backend: Any, model_sha: str, image_set: Any, params: SanityParams) -> str:
-    return method_key(CACHE_KIND, FORMAT_VERSION, backend, model_sha, image_set.fingerprint(), params)
+    return method_key(CACHE_KIND, FORMAT_VERSION, backend, model_sha, image_set.fingerprint(), params,
+                      _source_version(params.explanation))
 
 
 def run(backend: Any, model_sha: str, image_set: Any, params: SanityParams = SanityParams(), *,
