@@ -404,7 +404,10 @@ def _html(result: DissectionResult, summary: dict[str, object], rows: list[dict[
                           f"<td>{s.n_unique_concepts}</td>{per}</tr>")
         fallback[name] = set(tie_fallback_units(result, name))
     unit_rows = []
-    for r in rows:
+    # detectors first, then by IoU: the units with tiles open the table (a click on a title re-sorts)
+    order = {name: j for j, name in enumerate(result.layers)}
+    for r in sorted(rows, key=lambda r: (not r["detector"], -float(r["iou"]), order[str(r["layer"])],  # type: ignore[arg-type]
+                                         int(r["unit"]))):  # type: ignore[call-overload]
         layer, unit = str(r["layer"]), int(r["unit"])  # type: ignore[call-overload]
         tile = tiles.get((layer, unit))
         href = f"tiles/{_href(tile.parent.name)}/{_href(tile.name)}" if tile is not None else ""
@@ -466,7 +469,7 @@ upsampled to the label-mask size), {e(p.mask_rule)} union rule, detector when Io
 {svg}
 <h2>Units</h2>
 {drawn}
-<p>Click a column title to sort.</p>
+<p>Detectors first, then by IoU; click a column title to sort.</p>
 <table class="sortable"><thead><tr><th>layer</th><th>unit</th><th>label</th><th>category</th>
 <th>IoU</th><th>detector</th><th>note</th><th>top images</th></tr></thead>
 <tbody>

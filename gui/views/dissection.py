@@ -215,11 +215,14 @@ class DissectionView(View):
         settings = QGroupBox("Settings")
         grid = QGridLayout(settings)
         # concepts and parameters on the left, the (tall) layer list beside them
-        grid.addLayout(data_form, 0, 0)
-        grid.addLayout(param_form, 1, 0)
-        grid.addLayout(layers_box, 0, 1, 2, 1)
-        grid.addLayout(buttons, 2, 0, 1, 2)
-        grid.addWidget(self.status, 3, 0, 1, 2)
+        forms = QVBoxLayout()  # packed at the top: the layer list beside them sets the height
+        forms.addLayout(data_form)
+        forms.addLayout(param_form)
+        forms.addStretch(1)
+        grid.addLayout(forms, 0, 0)
+        grid.addLayout(layers_box, 0, 1)
+        grid.addLayout(buttons, 1, 0, 1, 2)
+        grid.addWidget(self.status, 2, 0, 1, 2)
         grid.setColumnStretch(0, 1)
         grid.setColumnStretch(1, 1)
 
@@ -273,6 +276,9 @@ class DissectionView(View):
         images_scroll.setWidgetResizable(False)
         images_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.legend_label = QLabel(_legend_html("≥"))
+        self.legend_label.setWordWrap(True)
+        self.legend_label.setToolTip("The unit's mask is the one its IoUs counted: its activation upsampled to the image's "
+                                     "label-mask size and compared with its dissection threshold by the result's rule")
         side = QWidget()
         side_layout = QVBoxLayout(side)
         side_layout.setContentsMargins(0, 0, 0, 0)
@@ -503,15 +509,22 @@ class DissectionView(View):
         self._figure_tiles = {}
         secs = result.seconds.get("total")
         took = "from the cache" if result.from_cache else (f"in {secs:.1f} s" if secs is not None else "")
+        passes = "" if result.from_cache else f", {'one forward pass' if result.passes == 1 else f'{result.passes} forward passes'}"
         self.status.setText(f"Dissected {len(result.layers)} layer(s) on {result.n_images} concept images "
-                            f"({len(result.categories)} categories) {took}.")
+                            f"({len(result.categories)} categories) {took}{passes}.")
         # each line starts with its layer's bar colour: the line doubles as the chart's legend
         lines = [f"<span style='color:{_LAYER_COLORS[j % len(_LAYER_COLORS)]}'>■</span> {html.escape(line)}"
                  for j, line in enumerate(self.summary_lines())]
-        # the engine's notes (tie fallbacks, passes) and warnings (a 1x1 layer is image-level), as the report
-        lines += [f"<span style='color:#555'>{html.escape(n)}</span>" for n in result.notes]
+        # the engine's warnings (a 1x1 layer is image-level) and its tie fallbacks, as the report says them;
+        # all its notes (passes too) in the tooltip
+        for name, ld in result.layers.items():
+            tied = int(np.count_nonzero(ld.tie_fallback))
+            if tied:
+                lines.append(f"<span style='color:#555'>{html.escape(name)}: {tied} unit{'' if tied == 1 else 's'} "
+                             "with a tied threshold use S &gt; T</span>")
         lines += [f"<span style='color:#b35900'>⚠ {html.escape(w)}</span>" for w in result.warnings]
         self.summary_label.setText("<br>".join(lines))
+        self.summary_label.setToolTip("\n".join([*result.notes, *result.warnings]))
         self.legend_label.setText(_legend_html(">" if result.params.strict_mask else "≥"))
         self.shown_masks = {}
         self._draw_chart()
@@ -748,7 +761,7 @@ class DissectionView(View):
         p = result.params
         subtitle = (f"{source}: {result.n_images} images, {len(result.categories)} categories · "
                     f"top {p.quantile:g} of each unit's activations as its mask · detector: IoU > {threshold:g} · "
-                    f"{p.mask_rule} rule")
+                    f"{p.mask_rule} rule, masks S {'>' if p.strict_mask else '≥'} T")
         return Figure(f"Network Dissection of {model_name}: {', '.join(layers)}", subtitle, elements,
                       options.width_pt, options.dpi)
 
@@ -802,8 +815,8 @@ def report_target(folder: Path) -> Path:
 
 def _legend_html(rel: str) -> str:
     """The side panel's legend; ``rel`` is the mask's comparison (≥ for the paper's rule, > for Lite's)."""
-    return (f"<span style='color:#00ffff'>■</span> unit mask (activation {html.escape(rel)} threshold, "
-            "at the label-mask size)<br><span style='color:#ffdc00'>■</span> pixels of the unit's concept")
+    return (f"<span style='color:#00ffff'>■</span> unit mask (activation {html.escape(rel)} threshold)<br>"
+            "<span style='color:#ffdc00'>■</span> pixels of the unit's concept")
 
 
 def _masked_concept_thumbs(backend: Any, concepts: Any, result: Any, layer: str, unit: int, indices: Sequence[int],
