@@ -115,3 +115,42 @@ def test_bad_input_is_a_clear_error_through_main(fitted, tmp_path: Path, capsys,
     a = json.loads((tmp_path / "nf" / "graph.json").read_text())
     b = json.loads((tmp_path / "nf2" / "graph.json").read_text())
     assert a == b
+
+
+def test_fit_and_explain_on_a_torchvision_resnet(demo, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A torchvision ResNet-18 state dict (seeded random start, two classes) on a few demo crops at
+    32 px: fit at its residual stages, explain a class and an image, GraphML layers and a figure."""
+    import shutil
+
+    import torch
+    import torchvision
+
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    images = tmp_path / "imgs"
+    for cls in ("face", "non-face"):
+        (images / cls).mkdir(parents=True)
+        for p in sorted((demo[1] / cls).iterdir())[:6]:
+            shutil.copy(p, images / cls / p.name)
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), weights)
+    model = ["--model", str(weights), "--arch", "resnet18", "--num-classes", "2", "--classes", "face,non-face",
+             "--input-size", "32", "--resize", "stretch"]
+    assert _call(["graph", "fit", *model, "--images", str(images), "--layers", "layer1,layer2,layer3", "--k", "4",
+                  "--max-iter", "5", "--em-device", "cpu", "--out", str(tmp_path / "fit")]) == 0
+    summary = json.loads((tmp_path / "fit" / "summary.json").read_text())
+    assert [m["name"] for m in summary["layers"]] == ["layer1", "layer2", "layer3"] and summary["valid"] == 12
+    assert [m["shape"] for m in summary["layers"]] == [[64, 8, 8], [128, 4, 4], [256, 2, 2]]
+    pred = np.load(tmp_path / "fit" / "predicted.npy")
+    cls = ["face", "non-face"][int(np.bincount(pred[pred >= 0]).argmax())]  # a class some image is predicted as
+    capsys.readouterr()
+    assert _call(["graph", "explain", "--fit", str(tmp_path / "fit"), "--class", cls, "--out", str(tmp_path / "c")]) == 0
+    g = nx.read_graphml(tmp_path / "c" / "graph.graphml")
+    assert set(nx.get_node_attributes(g, "layer").values()) <= {"class", "layer1", "layer2", "layer3"}
+    assert "class" in nx.get_node_attributes(g, "layer").values() and g.number_of_nodes() > 1
+    with Image.open(tmp_path / "c" / "graph.png") as im:
+        assert im.size[0] > 200
+    one = sorted((images / "face").iterdir())[0]
+    assert _call(["graph", "explain", "--fit", str(tmp_path / "fit"), "--image", str(one),
+                  "--out", str(tmp_path / "i")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kind"] == "image"
