@@ -131,12 +131,19 @@ def _drain(job: Job[Any]) -> Any:
 
 def _on_cpu_quantile(q: Any, cpu: Any) -> Any:
     """``q`` with its state on the CPU (for the object store): an empty CPU sketch merged with it."""
+    return q if q.device == cpu else _on_device_quantile(q, cpu)
+
+
+def _merge_device() -> Any:
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def _on_device_quantile(q: Any, device: Any) -> Any:
     from engine.dissection.quantile import TopQuantile
 
-    if q.device == cpu:
-        return q
-    empty = TopQuantile(q.n_units, q.total, q.q, device=cpu)
-    return empty.merge(q)
+    return TopQuantile(q.n_units, q.total, q.q, device=device).merge(q)
 
 
 def _on_cpu_tally(t: Any, labels: Any, thresholds: np.ndarray, candidates: np.ndarray, params: Any, cpu: Any) -> Any:
@@ -277,12 +284,18 @@ def _pass1(executor: RayExecutor, common: dict[str, Any], order: list[int],
     skipped: list[tuple[str, str]] = []
     done = 0
     kwargs = {**common, "phase": 1, "total": n}
+    # merging exact sketches is a top-m selection per unit (seconds per block for a large layer
+    # on one CPU core): on the driver's GPU when it has one
+    on = _merge_device()
     with contextlib.closing(executor.map_blocks(DissectWorker, kwargs, _blocks(executor, order, params.batch_size))) \
             as results:
         for got in results:
             for part, count, bad in zip(got["part"], got["n"], got["skipped"], strict=True):
                 for name, (q, top) in part.items():
-                    quantiles[name] = q if name not in quantiles else quantiles[name].merge(q)
+                    if name not in quantiles:
+                        quantiles[name] = q if on is None else _on_device_quantile(q, on)
+                    else:
+                        quantiles[name] = quantiles[name].merge(q)
                     tops[name] = tops[name].merge(top)
                 skipped.extend((str(p), str(c)) for p, c in bad)
                 done += int(count)
