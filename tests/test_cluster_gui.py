@@ -86,3 +86,32 @@ def test_jobs_follow_the_setting_and_the_app_opens_a_cluster_run(qapp, settings,
     np.testing.assert_array_equal(np.asarray(here.maps("conv3")), np.asarray(there.maps("conv3")))
     opened = run_sync(local_extract(backend, loaded.cache_id, images, ["conv3"], batch_size=8, cache=cache))
     assert opened.from_cache  # what the views' in-process extract finds
+
+
+_NO_RAY_GUI = """
+import sys
+sys.modules["ray"] = None  # Ray absent, as when it is not installed
+from PySide6.QtWidgets import QApplication
+app = QApplication([])
+from gui.cluster import RunOn, RunOnWidget, extract
+w = RunOnWidget(RunOn(ray=True))
+assert not w.cluster.isEnabled() and w.here.isChecked(), "cluster choice should be off without Ray"
+print(w.note.text())
+try:
+    RunOn(ray=True).executor()
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_without_ray_the_setting_says_how_to_install(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", _NO_RAY_GUI], cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert r.returncode == 0, r.stderr
+    assert "Ray is not installed here: pip install convlens[cluster]" in r.stdout
+    assert "ConvLensError" in r.stdout and "pip install convlens[cluster]" in r.stdout.splitlines()[-1]
