@@ -190,3 +190,21 @@ def test_dock_lays_out_at_1024x640(qtbot, demo, tmp_path: Path, monkeypatch) -> 
         assert widgets_off_view(view) == []
         assert view.inv_plot.height() >= 90 and view.resp_plot.height() >= 90
         assert view.strip_scroll.viewport().height() >= 72
+
+
+def test_state_round_trips(ctx, view: ProbesView) -> None:
+    view.set_params(transform="translate-y", values="-2:2:1", fill="wrap", layers=["conv2", "prelu3"], scope="set",
+                    features="flat")
+    state = view.save_state()
+    assert state == {"transform": "translate-y", "range": "-2:2:1", "fill": "wrap", "layers": ["conv2", "prelu3"],
+                     "scope": "set", "features": "flat"}
+    other = ProbesView(ctx)  # not shown: nothing runs
+    try:
+        other.restore_state(state)
+        assert other.save_state() == state
+        assert other.params() == ProbeParams(transform="translate-y", values=(-2.0, -1.0, 0.0, 1.0, 2.0), fill="wrap",
+                                             layers=("conv2", "prelu3"), features="flat")
+        assert other.result is None and other._handle is None
+    finally:
+        other.close()
+    view.set_params(layers=["conv1", "conv2", "conv3"], features="pooled")

@@ -73,7 +73,7 @@ def test_probe_cli_on_resnet18_and_one_image(tmp_path: Path, monkeypatch: pytest
     rc = engine.cli.main(["-q", "probe", "--model", str(tmp_path / "r18.pt"), "--arch", "resnet18", "--num-classes",
                           "4", "--input-size", "32", "--images", str(folder), "--transform", "translate-x",
                           "--range", "-2:2:1", "--fill", "wrap", "--features", "flat", "--projection", "1024",
-                          "--out", str(out)])
+                          "--layers", "layer1,layer2,layer4", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [row["layer"] for row in summary["layers"]] == ["layer1", "layer2", "layer4"]

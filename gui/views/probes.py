@@ -246,6 +246,7 @@ class ProbesView(View):
         self._strip: list[np.ndarray] | None = None  # model views of the selected image along the sweep
         self._error = ""
         self._layers: list[str] = []  # chosen layers
+        self._pending_layers: list[str] = []  # restored before the model's layers were known
         self._build()
         sel, session = ctx.selection, ctx.session
         session.model_loaded.connect(self._model_loaded)
@@ -460,10 +461,10 @@ class ProbesView(View):
     def set_layers(self, names: Sequence[str]) -> None:
         """Probe ``names`` (layers of the loaded model; unknown names are ignored)."""
         known = [a.data() for a in self.layer_menu.actions()]
-        self._layers = [n for n in names if n in known] if known else list(names)
-        for a in self.layer_menu.actions():
-            a.setChecked(a.data() in self._layers)
-        self._layer_text()
+        if not known:
+            self._pending_layers = list(names)
+        want = [n for n in names if n in known] if known else list(names)
+        self._check_layers(want)
 
     def set_params(self, *, transform: str | None = None, values: str | None = None, fill: str | None = None,
                    layers: Sequence[str] | None = None, scope: str | None = None, features: str | None = None) -> None:
@@ -491,6 +492,14 @@ class ProbesView(View):
         n = len(self._layers)
         text = ", ".join(self._layers) if n <= 3 else f"{', '.join(self._layers[:2])} +{n - 2}"
         self.layer_button.setText(f"Layers: {text or 'none'}")
+
+    def _check_layers(self, names: list[str]) -> None:
+        self._layers = list(names)
+        for a in self.layer_menu.actions():
+            a.blockSignals(True)
+            a.setChecked(a.data() in names)
+            a.blockSignals(False)
+        self._layer_text()
 
     def _toggle_layer(self) -> None:
         self._layers = [a.data() for a in self.layer_menu.actions() if a.isChecked()]
@@ -520,8 +529,10 @@ class ProbesView(View):
             act.setChecked(li.name in defaults)
             act.toggled.connect(lambda _on: self._toggle_layer())
             self.layer_menu.addAction(act)
-        self._layers = [n for n in defaults if any(a.data() == n for a in self.layer_menu.actions())]
-        self._layer_text()
+        known = [a.data() for a in self.layer_menu.actions()]
+        want = [n for n in self._pending_layers if n in known] or defaults
+        self._pending_layers = []
+        self._check_layers([n for n in want if n in known])
         self._render()
         self._auto()
 
