@@ -104,3 +104,22 @@ def test_probe_cli_errors(demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         err = capsys.readouterr().err
         assert rc == 1, extra
         assert "convlens: error:" in err and want in err and "Traceback" not in err
+
+
+def test_probe_cli_on_an_onnx_model(ocr_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Any backend: the probe captures ONNX tensors in the same forward pass."""
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (48, 192, 3)).astype(np.uint8)).save(folder / f"{i}.png")
+    rc = engine.cli.main(["-q", "probe", "--model", str(ocr_onnx), "--input-size", "48x192", "--images", str(folder),
+                          "--transform", "translate-x", "--range", "-4:4:4", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["images"] == 6 and len(summary["layers"]) >= 2
+    for row in summary["layers"]:
+        assert row["invariance"][1] == 0.0 and row["invariance"][0] > 0 and row["invariance"][2] > 0
+    assert summary["layers"][0]["layer"] in capsys.readouterr().out

@@ -192,7 +192,8 @@ def table(result: Any) -> str:
     pick_idx = [vals.index(v) for v in pick]
     inv = result.invariance()
     comp = {d["layer"]: d for d in result.composition_summary()}
-    head = f"{'layer':<14}" + "".join(f"{'inv@' + format(v, 'g'):>11}" for v in pick) + \
+    w = max(14, *(len(n) + 2 for n in result.layers))
+    head = f"{'layer':<{w}}" + "".join(f"{'inv@' + format(v, 'g'):>11}" for v in pick) + \
         f"{'M test':>9}{'identity':>10}{'comp F':>9}{'comp test':>11}"
     lines = [f"{result.n} images, {result.transform} over {', '.join(f'{v:g}' for v in vals)} "
              f"({result.params.fill} fill); maps on {result.feature_note}; train {result.n_train}, test {result.n_test}",
@@ -200,7 +201,7 @@ def table(result: Any) -> str:
     ident = 1.0 if result.transform == "scale" else 0.0
     moved = [t for t, v in enumerate(vals) if v != ident]
     for li, name in enumerate(result.layers):
-        row = f"{name:<14}" + "".join(f"{inv[li, t]:>11.3f}" for t in pick_idx)
+        row = f"{name:<{w}}" + "".join(f"{inv[li, t]:>11.3f}" for t in pick_idx)
         if result.lin_test is not None and moved:
             row += f"{result.lin_test[li, moved].mean():>9.3f}{result.lin_identity[li, moved].mean():>10.3f}"
         else:
@@ -210,7 +211,7 @@ def table(result: Any) -> str:
             f"{'n/a':>9}{'n/a':>11}"
         lines.append(row)
     pix = result.input_invariance()
-    lines.append(f"{'(model input)':<14}" + "".join(f"{pix[t]:>11.3f}" for t in pick_idx))
+    lines.append(f"{'(model input)':<{w}}" + "".join(f"{pix[t]:>11.3f}" for t in pick_idx))
     lines.append(f"prediction kept: {min(result.agreement()):.3f} at worst; M test / identity: mean held-out relative "
                  "error over the non-identity values; comp: mean over the pairs a, b with T_a T_b in the sweep")
     return "\n".join(lines)
