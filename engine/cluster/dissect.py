@@ -257,7 +257,9 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
             tie_fallback=tallies[name].tie_fallback(),
             at_threshold=tallies[name].at_threshold_fraction(),
         )
-    notes = [R.tie_note(name, out[name].tie_fallback, params) for name in layers if out[name].tie_fallback.any()]
+    notes = [f"two forward passes on {executor.describe()} ({_workers(executor)} answered), "
+             f"{len(order)} images in blocks of {executor.block_size(len(order), params.batch_size)}"]
+    notes += [R.tie_note(name, out[name].tie_fallback, params) for name in layers if out[name].tie_fallback.any()]
     seconds = {"pass1": t1 - t0, "pass2": t2 - t1, "total": time.perf_counter() - t0}
     return R.DissectionResult(
         model=backend.spec.path, model_sha256=model_sha, concepts_root=concepts.root,
@@ -265,6 +267,7 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
         concept_categories=labels.categories_of, categories=labels.categories,
         n_images=len(order), seconds=seconds, skipped=tuple(skipped), input_digests=input_digests,
         notes=tuple(notes), warnings=tuple(one_position_warnings(info)),
+        **({"passes": 2} if "passes" in {f.name for f in dataclasses.fields(R.DissectionResult)} else {}),
     )
 
 
