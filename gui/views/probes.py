@@ -837,6 +837,7 @@ class ProbesView(View):
         item.clear()
         legend.setText(" &nbsp; ".join(
             f"<span style='color:{c.name()}'>{'╌╌' if d else '━━'}</span>&nbsp;{html.escape(n)}" for n, _y, c, d in series))
+        legend.setToolTip("\n".join(f"{'dashed' if d else 'solid'}: {n}" for n, _y, _c, d in series))
         if self.result is None:
             return
         xs = np.asarray(self.result.values, dtype=float)
@@ -844,10 +845,12 @@ class ProbesView(View):
             pen = pg.mkPen(colour, width=1.6, style=Qt.PenStyle.DashLine if dashed else Qt.PenStyle.SolidLine)
             item.plot(xs, np.asarray(ys, dtype=float), name=name, pen=pen, symbol="o", symbolSize=4,
                       symbolBrush=colour, symbolPen=None)
-        plot.setLabel("bottom", self._x_label())
+        plot.setLabel("bottom", "")
 
     def _render_invariance(self) -> None:
         self._draw(self.inv_plot, self.invariance_series(), self.inv_legend)
+        self.inv_title.setText(f"Invariance per layer vs {self._x_label()}" if self.result is not None else
+                               "Invariance per layer")
 
     def _render_responses(self) -> None:
         self._draw(self.resp_plot, self.response_series(), self.resp_legend)
@@ -1023,7 +1026,6 @@ class ProbesView(View):
 
 def _legend_label() -> QLabel:
     label = QLabel()
-    label.setWordWrap(True)
     label.setTextFormat(Qt.TextFormat.RichText)
     label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     return label
