@@ -169,12 +169,25 @@ class MainWindow(QMainWindow):
         for view in self.views.values():
             for label, cb in view.analysis_actions():
                 self._action(a, label, cb)
+        checks = [view for view in self.views.values() if view.sanity_explanation]
+        if checks:
+            s = a.addMenu("&Sanity check of")
+            for view in checks:
+                self._action(s, view.title, lambda _=False, v=view: self.request_sanity_check(v),
+                             tip=f"Randomise the model's weights layer by layer and see whether {view.title} changes "
+                                 "(Adebayo et al., NeurIPS 2018)")
         a.addSeparator()
         self._action(a, "&Cancel all jobs", self.runner.cancel_all, "Ctrl+.")
 
         h = mb.addMenu("&Help")
         self._action(h, "&Keyboard shortcuts", self.show_shortcuts, "F1")
         self._action(h, "&About ConvLens", self.show_about)
+
+    def request_sanity_check(self, view: View) -> None:
+        """Ask the Sanity check view (through the shared selection) to check ``view``'s explanation."""
+        request = view.sanity_request()
+        if request is not None:
+            self.ctx.selection.set_item("sanity_request", request)
 
     def show_shortcuts(self) -> None:
         rows = []

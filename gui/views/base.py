@@ -37,6 +37,9 @@ class View(QWidget):
     order: int = 100
     #: shown in the default layout
     visible_by_default: bool = True
+    #: the explanation the Sanity check view checks for this view ("heatmap", "dissection", a
+    #: class-evidence method, ...); None: the view shows nothing the check applies to
+    sanity_explanation: str | None = None
 
     def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -80,6 +83,15 @@ class View(QWidget):
     def analysis_actions(self) -> list[tuple[str, Callable[[], None]]]:
         """Entries for the Analysis menu: (label, callback)."""
         return []
+
+    def sanity_request(self) -> dict[str, Any] | None:
+        """What "Sanity check of this view" asks the Sanity check view to run (the generic
+        ``sanity_request`` selection item): the view's explanation at the selected layer and unit.
+        None where :attr:`sanity_explanation` is unset."""
+        if not self.sanity_explanation:
+            return None
+        sel = self.ctx.selection
+        return {"explanation": self.sanity_explanation, "layer": sel.layer, "unit": sel.unit}
 
     def save_state(self) -> dict[str, Any]:
         """JSON-serialisable parameters for project files."""
