@@ -4,6 +4,7 @@ run again)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -159,8 +160,9 @@ def _pass1(
     never restarts the pass and the thresholds count exactly the images that loaded.
     """
     n = len(order)
-    quantiles = {name: TopQuantile(li.units, n * li.shape[1] * li.shape[2], params.quantile,
-                                   device=device) for name, li in info.items()}
+    quantiles = {name: TopQuantile(li.units, n * li.shape[1] * li.shape[2], params.quantile, device=device,
+                                   min_keep=tie_keep(n * li.shape[1] * li.shape[2], params))
+                 for name, li in info.items()}
     tops = {name: _TopImages(li.units, params.top_k, device) for name, li in info.items()}
     pin = device.type == "cuda"
     kept = _Kept({name: torch.empty((n, *li.shape), dtype=torch.float32, pin_memory=pin)
@@ -195,19 +197,49 @@ def _pass1(
     return _Pass1(quantiles, tops, kept, skipped, loaded)
 
 
+def tie_keep(total: int, params: DissectionParams) -> int:
+    """Top values a unit's sketch keeps so that ties with ``T_k`` are counted exactly up to the
+    tie limit ``tie_factor * q * total``."""
+    return 0 if params.tie_factor is None or params.strict_mask else \
+        math.floor(params.tie_factor * params.quantile * total) + 2
+
+
+def tie_plan(quantile: TopQuantile, thresholds: np.ndarray, params: DissectionParams
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``(fallback, candidates)`` per unit from pass 1: the units known to fall back to
+    ``S > T`` and those pass 2 must count under both rules (see
+    :func:`engine.dissection.masks.tie_fallback`).
+
+    A unit is tied when more than ``tie_factor * q * total`` values reach ``T_k``; with the
+    exact sketch (which keeps that many values) the count bound decides it, and a tied unit
+    whose largest value exceeds ``T_k`` falls back. Candidates: a tied unit whose maximum is
+    ``T_k`` (it falls back only when more than half of its values equal ``T_k``, which pass 2
+    counts) and any tie that the histogram sketch (approximate mode) cannot rule out.
+    """
+    k = quantile.n_units
+    if params.tie_factor is None or params.strict_mask:
+        return np.zeros(k, dtype=bool), np.zeros(k, dtype=bool)
+    tied = quantile.count_bound(thresholds) > params.tie_factor * params.quantile * quantile.total
+    if not quantile.exact:
+        return np.zeros(k, dtype=bool), tied
+    exceeds = quantile.max_values() > thresholds
+    return tied & exceeds, tied & ~exceeds
+
+
 def _pass2(
     backend: Backend, concepts: ConceptDataset, image_set: ImageSet, pre: Preprocess,
     order: list[int], info: dict[str, LayerInfo], thresholds: dict[str, np.ndarray],
-    candidates: dict[str, np.ndarray], kept: _Kept | None, labels: _Labels, params: DissectionParams,
+    ties: dict[str, tuple[np.ndarray, np.ndarray]], kept: _Kept | None, labels: _Labels, params: DissectionParams,
     device: torch.device, clock: _Clock,
 ) -> Job[tuple[dict[str, _SparseTally], list[tuple[str, str]]]]:
-    """IoU tallies of every layer over the images ``order`` (a sub-generator).
+    """IoU tallies of every layer over the images ``order`` (a sub-generator); ``ties[layer]``
+    is :func:`tie_plan`'s ``(fallback, candidates)``.
 
     Returns ``({layer: _SparseTally}, failed)``: ``failed`` lists the images that loaded in
     pass 1 but not now (only when the model runs again); the tallies then lack them.
     """
-    tallies = {name: _SparseTally(li.units, labels, thresholds[name], params, device, candidates[name])
-               for name, li in info.items()}
+    tallies = {name: _SparseTally(li.units, labels, thresholds[name], params, device,
+                                  candidates=ties[name][1], fallback=ties[name][0]) for name, li in info.items()}
     layers = list(info)
     n = len(order)
     done = 0

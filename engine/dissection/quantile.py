@@ -65,6 +65,8 @@ class TopQuantile:
     ``cat(buffer, batch)``. Memory is ``K * m * 4`` bytes. The result equals
     ``numpy.quantile(values.astype(float64), 1 - q, method="linear")`` bit for bit, ties
     included (values are stored as float32, so float64 input is rounded to float32 first).
+    ``min_keep`` keeps at least that many (a dissection keeps ``2 q total`` so that
+    :meth:`count_bound` counts the ties at the threshold exactly up to its tie limit).
 
     **Approximate mode** (``exact is False``), used when ``K * m * 4 > max_bytes``: per unit a
     histogram of ``n_bins = max_bytes // (16 * K)`` bins of equal width ``w_k``, each holding
@@ -99,6 +101,7 @@ class TopQuantile:
         *,
         device: str | torch.device = "cpu",
         max_bytes: int = 256 * 2**20,
+        min_keep: int = 0,
     ) -> None:
         if n_units < 1:
             raise ConvLensError(f"TopQuantile needs at least one unit, got n_units={n_units}.")
@@ -113,7 +116,7 @@ class TopQuantile:
         self.count = 0
         self._lo, self._hi, self._gamma = _rank_plan(total, q)
         # Descending positions needed: ascending rank r is descending position total - 1 - r.
-        self.m = min(total, max(math.floor(q * (total - 1)) + 2, total - self._lo))
+        self.m = min(total, max(math.floor(q * (total - 1)) + 2, total - self._lo, min_keep))
         self.exact: bool = n_units * self.m * 4 <= max_bytes
         self._error_bound: np.ndarray | None = None
         if self.exact:
@@ -346,6 +349,15 @@ class TopQuantile:
         self.total = total
         self._lo, self._hi, self._gamma = _rank_plan(total, self.q)
         self._error_bound = None
+
+    def max_values(self) -> np.ndarray:
+        """(K,) float64: each unit's largest value seen (-inf before any)."""
+        if self.exact:
+            top = self._top
+            return (top.amax(dim=1).double().cpu().numpy() if top.shape[1]
+                    else np.full(self.n_units, -np.inf))
+        bmax = self._bmax.double().cpu().numpy()
+        return bmax.max(axis=1)
 
     def count_bound(self, thresholds: np.ndarray) -> np.ndarray:
         """(K,) float64: an upper bound on the number of values ``>= thresholds[k]`` of each unit

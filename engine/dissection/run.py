@@ -67,6 +67,7 @@ from engine.dissection.passes import (
     map_bytes,
     one_position_warnings,
     spatial_layers,
+    tie_plan,
 )
 from engine.dissection.result import (
     CACHE_KIND,
@@ -202,12 +203,10 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
             clock.lap(f"quantile[{name}]")
         clock.seconds["pass1"] = clock.seconds.get("pass1", 0.0) + time.perf_counter() - t1
         t2 = time.perf_counter()
-        factor = params.tie_factor or 1.0
-        candidates = {name: p1.quantiles[name].count_bound(thresholds[name])
-                      > factor * params.quantile * p1.quantiles[name].total for name in layers}
+        ties = {name: tie_plan(p1.quantiles[name], thresholds[name], params) for name in layers}
         yield Progress(_PASS1_SHARE, f"pass 2/2: IoU of {len(layers)} layers over {len(order)} images")
         tallies, failed = yield from _pass2(backend, concepts, image_set, pre, order, info, thresholds,
-                                            candidates, p1.kept, labels, params, device, clock)
+                                            ties, p1.kept, labels, params, device, clock)
         clock.seconds["pass2"] = clock.seconds.get("pass2", 0.0) + time.perf_counter() - t2
         if not failed:
             break

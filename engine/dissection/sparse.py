@@ -53,11 +53,17 @@ class _SparseTally:
     ``union = |M| [counted] + |L_c| - |M ∩ L_c|``, so over the data set
     ``union[k, c] = sum_x |L_c(x)| + sum_{x active for k} (|M_k(x)| [counted] - |M ∩ L_c|)``:
     an empty mask contributes only ``|L_c(x)|``.
+
+    Tie fallback (see :mod:`engine.dissection.masks`): units in ``fallback`` (known from pass 1
+    to fall back) are counted with ``S > T``; each unit in ``candidates`` (undecided by pass 1)
+    is counted under both rules, and :meth:`iou` keeps the row that its exact count
+    ``P(A_k >= T_k)`` (summed here over every position) calls for. With neither given every
+    unit is a candidate.
     """
 
     def __init__(self, units: int, labels: _Labels, thresholds: np.ndarray,
                  params: DissectionParams, device: torch.device,
-                 candidates: np.ndarray | None = None) -> None:
+                 candidates: np.ndarray | None = None, fallback: np.ndarray | None = None) -> None:
         n_labels = len(labels.names)
         self.n_labels = n_labels
         self.units = units
@@ -66,15 +72,21 @@ class _SparseTally:
         self.label_category = torch.as_tensor(
             np.where(labels.scored, labels.category_index, 0), device=device)
         self.n_categories = len(labels.categories)
-        # Rows: one per unit with the requested rule, then one per tie candidate with S > T
-        # (the row the unit takes if its tie count calls for the fallback).
-        cand = np.zeros(0, dtype=np.int64) if params.strict_mask or params.tie_factor is None else (
-            np.arange(units) if candidates is None else np.flatnonzero(np.asarray(candidates, dtype=bool)))
+        # Rows: one per unit with its rule (S > T for the units known to fall back), then one per
+        # undecided tie candidate with S > T (the row the unit takes if its tie count calls for it).
+        off = params.strict_mask or params.tie_factor is None
+        known = np.zeros(units, dtype=bool) if off or fallback is None else np.asarray(fallback, dtype=bool)
+        self.known_fallback = known
+        cand = np.zeros(0, dtype=np.int64) if off else (
+            np.arange(units) if candidates is None and fallback is None
+            else np.flatnonzero(np.zeros(units, dtype=bool) if candidates is None
+                                else np.asarray(candidates, dtype=bool) & ~known))
         self.candidates = cand
         self.row_unit = torch.as_tensor(np.concatenate((np.arange(units), cand)), device=device)
         t = np.asarray(thresholds, dtype=np.float64)
         self.thresholds = torch.as_tensor(t, device=device)
-        cut = np.concatenate((mask_cuts(t, strict=params.strict_mask), mask_cuts(t[cand], strict=True)))
+        cut = np.concatenate((mask_cuts(t, strict=params.strict_mask, tie_fallback=known),
+                              mask_cuts(t[cand], strict=True)))
         self.cut = torch.as_tensor(cut, device=device)
         self.ge_cut = torch.as_tensor(mask_cuts(t, strict=False), device=device)
         rows = units + len(cand)
@@ -162,6 +174,7 @@ class _SparseTally:
         images gives the one-pass counts exactly); neither is changed."""
         if other.inter.shape != self.inter.shape or not torch.equal(other.cut.cpu(), self.cut.cpu()) \
                 or not np.array_equal(other.candidates, self.candidates) \
+                or not np.array_equal(other.known_fallback, self.known_fallback) \
                 or other.params.result_key() != self.params.result_key():
             raise ConvLensError("cannot merge IoU tallies of different layers, labels, thresholds or settings.")
         out = copy.copy(self)
@@ -180,7 +193,7 @@ class _SparseTally:
     def tie_fallback(self) -> np.ndarray:
         """(K,) bool: the units whose ``S >= T`` mask falls back to ``S > T`` (never with
         ``strict_mask``): :func:`engine.dissection.masks.tie_fallback` of the counts."""
-        out = np.zeros(self.units, dtype=bool)
+        out = self.known_fallback.copy()
         if self.params.tie_factor is not None and len(self.candidates):
             c = self.candidates
             out[c] = tie_fallback(self.at_threshold.cpu().numpy()[c], self.positions,
@@ -197,7 +210,7 @@ class _SparseTally:
         union[:, ~self.scored] = 0
         rows = np.divide(inter, union, out=np.zeros(union.shape), where=union > 0)
         out = rows[:self.units].copy()
-        fallback = self.tie_fallback()
+        fallback = self.tie_fallback() & ~self.known_fallback  # known ones: their own row is S > T
         if fallback.any():
             row_of = np.full(self.units, -1)
             row_of[self.candidates] = self.units + np.arange(len(self.candidates))
