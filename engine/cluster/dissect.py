@@ -31,6 +31,7 @@ exact mode) and a pass-2 tally ``2 x (units + candidates) x labels x 8`` bytes p
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import time
@@ -66,12 +67,12 @@ class DissectWorker:
     def __init__(self, payload: ModelPayload, concepts: ConceptDataset, image_set: ImageSet, pre: Preprocess,
                  info: dict[str, LayerInfo], params: Any, device: str, threads: int, phase: int,
                  total: int | None = None, thresholds: dict[str, np.ndarray] | None = None,
-                 candidates: dict[str, np.ndarray] | None = None, labels: Any = None) -> None:
+                 ties: dict[str, Any] | None = None, labels: Any = None) -> None:
         worker_threads(threads)
         self.backend, self._opened = payload.open(device)
         self.concepts, self.image_set, self.pre, self.info = concepts, image_set, pre, info
         self.params, self.threads, self.phase = params, threads, phase
-        self.total, self.thresholds, self.candidates, self.labels = total, thresholds, candidates, labels
+        self.total, self.thresholds, self.ties, self.labels = total, thresholds, ties, labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         block = [int(i) for i in np.asarray(batch["data"]).tolist()]
@@ -82,25 +83,27 @@ class DissectWorker:
     def _pass1(self, block: list[int]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         import torch
 
-        from engine.dissection.passes import _compute_device, forward_batch
+        from engine.dissection import passes
         from engine.dissection.quantile import TopQuantile
 
-        device = _compute_device(self.backend, self.params)
+        device = passes._compute_device(self.backend, self.params)
         assert self.total is not None
         quantiles = {name: TopQuantile(li.units, self.total * li.shape[1] * li.shape[2], self.params.quantile,
-                                       device=device) for name, li in self.info.items()}
+                                       device=device, **_sketch_options(self.total * li.shape[1] * li.shape[2],
+                                                                        self.params))
+                     for name, li in self.info.items()}
         tops = {name: TopK(li.units, self.params.top_k) for name, li in self.info.items()}
         layers = list(self.info)
         with ImageLoader(self.image_set, self.pre, batch_size=self.params.batch_size, workers=self.threads,
                          indices=block) as loader:
             for b in loader:
-                acts = forward_batch(self.backend, b.array, layers, device)
+                acts = passes.forward_batch(self.backend, b.array, layers, device)
                 for name in layers:
                     quantiles[name].update(acts[name])
                     tops[name].add(acts[name].amax(dim=(2, 3)).cpu().numpy(), b.indices)
             skipped = list(loader.skipped)
         cpu = torch.device("cpu")
-        part = {name: (_on_cpu_quantile(quantiles[name], cpu), tops[name]) for name in layers}
+        part = {name: (_moved(quantiles[name], cpu), tops[name]) for name in layers}
         return part, skipped
 
     def _pass2(self, block: list[int]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -110,15 +113,14 @@ class DissectWorker:
         from engine.dissection.timing import _Clock
 
         device = _compute_device(self.backend, self.params)
-        assert self.thresholds is not None and self.candidates is not None
+        assert self.thresholds is not None and self.ties is not None
         job = _pass2(self.backend, self.concepts, self.image_set, self.pre, block, self.info, self.thresholds,
-                     self.candidates, None, self.labels, self.params, device, _Clock(device))
+                     self.ties, None, self.labels, self.params, device, _Clock(device))
         got = _drain(job)
         # ({layer: tally}, images that loaded in pass 1 but fail now), or the tallies alone
         tallies, failed = got if isinstance(got, tuple) else (got, [])
         cpu = torch.device("cpu")
-        return {name: _on_cpu_tally(t, self.labels, self.thresholds[name], self.candidates[name], self.params, cpu)
-                for name, t in tallies.items()}, list(failed)
+        return {name: _moved(t, cpu) for name, t in tallies.items()}, list(failed)
 
 
 def _drain(job: Job[Any]) -> Any:
@@ -129,29 +131,45 @@ def _drain(job: Job[Any]) -> Any:
             return stop.value
 
 
-def _on_cpu_quantile(q: Any, cpu: Any) -> Any:
-    """``q`` with its state on the CPU (for the object store): an empty CPU sketch merged with it."""
-    return q if q.device == cpu else _on_device_quantile(q, cpu)
+def _moved(stat: Any, device: Any) -> Any:
+    """A copy of a partial statistic (a quantile sketch, a tally) whose tensors are on
+    ``device``: the CPU before it goes into the object store, the driver's GPU for merging."""
+    import torch
+
+    if getattr(stat, "device", None) == device:
+        return stat
+    out = copy.copy(stat)
+    for name, value in vars(stat).items():
+        if isinstance(value, torch.Tensor):
+            setattr(out, name, value.to(device))
+    out.device = device
+    return out
+
+
+def _sketch_options(total: int, params: Any) -> dict[str, Any]:
+    """What the dissection's own pass 1 gives its sketches beyond the count (the values kept
+    for counting ties at the threshold, where the dissection does so)."""
+    from engine.dissection import passes
+
+    keep = getattr(passes, "tie_keep", None)
+    return {} if keep is None else {"min_keep": keep(total, params)}
+
+
+def _tie_plan(quantile: Any, thresholds: np.ndarray, params: Any) -> Any:
+    """What pass 2 is told about ties, as the dissection's own run computes it."""
+    from engine.dissection import passes
+
+    plan = getattr(passes, "tie_plan", None)
+    if plan is not None:
+        return plan(quantile, thresholds, params)
+    factor = params.tie_factor or 1.0
+    return quantile.count_bound(thresholds) > factor * params.quantile * quantile.total
 
 
 def _merge_device() -> Any:
     import torch
 
     return torch.device("cuda") if torch.cuda.is_available() else None
-
-
-def _on_device_quantile(q: Any, device: Any) -> Any:
-    from engine.dissection.quantile import TopQuantile
-
-    return TopQuantile(q.n_units, q.total, q.q, device=device).merge(q)
-
-
-def _on_cpu_tally(t: Any, labels: Any, thresholds: np.ndarray, candidates: np.ndarray, params: Any, cpu: Any) -> Any:
-    from engine.dissection.sparse import _SparseTally
-
-    if t.device == cpu:
-        return t
-    return _SparseTally(t.units, labels, thresholds, params, cpu, candidates).merge(t)
 
 
 def dissect_on_ray(
@@ -228,11 +246,9 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
                 quantiles[name].shrink_total(len(order) * li.shape[1] * li.shape[2])
         thresholds = {name: quantiles[name].thresholds() for name in layers}
         t1 = time.perf_counter()
-        factor = params.tie_factor or 1.0
-        candidates = {name: quantiles[name].count_bound(thresholds[name])
-                      > factor * params.quantile * quantiles[name].total for name in layers}
+        ties = {name: _tie_plan(quantiles[name], thresholds[name], params) for name in layers}
         tallies, failed = yield from _pass2(executor, {**common, "phase": 2, "thresholds": thresholds,
-                                                       "candidates": candidates, "labels": labels}, order, layers)
+                                                       "ties": ties, "labels": labels}, order, layers)
         t2 = time.perf_counter()
         if not failed:
             break
@@ -296,7 +312,7 @@ def _pass1(executor: RayExecutor, common: dict[str, Any], order: list[int],
             for part, count, bad in zip(got["part"], got["n"], got["skipped"], strict=True):
                 for name, (q, top) in part.items():
                     if name not in quantiles:
-                        quantiles[name] = q if on is None else _on_device_quantile(q, on)
+                        quantiles[name] = q if on is None else _moved(q, on)
                     else:
                         quantiles[name] = quantiles[name].merge(q)
                     tops[name] = tops[name].merge(top)
