@@ -11,7 +11,16 @@ Schema (version 1)::
 
 Reopening restores the session; analyses reuse the engine's on-disk caches (keyed by model hash,
 image set and parameters), so nothing is recomputed. A model or image folder that moved is
-asked for through ``locate`` instead of failing.
+asked for through ``locate`` instead of failing. ``model`` is the spec in use, so the output the
+output rule chose (``output_index``) is kept and used as given when reopened.
+
+Results are kept by reference, not by copy: a view's saved parameters are the cache key's
+inputs, so running it again with them on the same model and images is answered by the engine's
+cache (``tests/test_gui_project.py``: a dissection reopened that way comes ``from_cache`` with
+the same rows). For a view to show its result again by itself, its state records that it had
+one (e.g. ``"show_result": true``) and its ``restore_state`` reruns once the model is loaded;
+the window restores view states *before* the model has loaded, so a view must keep restored
+layer names until its layer list arrives.
 
 A project never grants an opt-in: ``allow_pickle`` is neither written nor read (a project file
 that holds it is read without it), and a model whose architecture is Python code
