@@ -482,7 +482,7 @@ def add_executor_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray", metavar="ADDRESS",
                    help="run the model passes on a Ray cluster: 'local' starts one on this machine, else the "
                         "cluster's address (auto, host:6379, ray://host:10001)")
-    g.add_argument("--workers", type=positive_int, default=None,
+    g.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="Ray workers (actors), each loading the model once (default 2; with --ray only)")
     g.add_argument("--gpus-per-worker", type=float_range(0, 64, low_open=False, high_open=False), default=None,
                    metavar="G", help="GPUs per Ray worker (default: 1 when the cluster has GPUs, else 0)")
