@@ -177,6 +177,9 @@ class MainWindow(QMainWindow):
                              tip=f"Randomise the model's weights layer by layer and see whether {view.title} changes "
                                  "(Adebayo et al., NeurIPS 2018)")
         a.addSeparator()
+        from .cluster import install_run_on
+
+        install_run_on(self, a)
         self._action(a, "&Cancel all jobs", self.runner.cancel_all, "Ctrl+.")
 
         h = mb.addMenu("&Help")
