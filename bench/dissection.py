@@ -1,7 +1,7 @@
 """Network Dissection: ConvLens ``dissect`` vs NetDissect-Lite itself and a float64 reference.
 
     .venv/bin/python bench/dissection.py [--images 2000] [--size 112] [--work DIR]
-        [--ndl NDL_DIR --ndl-python PY] [--no-reference] [--rule paper|lite]
+        [--ndl NDL_DIR --ndl-python PY] [--no-reference] [--rule paper|lite] [--batch-size N]
 
 All sides dissect torchvision ResNet-18 (random weights, seed 0, saved once as a state dict)
 layers ``layer3`` and ``layer4`` on the built-in concept set (ConvLens's generator, which
@@ -91,7 +91,7 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def side_convlens(concepts_dir: Path, weights: Path, size: int, out: Path, mean: str, std: str,
-                  rule: str) -> dict[str, float]:
+                  rule: str, batch_size: int | None = None) -> dict[str, float]:
     """``convlens dissect`` end to end (dissection and report), as a user runs it."""
     from engine.cli import main
     from engine.dissection import load_result, report
@@ -111,7 +111,7 @@ def side_convlens(concepts_dir: Path, weights: Path, size: int, out: Path, mean:
     argv = ["dissect", "--model", str(weights), "--arch", "resnet18", "--input-size", str(size),
             "--resize", "stretch", "--mean", mean, "--std", std, "--device", "cpu",
             "--concepts", str(concepts_dir), "--layers", ",".join(LAYERS), "--rule", rule,
-            "--out", str(out / "report")]
+            "--out", str(out / "report"), *(["--batch-size", str(batch_size)] if batch_size else [])]
     t0 = time.perf_counter()
     code = main(argv)
     wall = time.perf_counter() - t0
@@ -300,7 +300,8 @@ def side_reference(concepts_dir: Path, weights: Path, size: int, out: Path, mean
 def _run_side(side: str, a: argparse.Namespace, concepts: Path, weights: Path, out: Path) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--side", side, "--concepts", str(concepts), "--weights", str(weights),
-           "--size", str(a.size), "--out", str(out), "--rule", a.rule]
+           "--size", str(a.size), "--out", str(out), "--rule", a.rule,
+           *(["--batch-size", str(a.batch_size)] if a.batch_size else [])]
     if side == "ndl":
         cmd += ["--ndl", a.ndl, "--ndl-python", a.ndl_python, "--ndl-driver", a.ndl_driver]
     subprocess.run(cmd, check=True)
@@ -344,6 +345,7 @@ def main() -> None:
     p.add_argument("--ndl-driver", default=os.environ.get("CONVLENS_NDL_DRIVER", str(DRIVER)))
     p.add_argument("--no-reference", action="store_true", help="skip the float64 numpy reference")
     p.add_argument("--rule", choices=["paper", "lite"], default="paper", help="ConvLens's --rule")
+    p.add_argument("--batch-size", type=int, help="ConvLens's --batch-size (default: the command's; NetDissect-Lite uses 128)")
     p.add_argument("--side", choices=["convlens", "reference", "ndl"], help=argparse.SUPPRESS)
     p.add_argument("--concepts", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
@@ -352,7 +354,7 @@ def main() -> None:
     if a.side:
         out, concepts, weights = Path(a.out), Path(a.concepts), Path(a.weights)
         if a.side == "convlens":
-            times = side_convlens(concepts, weights, a.size, out, NDL_MEAN, NDL_STD, a.rule)
+            times = side_convlens(concepts, weights, a.size, out, NDL_MEAN, NDL_STD, a.rule, a.batch_size)
         elif a.side == "reference":
             times = side_reference(concepts, weights, a.size, out, NDL_MEAN, NDL_STD)
             times["dissection"], times["report"] = times["wall"], 0.0
@@ -376,7 +378,8 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=work))
         runs[side] = (_run_side(side, a, concepts, weights, out), out)
     load_after = _load()
-    names = {"convlens": f"ConvLens dissect ({a.rule})", "ndl": "NetDissect-Lite", "reference": "reference (f64)"}
+    batch = f", batch {a.batch_size}" if a.batch_size else ""
+    names = {"convlens": f"ConvLens dissect ({a.rule}{batch})", "ndl": "NetDissect-Lite", "reference": "reference (f64)"}
     mb = 1e6
     print(f"\nResNet-18 (random weights, seed 0) {', '.join(LAYERS)}, {a.images} concept images at {a.size} px; "
           f"{os.cpu_count()} CPU cores, load average (1, 5, 15 min) {load_before} before, {load_after} after\n")
@@ -391,7 +394,7 @@ def main() -> None:
         cells = "".join(f"{(fmt.format(v / scale) if v is not None else '-'):>{width}}" for v in vals)
         r = ""
         if anchor and ratio and runs[anchor][0].get(key):
-            r = f"{runs['convlens'][0][key] / runs[anchor][0][key]:>{width + 12}.2f}x"
+            r = f"{runs['convlens'][0][key] / runs[anchor][0][key]:>{width + 12}.3g}x"
         print(f"{label:<34}{cells}{r}")
 
     row("wall s (dissection + report)", "wall")
