@@ -71,8 +71,8 @@ def main() -> None:
                 causal_check(backend, x, ev.maps, ev.targets)
                 deletion_insertion(backend, x, ev.maps, ev.targets, steps=50)
                 average_drop_increase(backend, x, ev.maps, ev.targets)
-                checks = f"{len(x) / (time.perf_counter() - t):.1f}"
-            print(f"{name:<18}{method:<11}{len(x) / best:>11.1f}{checks:>14}", flush=True)
+                checks = f"{len(x) / (time.perf_counter() - t):.3g}"
+            print(f"{name:<18}{method:<11}{len(x) / best:>11.3g}{checks:>14}", flush=True)
 
 
 if __name__ == "__main__":
