@@ -5,8 +5,8 @@ alone, and with the checks: causal blobs, deletion / insertion, Average Drop), o
     .venv/bin/python bench/evidence.py [--images 8] [--device cpu] [--repeat 2]
 
 Occlusion runs its occluded copies ``batch_size`` at a time (Captum's ``perturbations_per_eval``);
-its cost is (windows per image) forward passes: 484 at 24 px (window 3, stride 1), 169 at 224 px
-(window 28, stride 14). IG is 32 steps.
+its cost is (windows per image) forward passes: 484 at 24 px (window 3, stride 1), 225 at 224 px
+(window 28, stride 14, 15 x 15 windows). IG is 32 steps.
 """
 
 from __future__ import annotations

@@ -138,7 +138,22 @@ def curves_image(result: Any, width: int = 720, height: int = 300) -> Image.Imag
         faint = tuple(int(255 - (255 - c) * 0.25) for c in colour)
         for c in curves[:200]:
             d.line(pts(c), fill=faint, width=1)
-        if len(curves):
+        groups = [int(t) for t in np.unique(result.targets)] if len(curves) else []
+        if len(groups) > 4:
+            groups = []
+        shades = [colour, tuple(int(c * 0.45) for c in colour), tuple(int(c * 0.7) for c in colour), INK]
+        if groups and len(groups) > 1:
+            for g, shade in zip(groups, shades, strict=False):
+                rows = result.targets == g
+                d.line(pts(curves[rows].mean(axis=0)), fill=shade, width=3)
+            for j, (g, shade) in enumerate(zip(groups, shades, strict=False)):
+                rows = result.targets == g
+                label = f"mean of '{result.class_name(g)}' ({int(rows.sum())}): AUC {float(aucs[rows].mean()):.3f}"
+                yy = int(y0 + 0.4 * (y1 - y0)) + 13 * j
+                d.rectangle((x1 - 204, yy - 1, x1 - 2, yy + 11), fill=(255, 255, 255))
+                d.line([(x1 - 200, yy + 5), (x1 - 186, yy + 5)], fill=shade, width=3)
+                d.text((x1 - 182, yy), label, fill=INK, font=font)
+        elif len(curves):
             d.line(pts(curves.mean(axis=0)), fill=colour, width=3)
     d.text((2, height // 2 - 30), "p", fill=INK, font=font)
     return page
