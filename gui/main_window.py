@@ -222,7 +222,9 @@ class MainWindow(QMainWindow):
         sb.addPermanentWidget(self.status_progress)
 
     def _on_model_loaded(self, info: LoadedModelInfo) -> None:
-        self.status_model.setText(f"{info.name} ({info.format})")
+        summary = info.output_summary
+        self.status_model.setText(f"{info.name} ({info.format})" + (f" · {summary}" if summary else ""))
+        self.status_model.setToolTip(info.describe())
         self.status_backend.setText(f"{info.backend} · {info.device}")
         self.setWindowTitle(f"ConvLens — {info.name}")
         self._add_recent("model", info.spec.path)
