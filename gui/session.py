@@ -301,7 +301,7 @@ class Session(QObject):
             return None
 
         def fn(backend: Any, loaded: Any) -> Generator[Progress, None, Any]:
-            from engine.activations import extract
+            from .cluster import extract  # where the "Run on" setting says (in process by default)
 
             return (yield from extract(backend, loaded.cache_id, images, list(layers)))
 
@@ -320,8 +320,9 @@ class Session(QObject):
         which = f" (from output {spec.output_index})" if several else ""
 
         def fn(backend: Any, loaded: Any) -> Generator[Progress, None, tuple[Any, Any]]:
-            from engine.activations import extract
             from engine.predict import predictions_from
+
+            from .cluster import extract  # where the "Run on" setting says (in process by default)
 
             acts = yield from extract(backend, loaded.cache_id, images, [])
             return acts.from_cache, predictions_from(acts, spec)  # softmax over (N, K) here, not on the GUI
