@@ -268,6 +268,7 @@ class FiltersView(View):
 
     title = "Interpretable filters"
     object_name = "filters"
+    sanity_explanation = "filters"
     order = 40
 
     #: filter metrics finished and are shown (engine FilterMetrics)

@@ -391,6 +391,7 @@ class GraphView(View):
 
     title = "Inference Graph"
     object_name = "graphs"
+    sanity_explanation = "graphs"
     order = 40
     visible_by_default = False
 

@@ -115,6 +115,7 @@ class PolytopeView(View):
 
     title = "Polytope gallery"
     object_name = "polytope"
+    sanity_explanation = "polytope"
     order = 40
 
     #: a result arrived and is shown (its PolytopeResult)
