@@ -114,17 +114,13 @@ def test_cancelled_dissection_leaves_no_entry_and_frees_the_workers(ray_cluster,
 
 
 def test_cli_dissect_with_ray_local(rnet_spec, concepts, tmp_path, monkeypatch):
-    """``convlens dissect --ray local --workers 2`` gives the labels and IoUs of the local run
-    (needs the shared options in engine/dissection/cli.py)."""
+    """``convlens dissect --ray local --workers 2`` gives the labels and IoUs of the local run."""
     import csv
 
-    from engine.cli import build_parser, main
+    from engine.cli import main
 
     base = ["-q", "dissect", "--model", rnet_spec.path, "--arch", "rnet", "--device", "cpu", "--concepts",
             concepts.root, "--layers", ",".join(LAYERS), "--batch-size", "8", "--no-tiles"]
-    _, unknown = build_parser().parse_known_args([*base, "--out", str(tmp_path / "x"), "--ray", "local"])
-    if "--ray" in unknown:
-        pytest.skip("engine/dissection/cli.py does not offer --ray yet")
     rows = []
     for i, extra in enumerate(([], ["--ray", "local", "--workers", "2"])):
         monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / f"c{i}"))

@@ -16,8 +16,10 @@ from typing import Any
 
 from engine.cli_common import (
     EXIT_OK,
+    add_executor_options,
     add_model_options,
     check_out_parent,
+    executor_from_args,
     float_range,
     int_range,
     open_model,
@@ -67,6 +69,7 @@ def register(subparsers: Any) -> None:
                     help=f"images of the built-in concept set (default {BUILTIN_DEFAULT_IMAGES})")
     sp.add_argument("--builtin-size", type=int_range(16, 4096), default=BUILTIN_DEFAULT_SIZE,
                     help=f"image size of the built-in concept set, 16 to 4096 px (default {BUILTIN_DEFAULT_SIZE})")
+    add_executor_options(sp)
 
 
 def cmd_dissect(a: argparse.Namespace) -> int:
@@ -91,6 +94,7 @@ def _dissect(a: argparse.Namespace) -> None:
         map_budget_mb=a.map_budget_mb,
     )
     params.check()
+    executor = executor_from_args(a)  # None: in this process; says how to install Ray when it is missing
     from engine.cache import check_replaceable
 
     check_out_parent(a.out)  # before any work: the report can be built beside OUT and renamed in
@@ -106,7 +110,14 @@ def _dissect(a: argparse.Namespace) -> None:
     else:
         root = a.concepts
     concepts = open_broden(root, categories=categories)
-    result = run_job(dissect(backend, loaded.cache_id, concepts, layers, params), "dissect", quiet)
+    if executor is None:
+        result = run_job(dissect(backend, loaded.cache_id, concepts, layers, params), "dissect", quiet)
+    else:
+        from engine.cluster import dissect_on_ray
+
+        with executor:
+            result = run_job(dissect_on_ray(backend, loaded.cache_id, concepts, layers, params, executor=executor),
+                             "dissect", quiet)
     with writing(a.out):
         out = write_report(result, concepts, a.out, backend=None if a.no_tiles else backend)
     report_skipped([{"path": str(p), "reason": str(r)} for p, r in result.skipped])
