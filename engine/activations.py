@@ -32,6 +32,12 @@ positions) only, giving a partial :class:`Activations` whose rows are those imag
 (``acts.indices``); :func:`merge_extractions` joins disjoint shards into the entries a single
 pass over their union writes (per-image arrays concatenate, top-k heaps merge exactly), so a
 later :func:`extract` of the union finds them in the cache.
+
+**Writing entries elsewhere**: a pass that runs the model somewhere else (the Ray driver,
+:mod:`engine.cluster.extract`) writes the same entries through the same public pieces as
+:func:`extract`: :func:`cache_source` (what the keys depend on), :func:`check_finite` (on each
+batch, where it ran), :class:`EntryWriter` (the entries' files, streamed batch by batch) and
+:func:`open_entries` (the :class:`Activations` over what was written).
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -261,8 +268,10 @@ _fname = safe_name
 # ----------------------------------------------------------------------------- keys
 
 
-def _source(backend: Backend, model_sha: str, image_set: ImageSet) -> dict[str, Any]:
-    """What every entry of one (model, image set, preprocessing) depends on, as JSON data."""
+def cache_source(backend: Backend, model_sha: str, image_set: ImageSet) -> dict[str, Any]:
+    """What every entry of one (model, image set, preprocessing) depends on, as JSON data: the
+    ``source`` of :func:`outputs_key`, :func:`layer_key`, :class:`EntryWriter` and
+    :func:`open_entries` (and of :attr:`Activations.source`)."""
     spec = backend.spec
     src = {"model_sha256": model_sha, "arch": spec.arch, "preprocess": spec.preprocess,
            "output_index": spec.output_index, "fingerprint": image_set.fingerprint(),
@@ -325,7 +334,7 @@ def extract(
     backend.check_capture(layers)
     shard = _normal_indices(indices, len(image_set))
     rows = np.arange(len(image_set)) if shard is None else shard
-    source = _source(backend, model_sha, image_set)
+    source = cache_source(backend, model_sha, image_set)
     sid = _shard_id(shard)
     okey = outputs_key(source, sid)
     lkeys = {name: layer_key(source, name, store_maps, top_k, sid) for name in layers}
@@ -352,12 +361,10 @@ def extract(
         n = len(rows)
         what = f"extracting {', '.join(missing)} from {n} images" if missing else f"predicting {n} images"
         yield Progress(0.0, what)
-        targets = {"outputs": okey} if have_out is None else {}
-        targets.update({f"layer:{name}": lkeys[name] for name in missing})
-        with contextlib.ExitStack() as stack:
-            tmps = {what: stack.enter_context(cache.write(CACHE_KIND, key)) for what, key in targets.items()}
-            yield from _pass(backend, image_set, rows, shard, missing, tmps, source, sid, store_maps, top_k,
-                             batch_size, workers, t0)
+        info = {li.name: li for li in backend.layers()} if missing else {}
+        with EntryWriter(cache, source, image_set, [info[name] for name in missing], store_maps=store_maps,
+                         top_k=top_k, indices=shard, outputs=have_out is None) as writer:
+            yield from _pass(backend, image_set, shard, missing, writer, batch_size, workers, t0)
         if have_out is None:
             entry = cache.get(CACHE_KIND, okey)
             assert entry is not None
@@ -408,60 +415,23 @@ class _DigestCheck:
         return False
 
 
-def _pass(backend: Backend, image_set: ImageSet, rows: np.ndarray, shard: np.ndarray | None, layers: list[str],
-          tmps: dict[str, Path], source: dict[str, Any], sid: str | None, store_maps: bool, top_k: int,
+def _pass(backend: Backend, image_set: ImageSet, shard: np.ndarray | None, layers: list[str], writer: EntryWriter,
           batch_size: int, workers: int | None, t0: float) -> Job[None]:
-    """One forward pass over ``rows`` writing the entries ``tmps`` (outputs and/or layers)."""
-    info = {li.name: li for li in backend.layers()} if layers else {}
-    n = len(rows)
-    pos = None if shard is None else {int(i): j for j, i in enumerate(shard)}
+    """One forward pass over the images of ``writer`` (``shard``, or all) into its entries."""
+    n = writer.n
     with ImageLoader(image_set, backend.spec.preprocess, batch_size=batch_size, workers=workers,
                      indices=None if shard is None else shard.tolist()) as loader:
-        writers = {name: _LayerWriter(tmps[f"layer:{name}"], info[name], n, store_maps, top_k) for name in layers}
-        out_tmp = tmps.get("outputs")
-        outputs: np.ndarray | None = None
-        valid = np.zeros(n, dtype=bool)
         done = 0
         for batch in loader:
-            out, summaries = backend.forward_summaries(batch.array, layers, maps=store_maps)
-            _check_finite(backend, image_set, batch.indices, out, summaries, layers)
-            if outputs is None:
-                outputs = (np.lib.format.open_memmap(out_tmp / "outputs.npy", "w+", np.float32, (n, out.shape[1]))
-                           if out_tmp is not None else np.empty((0, out.shape[1]), np.float32))
-                if out_tmp is not None:
-                    outputs[:] = np.nan
-            local = batch.indices if pos is None else np.array([pos[int(i)] for i in batch.indices], np.int64)
-            sl = _rows(local)
-            if out_tmp is not None:
-                outputs[sl] = out
-            valid[sl] = True
-            for name in layers:
-                writers[name].add(batch.indices, sl, summaries[name])
+            out, summaries = backend.forward_summaries(batch.array, layers, maps=writer.store_maps)
+            check_finite(backend, image_set, batch.indices, out, summaries, layers)
+            writer.add(batch.indices, out, summaries)
             done += len(batch.indices)
             yield Progress(done / max(n, 1), f"{done}/{n} images")
-        if outputs is None:
-            raise ConvLensError(f"{image_set.source}: none of the {n} images could be read")
         # no msync: the pages reach the file through the page cache; the renames that follow are
         # what makes the entries visible, so a crashed run never leaves a readable half entry
-        digests = loader.digests[rows]
-        seconds = time.perf_counter() - t0
-        common = {"version": FORMAT_VERSION, "n_images": n, "source": source, "shard": sid,
-                  "seconds": seconds, "device": backend.device}
-        for name, w in writers.items():
-            w.finish()
-            np.save(w.folder / "digests.npy", digests)
-            if shard is not None:
-                np.save(w.folder / "indices.npy", shard)
-            li = info[name]
-            write_meta(w.folder, {**common, "role": "layer", "layer": name, "kind": li.kind, "shape": list(li.shape),
-                                  "store_maps": store_maps, "top_k": top_k})
-        if out_tmp is not None:
-            np.save(out_tmp / "valid.npy", valid)
-            np.save(out_tmp / "digests.npy", digests)
-            if shard is not None:
-                np.save(out_tmp / "indices.npy", shard)
-            write_meta(out_tmp, {**common, "role": "outputs", "skipped": loader.skipped})
-        del outputs, writers
+        writer.finish(digests=loader.digests[writer.rows], skipped=loader.skipped,
+                      seconds=time.perf_counter() - t0, device=backend.device)
 
 
 def _open_outputs(folder: Path, n: int) -> dict[str, Any]:
@@ -517,6 +487,34 @@ def open_activations(folder: Path, image_set: ImageSet) -> Activations:
     return Activations(folder=folder, image_set=image_set, layers={}, outputs=load_array(folder, "outputs"),
                        valid=out["valid"], skipped=out["skipped"], seconds=out["seconds"], from_cache=True,
                        indices=shard, source=dict(meta["source"]))
+
+
+def open_entries(cache: Cache, source: dict[str, Any], image_set: ImageSet, layers: Sequence[str], *,
+                 store_maps: bool, top_k: int, indices: np.ndarray | None = None) -> Activations:
+    """The :class:`Activations` of the entries under the keys of ``source`` (:func:`cache_source`),
+    ``layers``, ``store_maps``, ``top_k`` and the shard ``indices`` (None: the whole image set),
+    as :class:`EntryWriter` has just written them (``from_cache`` False). The entries' headers
+    and sizes are checked (:class:`DamagedEntry` otherwise), not the images' digests: to reuse
+    entries found in the cache, call :func:`extract`. ConvLensError when an entry is missing."""
+    sid = _shard_id(indices)
+    n = len(image_set) if indices is None else len(indices)
+
+    def entry(key: str, what: str) -> Path:
+        found = cache.get(CACHE_KIND, key)
+        if found is None:
+            raise ConvLensError(f"{cache.path(CACHE_KIND, key)}: no activations entry for {what} of {image_set.source}")
+        return found
+
+    out = _open_outputs(entry(outputs_key(source, sid), "the outputs"), n)
+    folders: dict[str, Path] = {}
+    infos: dict[str, LayerInfo] = {}
+    for name in layers:
+        folders[name], infos[name] = _open_layer(entry(layer_key(source, name, store_maps, top_k, sid), f"layer '{name}'"),
+                                                 name, n, top_k)
+    return Activations(folder=out["folder"], image_set=image_set, layers=infos,
+                       outputs=load_array(out["folder"], "outputs"), valid=out["valid"], skipped=out["skipped"],
+                       seconds=out["seconds"], from_cache=False, layer_folders=folders, indices=indices,
+                       store_maps=store_maps, top_k=top_k, source=source)
 
 
 # ----------------------------------------------------------------------------- shards
@@ -582,27 +580,19 @@ def merge_extractions(parts: Sequence[Activations], *, cache: Cache | None = Non
                 np.save(tmp / "indices.npy", shard)
             write_meta(tmp, {**common, "role": "layer", "layer": name, "kind": li.kind, "shape": list(li.shape),
                              "store_maps": first.store_maps, "top_k": first.top_k})
-    o = cache.get(CACHE_KIND, okey)
-    assert o is not None
-    opened = _open_outputs(o, n)
-    folders = {}
-    for name in layers:
-        entry = cache.get(CACHE_KIND, lkeys[name])
-        assert entry is not None
-        folders[name] = _open_layer(entry, name, n, first.top_k)[0]
-    return Activations(folder=o, image_set=image_set, layers=dict(first.layers), outputs=load_array(o, "outputs"),
-                       valid=opened["valid"], skipped=opened["skipped"], seconds=opened["seconds"],
-                       from_cache=False, layer_folders=folders, indices=shard, store_maps=first.store_maps,
-                       top_k=first.top_k, source=first.source)
+    return open_entries(cache, first.source, image_set, layers, store_maps=first.store_maps, top_k=first.top_k,
+                        indices=shard)
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def _check_finite(backend: Backend, image_set: ImageSet, idx: np.ndarray, out: np.ndarray,
-                  summaries: dict[str, LayerSummaries], layers: Sequence[str]) -> None:
-    """Raise a ConvLensError naming the model (or the layer) if a batch's output (or a captured
-    layer's max / mean) holds NaN or infinite values."""
+def check_finite(backend: Backend, image_set: ImageSet, idx: np.ndarray, out: np.ndarray,
+                 summaries: Mapping[str, LayerSummaries], layers: Sequence[str]) -> None:
+    """Raise a ConvLensError naming the model (or the layer) if a batch's output ``out`` (or a
+    captured layer's max / mean in ``summaries``) holds NaN or infinite values; ``idx`` are the
+    batch's image-set positions (the error names the first bad image). Every pass that writes
+    entries (:class:`EntryWriter`) calls it on each batch, wherever the batch ran."""
     def bad_rows(*arrays: np.ndarray) -> np.ndarray:
         rows = np.zeros(len(idx), dtype=bool)
         for a in arrays:
@@ -641,6 +631,110 @@ def _rows(idx: np.ndarray) -> slice | np.ndarray:
     return idx
 
 
+class EntryWriter:
+    """Writes the cache entries of one extraction pass (kind ``"activations"``): the outputs entry
+    (unless ``outputs`` is False) and one entry per layer of ``layers``, under the keys
+    :func:`extract` looks up (from ``source``, :func:`cache_source`, ``store_maps``, ``top_k``
+    and the shard ``indices``; None: the whole image set). This is the one place the entries'
+    files are written: the in-process pass and the Ray driver (:mod:`engine.cluster.extract`)
+    both use it, so their entries are the same.
+
+    A context manager: entering opens the entries' temporary folders; :meth:`add` takes the
+    images that were read, in batches, in any order (each image once); :meth:`finish` writes
+    the remaining files and ``meta.json``; leaving the block without an exception renames the
+    entries into place, with one (a cancelled job, an error, no :meth:`finish`) leaves none.
+    Memory stays at about one batch: the arrays are written straight into the files.
+    """
+
+    def __init__(self, cache: Cache, source: dict[str, Any], image_set: ImageSet, layers: Sequence[LayerInfo], *,
+                 store_maps: bool, top_k: int, indices: np.ndarray | None = None, outputs: bool = True) -> None:
+        self.cache, self.source, self.image_set = cache, source, image_set
+        self.layers = list(layers)
+        self.store_maps, self.top_k, self.indices = bool(store_maps), int(top_k), indices
+        self.rows = np.arange(len(image_set)) if indices is None else np.asarray(indices, np.int64)  # image positions
+        self.n = len(self.rows)
+        self.sid = _shard_id(indices)
+        self._pos = None if indices is None else {int(i): j for j, i in enumerate(self.rows)}
+        self._with_outputs = outputs
+        self._stack: contextlib.ExitStack | None = None
+        self._out_dir: Path | None = None
+        self._outputs: np.ndarray | None = None
+        self._writers: dict[str, _LayerWriter] = {}
+        self._valid = np.zeros(self.n, dtype=bool)
+        self._finished = False
+
+    def __enter__(self) -> EntryWriter:
+        with contextlib.ExitStack() as stack:
+            if self._with_outputs:
+                self._out_dir = stack.enter_context(self.cache.write(CACHE_KIND, outputs_key(self.source, self.sid)))
+            for li in self.layers:
+                key = layer_key(self.source, li.name, self.store_maps, self.top_k, self.sid)
+                folder = stack.enter_context(self.cache.write(CACHE_KIND, key))
+                self._writers[li.name] = _LayerWriter(folder, li, self.n, self.store_maps, self.top_k)
+            stack.callback(self._close)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        if exc is None and not self._finished:
+            err = RuntimeError("EntryWriter left without finish(): its entries are discarded")
+            stack.__exit__(RuntimeError, err, None)
+            raise err
+        return bool(stack.__exit__(exc_type, exc, tb))
+
+    def add(self, images: np.ndarray, outputs: np.ndarray, summaries: Mapping[str, LayerSummaries]) -> None:
+        """One batch of images that were read: ``images`` their image-set positions (B,), within
+        the entries' rows, ``outputs`` the classifier output (B, K), ``summaries`` per layer of
+        the writer (``maps`` may be None without ``store_maps``). Check them with
+        :func:`check_finite` first."""
+        assert self._stack is not None, "EntryWriter.add outside its with block"
+        images = np.asarray(images, np.int64)
+        local = images if self._pos is None else np.array([self._pos[int(i)] for i in images], np.int64)
+        sl = _rows(local)
+        if self._out_dir is not None:
+            if self._outputs is None:
+                self._outputs = np.lib.format.open_memmap(self._out_dir / "outputs.npy", "w+", np.float32,
+                                                          (self.n, outputs.shape[1]))
+                self._outputs[:] = np.nan
+            self._outputs[sl] = outputs
+        self._valid[sl] = True
+        for name, w in self._writers.items():
+            w.add(images, sl, summaries[name])
+
+    def finish(self, *, digests: np.ndarray, skipped: Sequence[tuple[str, str]], seconds: float, device: str) -> None:
+        """Write the rest: ``digests`` (n, DIGEST_SIZE) the content digests of every row's image
+        file (:func:`engine.data.images.digest_files`), ``skipped`` the (path, cause) of the
+        images that could not be read, in image order, ``seconds`` the pass's time and
+        ``device`` where it ran. ConvLensError when no image was read."""
+        if not self._valid.any():
+            raise ConvLensError(f"{self.image_set.source}: none of the {self.n} images could be read")
+        common = {"version": FORMAT_VERSION, "n_images": self.n, "source": self.source, "shard": self.sid,
+                  "seconds": seconds, "device": device}
+        for name, w in self._writers.items():
+            w.finish()
+            np.save(w.folder / "digests.npy", digests)
+            if self.indices is not None:
+                np.save(w.folder / "indices.npy", self.indices)
+            li = w.info
+            write_meta(w.folder, {**common, "role": "layer", "layer": name, "kind": li.kind, "shape": list(li.shape),
+                                  "store_maps": self.store_maps, "top_k": self.top_k})
+        if self._out_dir is not None:
+            np.save(self._out_dir / "valid.npy", self._valid)
+            np.save(self._out_dir / "digests.npy", digests)
+            if self.indices is not None:
+                np.save(self._out_dir / "indices.npy", self.indices)
+            write_meta(self._out_dir, {**common, "role": "outputs", "skipped": [list(s) for s in skipped]})
+        self._close()
+        self._finished = True
+
+    def _close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._outputs = None
+
+
 class _LayerWriter:
     """Streams one layer's maps and summaries into its cache entry's temporary folder."""
 
@@ -655,6 +749,7 @@ class _LayerWriter:
         self.max[:] = np.nan
         self.mean[:] = np.nan
         self.top = TopK(units, top_k)
+        self._open = True
 
     def add(self, idx: np.ndarray, rows: slice | np.ndarray, s: LayerSummaries) -> None:
         if self.maps is not None and s.maps is not None:
@@ -667,9 +762,14 @@ class _LayerWriter:
         ids, vals = self.top.arrays()
         np.save(self.folder / f"topval_{self.f}.npy", vals)
         np.save(self.folder / f"topidx_{self.f}.npy", ids)
+        self.close()
+
+    def close(self) -> None:
         if self.maps is not None:
             self.maps.close()
-        del self.max, self.mean
+        if self._open:  # drop the memory maps
+            del self.max, self.mean
+            self._open = False
 
 
 class _RowWriter:

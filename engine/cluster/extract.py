@@ -11,9 +11,11 @@ model once (:class:`~engine.cluster.payload.ModelPayload`), decodes its blocks w
 :class:`~engine.data.images.ImageLoader` (unreadable files are left out and named with their
 cause, as locally) and returns per image: the classifier output, whether it loaded, the file's
 content digest, the cause when it did not, and per layer the per-unit max and mean and, with
-``store_maps``, the float16 maps. The driver writes the rows into the entries' memory maps as
-blocks come back (its memory stays at about one block) and keeps the top-k heaps
-(:class:`~engine.activations.TopK`, exact whatever the order blocks arrive in). A cancelled
+``store_maps``, the float16 maps (each batch checked with
+:func:`~engine.activations.check_finite`, as locally). The driver hands the rows to an
+:class:`~engine.activations.EntryWriter`, the writer the in-process pass uses, as blocks come
+back (its memory stays at about one block; the top-k heaps are exact whatever the order blocks
+arrive in), and opens the result with :func:`~engine.activations.open_entries`. A cancelled
 job (the generator closed) stops the Ray execution and leaves no entry.
 
 When every entry is already in the cache the in-process ``extract`` opens it (checking the
@@ -26,27 +28,22 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from engine.activations import (
     CACHE_KIND,
-    FORMAT_VERSION,
     Activations,
-    _check_finite,
-    _LayerWriter,
-    _open_layer,
-    _open_outputs,
-    _rows,
-    _source,
+    EntryWriter,
+    cache_source,
+    check_finite,
     extract,
     layer_key,
+    open_entries,
     outputs_key,
 )
 from engine.backends.base import Backend, LayerSummaries
-from engine.cache import Cache, load_array, write_meta
+from engine.cache import Cache
 from engine.cluster.executor import RayExecutor, worker_threads
 from engine.cluster.payload import ModelPayload, Transfer
 from engine.data.images import DIGEST_SIZE, ImageLoader, ImageSet
@@ -88,7 +85,7 @@ class ExtractWorker:
                          indices=idx.tolist()) as loader:
             for b in loader:
                 o, summaries = self.backend.forward_summaries(b.array, self.layers, maps=self.store_maps)
-                _check_finite(self.backend, self.image_set, b.indices, o, summaries, self.layers)
+                check_finite(self.backend, self.image_set, b.indices, o, summaries, self.layers)
                 rows = np.array([at[int(i)] for i in b.indices], np.int64)
                 out[rows] = o
                 valid[rows] = True
@@ -130,7 +127,7 @@ def extract_on_ray(
     backend.check_capture(layers)
     if top_k < 1:
         raise ConvLensError(f"top_k must be >= 1, got {top_k}")
-    source = _source(backend, model_sha, image_set)
+    source = cache_source(backend, model_sha, image_set)
     okey = outputs_key(source)
     lkeys = {name: layer_key(source, name, store_maps, top_k) for name in layers}
 
@@ -154,67 +151,27 @@ def extract_on_ray(
     blocks = [np.arange(s, min(s + size, n), dtype=np.int64) for s in range(0, n, size)]
     kwargs = {"payload": payload, "image_set": image_set, "layers": layers, "store_maps": store_maps,
               "batch_size": batch_size, "device": executor.device(), "threads": executor.threads()}
-    with contextlib.ExitStack() as stack:
-        out_tmp = stack.enter_context(cache.write(CACHE_KIND, okey))
-        writers = {name: _LayerWriter(stack.enter_context(cache.write(CACHE_KIND, lkeys[name])), info[name], n,
-                                      store_maps, top_k) for name in layers}
-        outputs: np.ndarray | None = None
-        valid = np.zeros(n, bool)
-        digests = np.zeros((n, DIGEST_SIZE), np.uint8)
-        skipped: dict[int, tuple[str, str]] = {}
-        done = 0
-        blocks_out = stack.enter_context(contextlib.closing(executor.map_blocks(ExtractWorker, kwargs, blocks)))
+    digests = np.zeros((n, DIGEST_SIZE), np.uint8)
+    skipped: dict[int, tuple[str, str]] = {}
+    done = 0
+    with EntryWriter(cache, source, image_set, [info[name] for name in layers], store_maps=store_maps,
+                     top_k=top_k) as writer, \
+            contextlib.closing(executor.map_blocks(ExtractWorker, kwargs, blocks)) as blocks_out:
         for got in blocks_out:
             order = np.argsort(got["index"], kind="stable")
             idx = np.asarray(got["index"], np.int64)[order]
             ok = np.asarray(got["valid"], bool)[order]
-            if outputs is None:
-                outputs = np.lib.format.open_memmap(out_tmp / "outputs.npy", "w+", np.float32,
-                                                    (n, got["output"].shape[1]))
-                outputs[:] = np.nan
-            outputs[_rows(idx)] = np.asarray(got["output"])[order]
-            valid[idx] = ok
             digests[idx] = np.asarray(got["digest"])[order]
             for i, cause in zip(idx[~ok].tolist(), np.asarray(got["skip"])[order][~ok].tolist(), strict=True):
                 skipped[i] = (image_set.records[i].path, str(cause))
-            good = idx[ok]
-            if good.size:
-                for j, name in enumerate(layers):
-                    maps = np.asarray(got[f"maps/{j}"])[order][ok] if store_maps else None
-                    writers[name].add(good, _rows(good), LayerSummaries(
-                        maps, np.asarray(got[f"max/{j}"])[order][ok], np.asarray(got[f"mean/{j}"])[order][ok]))
+            if ok.any():
+                writer.add(idx[ok], np.asarray(got["output"])[order][ok], {name: LayerSummaries(
+                    np.asarray(got[f"maps/{j}"])[order][ok] if store_maps else None,
+                    np.asarray(got[f"max/{j}"])[order][ok], np.asarray(got[f"mean/{j}"])[order][ok])
+                    for j, name in enumerate(layers)})
             done += len(idx)
             workers_seen = len(executor.seen_pids)
             yield Progress(done / n, f"{done}/{n} images ({workers_seen} Ray worker{'s' if workers_seen != 1 else ''})")
-        if outputs is None or not valid.any():
-            raise ConvLensError(f"{image_set.source}: none of the {n} images could be read")
-        common = {"version": FORMAT_VERSION, "n_images": n, "source": source, "shard": None,
-                  "seconds": time.perf_counter() - t0, "device": f"ray: {executor.describe()}"}
-        for name, w in writers.items():
-            w.finish()
-            np.save(w.folder / "digests.npy", digests)
-            li = info[name]
-            write_meta(w.folder, {**common, "role": "layer", "layer": name, "kind": li.kind, "shape": list(li.shape),
-                                  "store_maps": store_maps, "top_k": top_k})
-        np.save(out_tmp / "valid.npy", valid)
-        np.save(out_tmp / "digests.npy", digests)
-        write_meta(out_tmp, {**common, "role": "outputs", "skipped": [list(skipped[i]) for i in sorted(skipped)]})
-        del outputs, writers
-    return _opened(cache, okey, lkeys, image_set, layers, n, store_maps, top_k, source)
-
-
-def _opened(cache: Cache, okey: str, lkeys: dict[str, str], image_set: ImageSet, layers: list[str], n: int,
-            store_maps: bool, top_k: int, source: dict[str, Any]) -> Activations:
-    entry = cache.get(CACHE_KIND, okey)
-    assert entry is not None
-    out = _open_outputs(entry, n)
-    folders: dict[str, Path] = {}
-    infos = {}
-    for name in layers:
-        e = cache.get(CACHE_KIND, lkeys[name])
-        assert e is not None
-        folders[name], infos[name] = _open_layer(e, name, n, top_k)
-    return Activations(folder=out["folder"], image_set=image_set, layers=infos,
-                       outputs=load_array(out["folder"], "outputs"), valid=out["valid"], skipped=out["skipped"],
-                       seconds=out["seconds"], from_cache=False, layer_folders=folders, indices=None,
-                       store_maps=store_maps, top_k=top_k, source=source)
+        writer.finish(digests=digests, skipped=[skipped[i] for i in sorted(skipped)],
+                      seconds=time.perf_counter() - t0, device=f"ray: {executor.describe()}")
+    return open_entries(cache, source, image_set, layers, store_maps=store_maps, top_k=top_k)
