@@ -12,7 +12,7 @@ from PIL import Image
 
 from engine.activations import extract
 from engine.backends import open_backend
-from engine.data.images import ImageLoader, open_image_set
+from engine.data.images import DIGEST_SIZE, ImageLoader, open_image_set
 from engine.jobs import run_sync
 from engine.models import load_model
 from engine.predict import predictions_from
@@ -181,3 +181,107 @@ def test_switching_between_extracted_layers_one_at_a_time_runs_no_forward_pass(
         acts = run_sync(extract(be, loaded.cache_id, open_image_set(demo_images), [layer], cache=cache))
         assert acts.from_cache and list(acts.layers) == [layer] and acts.maps(layer).shape[0] == 200
     assert forward_calls == []
+
+
+def _entry_files(cache) -> dict[str, bytes | dict]:
+    """Every file of the cache's activations entries (meta.json as data, less the pass's time and
+    device), by entry key and name."""
+    import json
+
+    files: dict[str, bytes | dict] = {}
+    for entry in sorted((cache.root / "activations").iterdir()):
+        for f in sorted(entry.iterdir()):
+            if f.name == "meta.json":
+                meta = json.loads(f.read_text())
+                files[f"{entry.name}/{f.name}"] = {k: v for k, v in meta.items() if k not in ("seconds", "device")}
+            else:
+                files[f"{entry.name}/{f.name}"] = f.read_bytes()
+    return files
+
+
+def test_entry_writer_fed_batches_out_of_order_writes_the_entries_extract_writes(
+        rnet, demo_images: Path, cache, tmp_path: Path, forward_calls) -> None:
+    """The public writing API (what the Ray driver uses): a pass run by hand over a shard, its
+    batches handed to EntryWriter in a shuffled order, leaves byte for byte the entries
+    ``extract`` writes for that shard, and ``extract`` then reuses them without running the model."""
+    from engine.activations import EntryWriter, cache_source, check_finite, open_entries
+    from engine.cache import Cache
+
+    loaded, be = rnet
+    images = open_image_set(demo_images)
+    shard = np.arange(0, 200, 3)[:40]  # 40 images, not consecutive: rows are not image positions
+    layers = ["conv1", "dense4"]
+    info = {li.name: li for li in be.layers()}
+    source = cache_source(be, loaded.cache_id, images)
+    with ImageLoader(images, be.spec.preprocess, batch_size=16, indices=shard.tolist()) as loader:
+        batches = []
+        for b in loader:
+            out, summaries = be.forward_summaries(b.array, layers, maps=True)
+            check_finite(be, images, b.indices, out, summaries, layers)
+            batches.append((b.indices, out, summaries))
+        digests = loader.digests[shard]
+        skipped = loader.skipped
+    assert len(batches) == 3
+    order = [2, 0, 1]  # the batches of a local run (same numbers), in another order
+    with EntryWriter(cache, source, images, [info[n] for n in layers], store_maps=True, top_k=5, indices=shard) as w:
+        for i in order:
+            w.add(*batches[i])
+        w.finish(digests=digests, skipped=skipped, seconds=1.0, device="by hand")
+    by_hand = open_entries(cache, source, images, layers, store_maps=True, top_k=5, indices=shard)
+    assert not by_hand.from_cache and by_hand.valid.all() and list(by_hand.rows()) == list(shard)
+
+    ref_cache = Cache(tmp_path / "ref")
+    ref = run_sync(extract(be, loaded.cache_id, images, layers, batch_size=16, top_k=5, cache=ref_cache, indices=shard))
+    assert _entry_files(cache) == _entry_files(ref_cache)
+    np.testing.assert_array_equal(by_hand.outputs, ref.outputs)
+    np.testing.assert_array_equal(by_hand.stats("conv1").top_images, ref.stats("conv1").top_images)
+
+    forward_calls.clear()
+    again = run_sync(extract(be, loaded.cache_id, images, layers, top_k=5, cache=cache, indices=shard))
+    assert again.from_cache and forward_calls == [] and again.layer_folder("conv1") == by_hand.layer_folder("conv1")
+
+
+def test_entry_writer_leaves_no_entry_unless_finished(rnet, demo_images: Path, cache) -> None:
+    from engine.activations import EntryWriter, cache_source, open_entries
+    from engine.types import ConvLensError
+
+    loaded, be = rnet
+    images = open_image_set(demo_images)
+    source = cache_source(be, loaded.cache_id, images)
+    conv1 = next(li for li in be.layers() if li.name == "conv1")
+
+    def writer() -> EntryWriter:
+        return EntryWriter(cache, source, images, [conv1], store_maps=True, top_k=3)
+
+    def entries() -> list[Path]:
+        kind = cache.root / "activations"
+        return sorted(kind.iterdir()) if kind.exists() else []
+
+    with ImageLoader(images, be.spec.preprocess, batch_size=20) as loader:
+        b = next(iter(loader))
+    out, summaries = be.forward_summaries(b.array, ["conv1"], maps=True)
+
+    def fails_midway() -> None:  # an error (or a cancel) inside the block
+        with writer() as w:
+            w.add(b.indices, out, summaries)
+            raise ValueError("stop")
+
+    def not_finished() -> None:
+        with writer() as w:
+            w.add(b.indices, out, summaries)
+
+    def nothing_read() -> None:
+        with writer() as w:
+            w.finish(digests=np.zeros((200, DIGEST_SIZE), np.uint8), skipped=[], seconds=0.0, device="cpu")
+
+    with pytest.raises(ValueError, match="stop"):
+        fails_midway()
+    assert entries() == []
+    with pytest.raises(RuntimeError, match="without finish"):
+        not_finished()
+    assert entries() == []
+    with pytest.raises(ConvLensError, match="none of the 200 images could be read"):
+        nothing_read()
+    assert entries() == []
+    with pytest.raises(ConvLensError, match="no activations entry for the outputs"):
+        open_entries(cache, source, images, ["conv1"], store_maps=True, top_k=3)
