@@ -345,9 +345,10 @@ def part_ious(backend: Any, model_sha: str, parts: Any, layer: str, params: Metr
     import torch
 
     from engine.activations import extract
+    from engine.dissection.masks import float32_cut, tie_fallback, unit_masks
     from engine.dissection.quantile import TopQuantile
     from engine.dissection.run import concept_image_set
-    from engine.dissection.tally import IoUTally, unit_masks
+    from engine.dissection.tally import IoUTally
 
     if "part" not in parts.categories:
         raise ConvLensError(f"{parts.root}: has no 'part' category (categories: {', '.join(parts.categories)})")
@@ -363,10 +364,19 @@ def part_ious(backend: Any, model_sha: str, parts: Any, layer: str, params: Metr
     for lo in range(0, len(valid), 256):
         tq.update(torch.from_numpy(np.asarray(maps[valid[lo:lo + 256]], dtype=np.float32)))
     thresholds = tq.thresholds()
+    # dissection's rule for tied thresholds (engine.dissection.masks.tie_fallback): a unit whose
+    # threshold ties with a mass of activations (T = 0 on a sparse ReLU unit) uses S > T
+    ge = torch.from_numpy(float32_cut(thresholds, strict=False)).reshape(1, -1, 1, 1)  # S >= T <=> S >= ge
+    gt = torch.from_numpy(float32_cut(thresholds, strict=True)).reshape(1, -1, 1, 1)  # S > T <=> S > gt
+    at, above = np.zeros(c, np.int64), np.zeros(c, bool)
+    for lo in range(0, len(valid), 256):
+        chunk = torch.from_numpy(np.asarray(maps[valid[lo:lo + 256]], dtype=np.float32))
+        at += (chunk >= ge).sum(dim=(0, 2, 3)).numpy()
+        above |= (chunk > gt).any(dim=3).any(dim=2).any(dim=0).numpy()
+    fallback = tie_fallback(at, len(valid) * h * w, above, params.quantile)
     lc = parts.label_categories()
     part_cat = parts.categories.index("part")
     tally = IoUTally(c, np.where(lc < 0, part_cat, lc), len(parts.categories))
-    strict_t = torch.as_tensor(thresholds <= 0)
     counted = 0
     for k, i in enumerate(valid):
         sample = parts.sample(int(i))
@@ -374,9 +384,7 @@ def part_ious(backend: Any, model_sha: str, parts: Any, layer: str, params: Metr
         if not any(m.any() for _, m in pix):
             continue
         a = torch.from_numpy(np.asarray(maps[i], dtype=np.float32))[None]
-        m_ge = unit_masks(a, thresholds, sample.mask_size)[0]
-        m_gt = unit_masks(a, thresholds, sample.mask_size, strict=True)[0]
-        masks = torch.where(strict_t[:, None, None], m_gt, m_ge)
+        masks = unit_masks(a, thresholds, sample.mask_size, strict=False, tie_fallback=fallback)[0]
         tally.update(masks, pix, [])
         counted += 1
         if k % 64 == 0:
