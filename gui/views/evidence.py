@@ -214,6 +214,7 @@ class EvidenceView(View):
 
     title = "Class evidence"
     object_name = "evidence"
+    sanity_explanation = "gradcam"  # the method chosen in the dock, see sanity_request
     area = Qt.DockWidgetArea.RightDockWidgetArea
     order = 45
 
@@ -370,6 +371,10 @@ class EvidenceView(View):
 
     def analysis_actions(self) -> list[tuple[str, Callable[[], None]]]:
         return [("Class evidence of the selected image", self._raise_and_run)]
+
+    def sanity_request(self) -> dict[str, Any] | None:
+        """The sanity check of the method (and Grad-CAM layer) chosen in this dock."""
+        return {"explanation": self.method(), "layer": self.layer() or self.ctx.selection.layer}
 
     def shutdown(self) -> None:
         self.cancel()
