@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--images", default="4000,63305,16000",
                     help="image counts to dissect, in this order (the largest is the size of the set written)")
     ap.add_argument("--layers", default=",".join(LAYERS))
+    ap.add_argument("--set-images", type=int, default=None,
+                    help="images of the look-alike to write or reuse (default: the largest count)")
     ap.add_argument("--size", type=int, default=32, help="image side in px (masks are half)")
     ap.add_argument("--work", default="/tmp/convlens-broden-scale")
     ap.add_argument("--child", nargs=2, metavar=("ROOT", "N"), help=argparse.SUPPRESS)
@@ -146,7 +148,7 @@ def main() -> None:
     counts = [int(x) for x in a.images.split(",")]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    root = _dataset(work, max(counts), a.size)
+    root = _dataset(work, max(*counts, a.set_images or 0), a.size)
     rows = []
     for n in counts:
         print(f"dissecting {n} images ...", flush=True)
