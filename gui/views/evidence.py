@@ -33,7 +33,7 @@ from PySide6.QtWidgets import (
     QComboBox,
     QDockWidget,
     QDoubleSpinBox,
-    QHBoxLayout,
+    QGridLayout,
     QLabel,
     QProgressBar,
     QPushButton,
@@ -271,14 +271,16 @@ class EvidenceView(View):
         self.progress.setMaximumHeight(14)
         self.progress.hide()
 
-        controls = QHBoxLayout()
+        # two rows of two settings: the dock fits beside the image browser in a 1024 px window
+        controls = QGridLayout()
         controls.setContentsMargins(0, 0, 0, 0)
-        for label, w in (("Method", self.method_combo), ("Layer", self.layer_combo), ("Class", self.class_combo),
-                         ("Causal drop ≥", self.threshold_spin)):
-            controls.addWidget(QLabel(label))
-            controls.addWidget(w)
-        controls.addStretch(1)
-        controls.addWidget(self.cancel_button)
+        for i, (label, w) in enumerate((("Method", self.method_combo), ("Layer", self.layer_combo),
+                                        ("Class", self.class_combo), ("Causal drop ≥", self.threshold_spin))):
+            controls.addWidget(QLabel(label), i // 2, 2 * (i % 2))
+            controls.addWidget(w, i // 2, 2 * (i % 2) + 1)
+        controls.setColumnStretch(1, 1)
+        controls.setColumnStretch(3, 1)
+        controls.addWidget(self.cancel_button, 0, 4)
 
         self.image_label = QLabel()
         self.image_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
