@@ -8,6 +8,8 @@
   and spatial entropy, location instability, part interpretability), a cached job;
 * :mod:`.train` — the training job (task loss + weighted filter loss; the same job without the
   filter loss is the ordinary baseline), checkpoints ConvLens opens;
+* :mod:`.compare` — one filter of several models (the start model and the trained ones, each
+  opened as its own backend) on the same images, side by side, a cached job;
 * :mod:`.cli` — ``convlens filters metrics`` / ``convlens filters train``.
 
 Importing this package imports neither torch nor its submodules: names are re-exported lazily
@@ -26,11 +28,13 @@ _EXPORTS = {
     "MetricsParams": "metrics", "FilterMetrics": "metrics", "filter_metrics": "metrics",
     "save_result": "metrics", "load_result": "metrics", "CACHE_KIND": "metrics", "FORMAT_VERSION": "metrics",
     "TrainParams": "train", "train_filters": "train", "TrainResult": "train",
+    "MapSource": "compare", "FilterMaps": "compare", "filter_maps": "compare",
 }
 
 __all__ = [
-    "CACHE_KIND", "FORMAT_VERSION", "ConversionSpec", "FilterMetrics", "FilterParams", "InterpretableMask",
-    "MetricsParams", "TrainParams", "TrainResult", "convert", "convert_copy", "filter_loss", "filter_metrics",
+    "CACHE_KIND", "FORMAT_VERSION", "ConversionSpec", "FilterMaps", "FilterMetrics", "FilterParams",
+    "InterpretableMask", "MapSource", "MetricsParams", "TrainParams", "TrainResult", "convert", "convert_copy",
+    "filter_loss", "filter_maps", "filter_metrics",
     "load_result", "mi_terms", "rebuild", "save_result", "templates", "train_filters",
 ]
 
