@@ -65,6 +65,8 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
     sp.add_argument("--top-k", type=positive_int, default=10, help="top images per unit (default 10)")
     sp.add_argument("--no-tiles", action="store_true", help="skip the per-unit image tiles")
+    sp.add_argument("--all-units", action="store_true",
+                    help="draw the top-image tiles of every unit (default: the detectors and the 16 best units per layer)")
     sp.add_argument("--builtin-images", type=positive_int, default=BUILTIN_DEFAULT_IMAGES,
                     help=f"images of the built-in concept set (default {BUILTIN_DEFAULT_IMAGES})")
     sp.add_argument("--builtin-size", type=int_range(16, 4096), default=BUILTIN_DEFAULT_SIZE,
@@ -119,7 +121,7 @@ def _dissect(a: argparse.Namespace) -> None:
             result = run_job(dissect_on_ray(backend, loaded.cache_id, concepts, layers, params, executor=executor),
                              "dissect", quiet)
     with writing(a.out):
-        out = write_report(result, concepts, a.out, backend=None if a.no_tiles else backend)
+        out = write_report(result, concepts, a.out, backend=None if a.no_tiles else backend, all_units=a.all_units)
     report_skipped([{"path": str(p), "reason": str(r)} for p, r in result.skipped])
     for warning in result.warnings:
         print(shown(f"convlens: warning: {warning}"), file=sys.stderr)
