@@ -141,12 +141,12 @@ def test_report_export_and_figure(tmp_path: Path, view: DissectionView) -> None:
 def test_state_round_trip(view: DissectionView) -> None:
     state = view.save_state()
     assert state["layers"] == [LAYER] and state["n_images"] == N_IMAGES and state["image_size"] == SIZE
+    assert state["show_result"] is True  # a project reruns it on opening (tests/test_gui_project.py)
     other = DissectionView(view.ctx)
     try:
-        other.restore_state({**state, "quantile": 0.01, "rule": "lite", "detectors_only": True, "filter": "red",
-                             "unknown": 3})
-        assert other.save_state() == {**state, "quantile": 0.01, "rule": "lite", "detectors_only": True,
-                                      "filter": "red"}
+        changed = {"quantile": 0.01, "rule": "lite", "detectors_only": True, "filter": "red", "show_result": False}
+        other.restore_state({**state, **changed, "unknown": 3})
+        assert other.save_state() == {**state, **changed}
         params = other.params()
         assert (params.quantile, params.mask_rule, params.iou_threshold) == (0.01, "lite", 0.04)
     finally:

@@ -1,8 +1,7 @@
 """A project keeps what it needs to show a dissection again: the dissection view's settings
-(concept source, size, layers, thresholds) are saved, restored into a new window, and running
-with them there finds the engine's cached result (nothing is recomputed), and the model's output
-chosen by the rule is kept. (That the view reruns by itself on reopening needs its hook, see
-gui/project.py.)"""
+(concept source, size, layers, thresholds, whether a result was shown) are saved; reopening the
+project in a new window shows the result again from the engine's cache (nothing is recomputed),
+and the model's output chosen by the rule is kept."""
 
 from __future__ import annotations
 
@@ -50,16 +49,14 @@ def test_a_project_reopens_the_dissection_from_the_cache(qtbot, demo, tmp_path: 
     win2 = MainWindow(settings=QSettings(str(tmp_path / "s2.ini"), QSettings.Format.IniFormat))
     qtbot.addWidget(win2)
     win2.show()
-    with qtbot.waitSignal(win2.session.predictions_changed, timeout=LOAD_MS, check_params_cb=lambda p: p is not None):
-        win2.open_project(str(proj))
     view2 = win2.views["dissection"]
-    # the window restores the view's state before the model is loaded, when the view has no layer
-    # list yet (see gui/project.py): apply it again now, as the view's hook would
-    view2.restore_state(saved["views"]["dissection"])
-    assert view2.save_state() == saved["views"]["dissection"]
-    assert win2.session.model.spec.output_index == win.session.model.spec.output_index
-    assert view2.run() is not None
-    again = _wait(view2.result_ready)[0]
-    assert again.from_cache  # the same model, concepts, layers and settings: the engine's cache answers
+    # reopening shows the result again by itself: the view reruns with the saved settings once
+    # the model is loaded, and the engine's content-keyed cache answers (nothing is recomputed)
+    with qtbot.waitSignal(view2.result_ready, timeout=LOAD_MS) as got:
+        win2.open_project(str(proj))
+    again = got.args[0]
+    assert again.from_cache
     assert again.to_rows() == first.to_rows()
+    assert view2.save_state() == saved["views"]["dissection"]  # the saved layers, not the model's defaults
+    assert win2.session.model.spec.output_index == win.session.model.spec.output_index
     win2.close()

@@ -111,6 +111,7 @@ class DissectionView(View):
 
     title = "Network Dissection"
     object_name = "dissection"
+    sanity_explanation = "dissection"
     order = 30
 
     #: a dissection finished and its results are shown
@@ -130,6 +131,10 @@ class DissectionView(View):
         self._handle: JobHandle | None = None
         self._broden_folder = ""
         self._syncing = False
+        # from a project file: the layers to tick once the model's layers are listed, and whether
+        # the saved result is shown again (rerun, which the content-keyed cache answers)
+        self._restored_layers: list[str] | None = None
+        self._rerun_restored = False
         self._build()
         ctx.session.model_loaded.connect(self._model_loaded)
         ctx.selection.unit_changed.connect(self._selection_changed)
@@ -329,6 +334,7 @@ class DissectionView(View):
             "rule": self.rule_combo.currentData(),
             "filter": self.filter_edit.text(),
             "detectors_only": self.detectors_check.isChecked(),
+            "show_result": self.result is not None,
         }
 
     def restore_state(self, state: dict[str, Any]) -> None:
@@ -347,12 +353,22 @@ class DissectionView(View):
         if index >= 0:
             self.rule_combo.setCurrentIndex(index)
         if isinstance(state.get("layers"), list):
-            self.set_checked_layers([str(x) for x in state["layers"]])
+            self._restored_layers = [str(x) for x in state["layers"]]
+            self.set_checked_layers(self._restored_layers)
+        self._rerun_restored = state.get("show_result") is True
         if isinstance(state.get("filter"), str):
             self.filter_edit.setText(state["filter"])
         if isinstance(state.get("detectors_only"), bool):
             self.detectors_check.setChecked(state["detectors_only"])
         self._update_controls()
+        if self.ctx.session.model is not None:
+            self._restored_layers = None
+            self._rerun_if_restored()
+
+    def _rerun_if_restored(self) -> None:
+        if self._rerun_restored and self.checked_layers():
+            self._rerun_restored = False
+            self.run()
 
     def shutdown(self) -> None:
         self.cancel()
@@ -380,7 +396,11 @@ class DissectionView(View):
         # the engine's default layers never include a 1x1 layer; one ticked by hand is dissected
         # with the engine's warning that its IoU is image-level (shown with the result)
         self.layer_picker.set_layers([li for li in info.layers if li.is_spatial], info.default_layers)
+        if self._restored_layers is not None:  # a project's layers, not the model's defaults
+            self.set_checked_layers(self._restored_layers)
+            self._restored_layers = None
         self._update_controls()
+        self._rerun_if_restored()
 
     def _source_activated(self, _index: int) -> None:
         if self.source_combo.currentData() == "broden":
@@ -441,8 +461,9 @@ class DissectionView(View):
 
         def job(backend: Any, loaded: Any) -> Generator[Progress, None, tuple[Any, Any]]:
             from engine.concepts import builtin_concepts, open_broden
-            from engine.dissection.run import dissect
             from engine.jobs import subjob
+
+            from ..cluster import dissect  # where the "Run on" setting says (in process by default)
 
             share = 0.0
             if source is None:

@@ -157,6 +157,7 @@ class HeatmapsView(View):
 
     title = "Heatmaps"
     object_name = "heatmaps"
+    sanity_explanation = "heatmap"
     order = 20
 
     #: a layer's activations arrived (and were drawn if it is the selected layer)
