@@ -16,11 +16,11 @@ output rule chose (``output_index``) is kept and used as given when reopened.
 
 Results are kept by reference, not by copy: a view's saved parameters are the cache key's
 inputs, so running it again with them on the same model and images is answered by the engine's
-cache (``tests/test_gui_project.py``: a dissection reopened that way comes ``from_cache`` with
-the same rows). For a view to show its result again by itself, its state records that it had
-one (e.g. ``"show_result": true``) and its ``restore_state`` reruns once the model is loaded;
-the window restores view states *before* the model has loaded, so a view must keep restored
-layer names until its layer list arrives.
+cache. A view that had a result records it (the dissection view's ``"show_result": true``) and
+reruns once the model is loaded; the window restores view states *before* the model has loaded,
+so the view keeps restored layer names until its layer list arrives
+(``tests/test_gui_project.py``: a reopened project shows the dissection ``from_cache`` with the
+same rows, by itself).
 
 A project never grants an opt-in: ``allow_pickle`` is neither written nor read (a project file
 that holds it is read without it), and a model whose architecture is Python code
