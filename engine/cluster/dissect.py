@@ -2,7 +2,8 @@
 driver with the statistics' own ``merge``, cached as the in-process result.
 
 :func:`dissect_on_ray` takes :func:`engine.dissection.dissect`'s arguments plus the executor,
-uses the same cache key, entry format and staleness check (kind ``"dissection"``), so the app,
+is :func:`engine.dissection.dissect` itself with a :class:`RayPasses` strategy (so the same cache
+key, entry format, staleness check, retries and result building; kind ``"dissection"``), so the app,
 ``convlens dissect`` and the report open a cluster run like a local one, and a local run finds
 a cluster run's entry (and the other way round).
 
@@ -34,30 +35,25 @@ import contextlib
 import copy
 import dataclasses
 import os
-import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.activations import TopK
-from engine.analysis import cached_job
 from engine.backends.base import Backend
 from engine.cache import Cache
 from engine.cluster.executor import RayExecutor, worker_threads
 from engine.cluster.payload import ModelPayload, Transfer
 from engine.concepts import ConceptDataset
-from engine.data.images import ImageLoader, ImageSet, digest_files
+from engine.data.images import ImageLoader, ImageSet
 from engine.jobs import Job
-from engine.types import ConvLensError, LayerInfo, Preprocess, Progress
+from engine.types import LayerInfo, Preprocess, Progress
 
-_PASS1_SHARE = 0.3  # of the progress bar, as in a local run
-
-
-def _run_module() -> Any:
-    from engine.dissection import run
-
-    return run
+if TYPE_CHECKING:  # engine.dissection (and torch) load when a dissection runs
+    from engine.dissection.passes import Pass1
+    from engine.dissection.run import DissectionInputs, DissectionParams, DissectionResult
+    from engine.dissection.sparse import SparseTally
 
 
 class DissectWorker:
@@ -81,23 +77,26 @@ class DissectWorker:
                 "skipped": np.array([skipped], dtype=object), "pid": np.array([os.getpid()], np.int64)}
 
     def _pass1(self, block: list[int]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """The block's partial pass 1: sketches made for the whole set's count (so they merge)
+        and the top images as a mergeable :class:`TopK`."""
         import torch
 
-        from engine.dissection import passes
+        from engine.dissection.passes import compute_device, forward_batch, tie_keep
         from engine.dissection.quantile import TopQuantile
 
-        device = passes._compute_device(self.backend, self.params)
+        device = compute_device(self.backend, self.params)
         assert self.total is not None
-        quantiles = {name: TopQuantile(li.units, self.total * li.shape[1] * li.shape[2], self.params.quantile,
-                                       device=device, **_sketch_options(self.total * li.shape[1] * li.shape[2],
-                                                                        self.params))
-                     for name, li in self.info.items()}
+        quantiles = {}
+        for name, li in self.info.items():
+            total = self.total * li.shape[1] * li.shape[2]
+            quantiles[name] = TopQuantile(li.units, total, self.params.quantile, device=device,
+                                          min_keep=tie_keep(total, self.params))
         tops = {name: TopK(li.units, self.params.top_k) for name, li in self.info.items()}
         layers = list(self.info)
         with ImageLoader(self.image_set, self.pre, batch_size=self.params.batch_size, workers=self.threads,
                          indices=block) as loader:
             for b in loader:
-                acts = passes.forward_batch(self.backend, b.array, layers, device)
+                acts = forward_batch(self.backend, b.array, layers, device)
                 for name in layers:
                     quantiles[name].update(acts[name])
                     tops[name].add(acts[name].amax(dim=(2, 3)).cpu().numpy(), b.indices)
@@ -107,18 +106,18 @@ class DissectWorker:
         return part, skipped
 
     def _pass2(self, block: list[int]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """The dissection's own pass 2 over the block (thresholds and tie plans of the whole
+        set): partial tallies, and the images that loaded in pass 1 but fail now."""
         import torch
 
-        from engine.dissection.passes import _compute_device, _pass2
-        from engine.dissection.timing import _Clock
+        from engine.dissection.passes import compute_device, pass2
+        from engine.dissection.timing import Clock
 
-        device = _compute_device(self.backend, self.params)
+        device = compute_device(self.backend, self.params)
         assert self.thresholds is not None and self.ties is not None
-        job = _pass2(self.backend, self.concepts, self.image_set, self.pre, block, self.info, self.thresholds,
-                     self.ties, None, self.labels, self.params, device, _Clock(device))
-        got = _drain(job)
-        # ({layer: tally}, images that loaded in pass 1 but fail now), or the tallies alone
-        tallies, failed = got if isinstance(got, tuple) else (got, [])
+        job = pass2(self.backend, self.concepts, self.image_set, self.pre, block, self.info, self.thresholds,
+                    self.ties, None, self.labels, self.params, device, Clock(device))
+        tallies, failed = _drain(job)
         cpu = torch.device("cpu")
         return {name: _moved(t, cpu) for name, t in tallies.items()}, list(failed)
 
@@ -146,24 +145,11 @@ def _moved(stat: Any, device: Any) -> Any:
     return out
 
 
-def _sketch_options(total: int, params: Any) -> dict[str, Any]:
-    """What the dissection's own pass 1 gives its sketches beyond the count (the values kept
-    for counting ties at the threshold, where the dissection does so)."""
-    from engine.dissection import passes
-
-    keep = getattr(passes, "tie_keep", None)
-    return {} if keep is None else {"min_keep": keep(total, params)}
-
-
 def _tie_plan(quantile: Any, thresholds: np.ndarray, params: Any) -> Any:
-    """What pass 2 is told about ties, as the dissection's own run computes it."""
-    from engine.dissection import passes
+    """:func:`engine.dissection.passes.tie_plan` (the former name here; bench/cluster.py uses it)."""
+    from engine.dissection.passes import tie_plan
 
-    plan = getattr(passes, "tie_plan", None)
-    if plan is not None:
-        return plan(quantile, thresholds, params)
-    factor = params.tie_factor or 1.0
-    return quantile.count_bound(thresholds) > factor * params.quantile * quantile.total
+    return tie_plan(quantile, thresholds, params)
 
 
 def _merge_device() -> Any:
@@ -177,114 +163,74 @@ def dissect_on_ray(
     model_sha: str,
     concepts: ConceptDataset,
     layers: Sequence[str],
-    params: Any = None,
+    params: DissectionParams | None = None,
     *,
     cache: Cache | None = None,
     executor: RayExecutor,
     transfer: Transfer = "object_store",
-) -> Job[Any]:
+) -> Job[DissectionResult]:
     """:func:`engine.dissection.dissect` with both passes on ``executor``'s Ray cluster (a job:
     yields Progress per block, returns the same :class:`DissectionResult`, cached under the same
     key). ``transfer`` says how the model file reaches the workers."""
-    R = _run_module()  # noqa: N806 - the dissection module
-    params = R.DissectionParams() if params is None else params
-    params.check()
-    layers = list(dict.fromkeys(layers))
-    info = R.spatial_layers(backend, layers)
-    if params.categories is not None and tuple(params.categories) != concepts.categories:
-        concepts = R.restrict_categories(concepts, params.categories)
-    key = R.dissection_key(backend, model_sha, concepts, layers, params)
-    result = yield from cached_job(
-        cache, R.CACHE_KIND, key, R.load_result, save=R.save_result, found="dissection found in cache",
-        compute=lambda: _compute(backend, model_sha, concepts, layers, info, params, executor, transfer),
-        accept=lambda r: R._inputs_unchanged(r, concepts))
-    if result.from_cache:
-        return dataclasses.replace(result, params=params)
-    yield Progress(1.0, "; ".join(result.summary_line(n) for n in layers))
-    return result
+    from engine.dissection.run import DissectionParams, dissect
+
+    params = DissectionParams() if params is None else params
+    return (yield from dissect(backend, model_sha, concepts, layers, params, cache=cache,
+                               passes=lambda inputs: RayPasses(inputs, model_sha, executor, transfer)))
 
 
-def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers: list[str],
-             info: dict[str, LayerInfo], params: Any, executor: RayExecutor, transfer: Transfer) -> Job[Any]:
-    """The two passes on Ray and the summary, as ``engine.dissection.run._compute`` does them."""
-    from engine.dissection.labels import _Labels
-    from engine.dissection.passes import one_position_warnings
+class RayPasses:
+    """The :class:`engine.dissection.run.PassStrategy` of :func:`dissect_on_ray`: each pass one
+    ``map_batches`` over the executor's actors in blocks of whole batches, the partials merged
+    here (on this machine's GPU when it has one)."""
 
-    R = _run_module()  # noqa: N806
-    if len(concepts) == 0:
-        raise ConvLensError(f"{concepts.root}: the concept data set has no images.")
-    yield Progress(0.0, f"hashing {len(concepts)} concept images and their masks")
-    input_digests = digest_files(concepts.content_files())
-    labels = _Labels.of(concepts)
-    if not labels.scored.any():
-        raise ConvLensError(f"{concepts.root}: no concept to score in categories "
-                            f"{', '.join(concepts.categories) or '(none)'}.")
-    image_set = R.concept_image_set(concepts)
-    pre = R.dissection_preprocess(backend.spec.preprocess)
-    t0 = time.perf_counter()
-    yield Progress(0.0, f"dissecting on {executor.describe()}")
-    executor.connect()
-    payload = ModelPayload.of(backend.spec, model_sha, executor, transfer)
-    worker_params = dataclasses.replace(params, device=None)  # the worker's own device
-    common = {"payload": payload, "concepts": concepts, "image_set": image_set, "pre": pre, "info": info,
-              "params": worker_params, "device": executor.device(), "threads": executor.threads()}
-    order = list(range(len(concepts)))
-    skipped: list[tuple[str, str]] = []
-    t1 = t2 = t0
-    for _attempt in range(3):
-        yield Progress(0.0, f"pass 1/2: thresholds of {len(layers)} layers over {len(order)} images")
-        quantiles, tops, newly = yield from _pass1(executor, common, order, info)
-        if newly:
-            skipped.extend(newly)
-            bad = {p for p, _ in newly}
-            order = [i for i in order if image_set.records[i].path not in bad]
-            if not order:
-                raise ConvLensError(f"{concepts.root}: none of the {len(concepts)} concept images could be read.")
-            if not all(hasattr(q, "shrink_total") for q in quantiles.values()):
-                continue  # sketches that cannot be told the smaller count: pass 1 again without them
-            for name, li in info.items():  # the sketches count the loadable images only
-                quantiles[name].shrink_total(len(order) * li.shape[1] * li.shape[2])
-        thresholds = {name: quantiles[name].thresholds() for name in layers}
-        t1 = time.perf_counter()
-        ties = {name: _tie_plan(quantiles[name], thresholds[name], params) for name in layers}
-        tallies, failed = yield from _pass2(executor, {**common, "phase": 2, "thresholds": thresholds,
-                                                       "ties": ties, "labels": labels}, order, layers)
-        t2 = time.perf_counter()
-        if not failed:
-            break
-        # loaded in pass 1 but not in pass 2 (changed on disk): both passes again without them
-        skipped.extend(failed)
-        bad = {p for p, _ in failed}
-        order = [i for i in order if image_set.records[i].path not in bad]
-        if not order:
-            raise ConvLensError(f"{concepts.root}: none of the {len(concepts)} concept images could be read.")
-    else:
-        raise ConvLensError(f"{concepts.root}: images keep failing to load; first: {skipped[0]}")
-    out = {}
-    for name in layers:
-        iou = tallies[name].iou()
-        top_images, top_values = tops[name].arrays()
-        out[name] = R.LayerDissection(
-            layer=name, units=info[name].units, shape=tuple(info[name].shape),
-            thresholds=thresholds[name], iou=iou,
-            summary=R.summarize_layer(iou, labels.names, labels.category_index, labels.categories,
-                                      params.iou_threshold),
-            top_images=top_images, top_values=top_values,
-            tie_fallback=tallies[name].tie_fallback(),
-            at_threshold=tallies[name].at_threshold_fraction(),
-        )
-    notes = [f"two forward passes on {executor.describe()} ({_workers(executor)} answered), "
-             f"{len(order)} images in blocks of {executor.block_size(len(order), params.batch_size)}"]
-    notes += [R.tie_note(name, out[name].tie_fallback, params) for name in layers if out[name].tie_fallback.any()]
-    seconds = {"pass1": t1 - t0, "pass2": t2 - t1, "total": time.perf_counter() - t0}
-    return R.DissectionResult(
-        model=backend.spec.path, model_sha256=model_sha, concepts_root=concepts.root,
-        params=params, layers=out, concept_names=labels.names,
-        concept_categories=labels.categories_of, categories=labels.categories,
-        n_images=len(order), seconds=seconds, skipped=tuple(skipped), input_digests=input_digests,
-        notes=tuple(notes), warnings=tuple(one_position_warnings(info)),
-        **({"passes": 2} if "passes" in {f.name for f in dataclasses.fields(R.DissectionResult)} else {}),
-    )
+    passes = 2
+
+    def __init__(self, inputs: DissectionInputs, model_sha: str, executor: RayExecutor, transfer: Transfer) -> None:
+        import torch
+
+        from engine.dissection.timing import Clock
+
+        self.inputs, self.model_sha, self.executor, self.transfer = inputs, model_sha, executor, transfer
+        self.on = _merge_device()
+        self.clock = Clock(torch.device("cpu") if self.on is None else self.on)
+        self.common: dict[str, Any] = {}
+
+    def describe(self) -> str:
+        return f"on {self.executor.describe()}"
+
+    def begin(self) -> Job[None]:
+        i, ex = self.inputs, self.executor
+        yield Progress(0.0, f"dissecting on {ex.describe()}")
+        ex.connect()
+        payload = ModelPayload.of(i.backend.spec, self.model_sha, ex, self.transfer)
+        worker_params = dataclasses.replace(i.params, device=None)  # the worker's own device
+        self.common = {"payload": payload, "concepts": i.concepts, "image_set": i.image_set, "pre": i.pre,
+                       "info": i.info, "params": worker_params, "device": ex.device(), "threads": ex.threads()}
+
+    def pass1(self, order: list[int]) -> Job[Pass1]:
+        from engine.dissection.passes import Pass1
+
+        quantiles, tops, skipped = yield from _pass1(self.executor, self.common, order, self.inputs.info, self.on)
+        bad = {p for p, _ in skipped}
+        loaded = [i for i in order if self.inputs.image_set.records[i].path not in bad]
+        if loaded and len(loaded) < len(order):
+            for name, li in self.inputs.info.items():  # the sketches count the loadable images only
+                quantiles[name].shrink_total(len(loaded) * li.shape[1] * li.shape[2])
+        return Pass1(quantiles, tops, None, skipped, loaded)
+
+    def pass2(self, p1: Pass1, thresholds: dict[str, np.ndarray],
+              ties: dict[str, tuple[np.ndarray, np.ndarray]]) -> Job[tuple[dict[str, SparseTally], list[tuple[str, str]]]]:
+        kwargs = {**self.common, "phase": 2, "thresholds": thresholds, "ties": ties, "labels": self.inputs.labels}
+        return (yield from _pass2(self.executor, kwargs, p1.loaded, list(self.inputs.info)))
+
+    def notes(self, n_images: int) -> list[str]:
+        ex = self.executor
+        return [f"two forward passes on {ex.describe()} ({_workers(ex)} answered), "
+                f"{n_images} images in blocks of {ex.block_size(n_images, self.inputs.params.batch_size)}"]
+
+    def seconds(self, layers: Sequence[str]) -> dict[str, float]:
+        return {k: v for k, v in self.clock.seconds.items() if k in ("pass1", "pass2")}
 
 
 def _blocks(executor: RayExecutor, order: list[int], batch_size: int) -> list[np.ndarray]:
@@ -293,9 +239,12 @@ def _blocks(executor: RayExecutor, order: list[int], batch_size: int) -> list[np
     return [arr[s:s + size] for s in range(0, len(arr), size)]
 
 
-def _pass1(executor: RayExecutor, common: dict[str, Any], order: list[int],
-           info: dict[str, LayerInfo]) -> Job[tuple[dict[str, Any], dict[str, TopK], list[tuple[str, str]]]]:
-    """Merged pass-1 sketches and top images over ``order``, and the files that failed."""
+def _pass1(executor: RayExecutor, common: dict[str, Any], order: list[int], info: dict[str, LayerInfo],
+           on: Any) -> Job[tuple[dict[str, Any], dict[str, TopK], list[tuple[str, str]]]]:
+    """Merged pass-1 sketches (on ``on``, else as they come) and top images over ``order``,
+    and the files that failed."""
+    from engine.dissection.passes import PASS1_SHARE
+
     n = len(order)
     params = common["params"]
     quantiles: dict[str, Any] = {}
@@ -305,7 +254,6 @@ def _pass1(executor: RayExecutor, common: dict[str, Any], order: list[int],
     kwargs = {**common, "phase": 1, "total": n}
     # merging exact sketches is a top-m selection per unit (seconds per block for a large layer
     # on one CPU core): on the driver's GPU when it has one
-    on = _merge_device()
     with contextlib.closing(executor.map_blocks(DissectWorker, kwargs, _blocks(executor, order, params.batch_size))) \
             as results:
         for got in results:
@@ -318,7 +266,7 @@ def _pass1(executor: RayExecutor, common: dict[str, Any], order: list[int],
                     tops[name] = tops[name].merge(top)
                 skipped.extend((str(p), str(c)) for p, c in bad)
                 done += int(count)
-            yield Progress(_PASS1_SHARE * done / n, f"pass 1/2: {done}/{n} images ({_workers(executor)})")
+            yield Progress(PASS1_SHARE * done / n, f"pass 1/2: {done}/{n} images ({_workers(executor)})")
     where = {r.path: i for i, r in enumerate(common["image_set"].records)}
     skipped.sort(key=lambda s: where.get(s[0], -1))
     return quantiles, tops, skipped
@@ -327,6 +275,8 @@ def _pass1(executor: RayExecutor, common: dict[str, Any], order: list[int],
 def _pass2(executor: RayExecutor, kwargs: dict[str, Any], order: list[int],
            layers: list[str]) -> Job[tuple[dict[str, Any], list[tuple[str, str]]]]:
     """Merged pass-2 tallies over ``order``, and the images that failed to load this time."""
+    from engine.dissection.passes import PASS1_SHARE
+
     n = len(order)
     tallies: dict[str, Any] = {}
     failed: list[tuple[str, str]] = []
@@ -339,7 +289,7 @@ def _pass2(executor: RayExecutor, kwargs: dict[str, Any], order: list[int],
                     tallies[name] = part[name] if name not in tallies else tallies[name].merge(part[name])
                 failed.extend((str(p), str(c)) for p, c in bad)
                 done += int(count)
-            yield Progress(_PASS1_SHARE + (1 - _PASS1_SHARE) * done / n,
+            yield Progress(PASS1_SHARE + (1 - PASS1_SHARE) * done / n,
                            f"pass 2/2: {done}/{n} images ({_workers(executor)})")
     where = {r.path: i for i, r in enumerate(kwargs["image_set"].records)}
     failed.sort(key=lambda s: where.get(s[0], -1))

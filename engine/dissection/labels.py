@@ -15,7 +15,7 @@ from engine.concepts import ConceptDataset, ConceptSample, open_broden
 
 
 @dataclass
-class _Labels:
+class Labels:
     """What the tally needs to know about the data set's labels."""
 
     names: tuple[str, ...]  # per global label number ("" when no scored concept)
@@ -28,7 +28,7 @@ class _Labels:
         self.scored = self.category_index >= 0
 
     @classmethod
-    def of(cls, concepts: ConceptDataset) -> _Labels:
+    def of(cls, concepts: ConceptDataset) -> Labels:
         cats = concepts.label_categories()
         names = [""] * concepts.n_labels
         cat_names = [""] * concepts.n_labels
@@ -48,7 +48,7 @@ class _ImageLabels:
     image_labels: list[tuple[int, int]]  # (category index, label)
 
     @classmethod
-    def of(cls, sample: ConceptSample, labels: _Labels) -> _ImageLabels:
+    def of(cls, sample: ConceptSample, labels: Labels) -> _ImageLabels:
         cat_index = {c: g for g, c in enumerate(labels.categories)}
         drop = not labels.scored[1:].all()
         pixel = [(cat_index[cat], np.where(labels.scored[m], m, 0) if drop else m)
@@ -140,3 +140,6 @@ def restrict_categories(concepts: ConceptDataset, categories: Sequence[str]) -> 
     where = {narrowed.image_path(i): i for i in range(len(narrowed))}
     paths = (concepts.image_path(i) for i in range(len(concepts)))
     return narrowed.subset([where[p] for p in paths if p in where])
+
+
+_Labels = Labels  # the former name (bench scripts and tests use it)

@@ -5,8 +5,9 @@ run again)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -15,15 +16,15 @@ from engine.backends.base import Backend, forward_error
 from engine.backends.torch_backend import TorchBackend
 from engine.concepts import ConceptDataset
 from engine.data.images import ImageLoader, ImageSet
-from engine.dissection.labels import _ImageLabels, _LabelPrefetcher, _Labels
+from engine.dissection.labels import Labels, _ImageLabels, _LabelPrefetcher
 from engine.dissection.quantile import TopQuantile
 from engine.dissection.result import DissectionParams
-from engine.dissection.sparse import _SparseTally
-from engine.dissection.timing import _Clock
+from engine.dissection.sparse import SparseTally
+from engine.dissection.timing import Clock
 from engine.jobs import Job
 from engine.types import ConvLensError, ImageRecord, LayerInfo, Preprocess, Progress
 
-_PASS1_SHARE = 0.3
+PASS1_SHARE = 0.3
 """Fraction of the progress bar given to pass 1 (pass 2, which tallies, is the longer)."""
 
 
@@ -75,7 +76,9 @@ def forward_batch(backend: Backend, batch: np.ndarray, layers: Sequence[str],
     return {n: torch.from_numpy(res.activations[n]).to(device, torch.float32) for n in layers}
 
 
-def _compute_device(backend: Backend, params: DissectionParams) -> torch.device:
+def compute_device(backend: Backend, params: DissectionParams) -> torch.device:
+    """Where the activations are reduced: ``params.device`` if set, else a torch model's own
+    device, else CUDA when available (ONNX models), else the CPU."""
     if params.device:
         return torch.device(params.device)
     if isinstance(backend, TorchBackend):
@@ -131,7 +134,7 @@ def keeps_maps(info: dict[str, LayerInfo], n_images: int, params: DissectionPara
 
 
 @dataclass
-class _Kept:
+class Kept:
     """Pass 1's activation maps for pass 2 (float32, CPU memory): row ``j`` of ``maps[layer]``
     is image ``rows[j]`` (the images that loaded, in order)."""
 
@@ -139,20 +142,33 @@ class _Kept:
     rows: list[int] = field(default_factory=list)
 
 
+class TopImages(Protocol):
+    """Per unit, the top images of pass 1 (this module's own, or a merged
+    :class:`engine.activations.TopK`)."""
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(images, values)``, each (units, k), best first; -1 / NaN pad."""
+        ...
+
+
 @dataclass
-class _Pass1:
+class Pass1:
+    """What pass 1 gives pass 2 and the result: per layer the threshold sketches (told the
+    count of the images that loaded) and the top images, the kept maps (one-pass mode), the
+    images that failed to load and those that loaded (of the pass's ``order``, in order)."""
+
     quantiles: dict[str, TopQuantile]
-    tops: dict[str, _TopImages]
-    kept: _Kept | None
+    tops: Mapping[str, TopImages]
+    kept: Kept | None
     skipped: list[tuple[str, str]]
     loaded: list[int]  # the images of ``order`` that loaded, in order
 
 
-def _pass1(
+def pass1(
     backend: Backend, image_set: ImageSet, pre: Preprocess, order: list[int],
-    info: dict[str, LayerInfo], params: DissectionParams, device: torch.device, clock: _Clock,
+    info: dict[str, LayerInfo], params: DissectionParams, device: torch.device, clock: Clock,
     *, keep: bool,
-) -> Job[_Pass1]:
+) -> Job[Pass1]:
     """Thresholds and top images (a sub-generator); with ``keep`` every map is kept for pass 2.
 
     The quantile sketches are made for every image of ``order``; when some fail to load they
@@ -165,7 +181,7 @@ def _pass1(
                  for name, li in info.items()}
     tops = {name: _TopImages(li.units, params.top_k, device) for name, li in info.items()}
     pin = device.type == "cuda"
-    kept = _Kept({name: torch.empty((n, *li.shape), dtype=torch.float32, pin_memory=pin)
+    kept = Kept({name: torch.empty((n, *li.shape), dtype=torch.float32, pin_memory=pin)
                   for name, li in info.items()}) if keep else None
     layers = list(info)
     loaded: list[int] = []
@@ -186,7 +202,7 @@ def _pass1(
                     kept.maps[name][done:done + len(batch)].copy_(acts[name])
                     clock.lap("keep")
             loaded.extend(batch.indices.tolist())
-            yield Progress(_PASS1_SHARE * len(loaded) / n, f"pass 1/2: {len(loaded)}/{n} images")
+            yield Progress(PASS1_SHARE * len(loaded) / n, f"pass 1/2: {len(loaded)}/{n} images")
             clock.lap("progress")
         skipped = list(loader.skipped)
     if kept is not None:
@@ -194,7 +210,7 @@ def _pass1(
     if loaded and len(loaded) < n:
         for name, li in info.items():
             quantiles[name].shrink_total(len(loaded) * li.shape[1] * li.shape[2])
-    return _Pass1(quantiles, tops, kept, skipped, loaded)
+    return Pass1(quantiles, tops, kept, skipped, loaded)
 
 
 def tie_keep(total: int, params: DissectionParams) -> int:
@@ -226,19 +242,19 @@ def tie_plan(quantile: TopQuantile, thresholds: np.ndarray, params: DissectionPa
     return tied & exceeds, tied & ~exceeds
 
 
-def _pass2(
+def pass2(
     backend: Backend, concepts: ConceptDataset, image_set: ImageSet, pre: Preprocess,
     order: list[int], info: dict[str, LayerInfo], thresholds: dict[str, np.ndarray],
-    ties: dict[str, tuple[np.ndarray, np.ndarray]], kept: _Kept | None, labels: _Labels, params: DissectionParams,
-    device: torch.device, clock: _Clock,
-) -> Job[tuple[dict[str, _SparseTally], list[tuple[str, str]]]]:
+    ties: dict[str, tuple[np.ndarray, np.ndarray]], kept: Kept | None, labels: Labels, params: DissectionParams,
+    device: torch.device, clock: Clock,
+) -> Job[tuple[dict[str, SparseTally], list[tuple[str, str]]]]:
     """IoU tallies of every layer over the images ``order`` (a sub-generator); ``ties[layer]``
     is :func:`tie_plan`'s ``(fallback, candidates)``.
 
-    Returns ``({layer: _SparseTally}, failed)``: ``failed`` lists the images that loaded in
+    Returns ``({layer: SparseTally}, failed)``: ``failed`` lists the images that loaded in
     pass 1 but not now (only when the model runs again); the tallies then lack them.
     """
-    tallies = {name: _SparseTally(li.units, labels, thresholds[name], params, device,
+    tallies = {name: SparseTally(li.units, labels, thresholds[name], params, device,
                                   candidates=ties[name][1], fallback=ties[name][0]) for name, li in info.items()}
     layers = list(info)
     n = len(order)
@@ -253,7 +269,7 @@ def _pass2(
             for name in layers:
                 tallies[name].update(acts[name], images, clock, name)
             done += len(indices)
-            yield Progress(_PASS1_SHARE + (1 - _PASS1_SHARE) * done / n,
+            yield Progress(PASS1_SHARE + (1 - PASS1_SHARE) * done / n,
                            f"pass 2/2: {done}/{n} images")
             clock.lap("progress")
     finally:
@@ -263,8 +279,8 @@ def _pass2(
 
 def _pass2_batches(
     backend: Backend, image_set: ImageSet, pre: Preprocess, order: list[int],
-    layers: list[str], kept: _Kept | None, params: DissectionParams,
-    device: torch.device, clock: _Clock, failed: list[tuple[str, str]],
+    layers: list[str], kept: Kept | None, params: DissectionParams,
+    device: torch.device, clock: Clock, failed: list[tuple[str, str]],
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """``(image indices, activations)`` per batch: from ``kept`` or from the model again (the
     images that fail to load then are appended to ``failed``)."""

@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -50,22 +51,23 @@ from engine.analysis import cached_job
 from engine.backends.base import Backend
 from engine.cache import Cache, make_key
 from engine.concepts import ConceptDataset
-from engine.data.images import DIGEST_SIZE, digest_files
-from engine.dissection.labels import _GroupLabels, _ImageLabels, _LabelPrefetcher, _Labels, restrict_categories
+from engine.data.images import DIGEST_SIZE, ImageSet, digest_files
+from engine.dissection.labels import Labels, _GroupLabels, _ImageLabels, _LabelPrefetcher, _Labels, restrict_categories
 from engine.dissection.masks import TIE_FACTOR, float32_cut
 from engine.dissection.passes import (
-    _PASS1_SHARE,
-    _compute_device,
-    _pass1,
-    _pass2,
+    PASS1_SHARE,
+    Pass1,
     _phase_totals,
     _TopImages,
+    compute_device,
     concept_image_set,
     dissection_preprocess,
     forward_batch,
     keeps_maps,
     map_bytes,
     one_position_warnings,
+    pass1,
+    pass2,
     spatial_layers,
     tie_plan,
 )
@@ -78,18 +80,18 @@ from engine.dissection.result import (
     MaskRule,
     summarize_layer,
 )
-from engine.dissection.sparse import _SparseTally, pair_masks
+from engine.dissection.sparse import SparseTally, _SparseTally, pair_masks
 from engine.dissection.storage import load_result, save_result
-from engine.dissection.timing import _Clock
+from engine.dissection.timing import Clock, _Clock
 from engine.jobs import Job
-from engine.types import ConvLensError, LayerInfo, Progress
+from engine.types import ConvLensError, LayerInfo, Preprocess, Progress
 
 __all__ = [
-    "CACHE_KIND", "FORMAT_VERSION", "TIE_FACTOR", "DissectionParams", "DissectionResult", "LayerDissection",
-    "MaskRule", "_Clock", "_GroupLabels", "_ImageLabels", "_LabelPrefetcher", "_Labels", "_SparseTally",
-    "_TopImages", "concept_image_set", "dissect", "dissection_key", "dissection_preprocess", "float32_cut",
-    "forward_batch", "load_result", "pair_masks", "restrict_categories", "run", "save_result", "spatial_layers",
-    "summarize_layer",
+    "CACHE_KIND", "FORMAT_VERSION", "TIE_FACTOR", "Clock", "DissectionInputs", "DissectionParams", "DissectionResult",
+    "LayerDissection", "LocalPasses", "MaskRule", "PassStrategy", "_Clock", "_GroupLabels", "_ImageLabels",
+    "_LabelPrefetcher", "_Labels", "_SparseTally", "_TopImages", "concept_image_set", "dissect", "dissection_key",
+    "dissection_preprocess", "float32_cut", "forward_batch", "inputs_unchanged", "load_result", "pair_masks",
+    "restrict_categories", "run", "save_result", "spatial_layers", "summarize_layer",
 ]
 
 log = logging.getLogger("convlens.dissection")
@@ -113,6 +115,7 @@ def dissect(
     params: DissectionParams = DissectionParams(),  # noqa: B008 (frozen dataclass)
     *,
     cache: Cache | None = None,
+    passes: PassFactory | None = None,
 ) -> Job[DissectionResult]:
     """Dissect ``layers`` of the model behind ``backend`` on ``concepts`` (a job).
 
@@ -127,6 +130,10 @@ def dissect(
     ``labels`` (waiting for decoded label masks), ``masks`` (upsampling and thresholding),
     ``tally`` (IoU sums), ``summary``, per layer ``quantile[<layer>]`` and ``tally[<layer>]``
     (masks + tally), and ``pass1``, ``pass2``, ``total``.
+
+    ``passes`` says where the two passes run (default :class:`LocalPasses`: in this process);
+    the key, the cache entry and the result do not depend on it (``engine.cluster`` passes
+    one that shards them over a Ray cluster).
     """
     params.check()
     layers = list(dict.fromkeys(layers))
@@ -136,8 +143,8 @@ def dissect(
     key = dissection_key(backend, model_sha, concepts, layers, params)
     result = yield from cached_job(
         cache, CACHE_KIND, key, load_result, save=save_result, found="dissection found in cache",
-        compute=lambda: _compute(backend, model_sha, concepts, layers, info, params),
-        accept=lambda r: _inputs_unchanged(r, concepts))
+        compute=lambda: _compute(backend, model_sha, concepts, layers, info, params, passes or LocalPasses),
+        accept=lambda r: inputs_unchanged(r, concepts))
     if result.from_cache:
         return replace(result, params=params)  # batch size and device are not in the key
     yield Progress(1.0, "; ".join(result.summary_line(n) for n in layers))
@@ -148,7 +155,7 @@ run = dissect
 """The job under the name every method package uses (see :class:`engine.analysis.Method`)."""
 
 
-def _inputs_unchanged(result: DissectionResult, concepts: ConceptDataset) -> bool:
+def inputs_unchanged(result: DissectionResult, concepts: ConceptDataset) -> bool:
     """Whether every image and mask file still has the content it had when ``result`` was
     computed (a file rewritten with the same size and modification time, ``cp -p`` or
     ``rsync -t``, is not seen by the fingerprint); logs a warning naming the first change."""
@@ -167,32 +174,131 @@ def _inputs_unchanged(result: DissectionResult, concepts: ConceptDataset) -> boo
     return True
 
 
+@dataclass(frozen=True)
+class DissectionInputs:
+    """What the passes of one dissection read (built by :func:`dissect` for its
+    :class:`PassStrategy`): the concept images in dissection order (``image_set`` record ``i``
+    is concept image ``i``), their preprocessing, the layers and the scored labels."""
+
+    backend: Backend
+    concepts: ConceptDataset
+    image_set: ImageSet
+    pre: Preprocess
+    info: dict[str, LayerInfo]
+    labels: Labels
+    params: DissectionParams
+
+
+class PassStrategy(Protocol):
+    """Where and how the two passes of a dissection run over the concept images.
+
+    :func:`dissect` does the rest (cache, labels, retries when images fail to load, thresholds,
+    tie plans, the result), so every strategy gives the same result. ``clock`` is the
+    driver's phase clock (the thresholds are charged to it); ``passes`` is the number of
+    forward passes per image, as ``result.passes`` reports it.
+    """
+
+    clock: Clock
+    passes: int
+
+    def describe(self) -> str:
+        """A few words for the pass-1 progress message (how the passes run)."""
+        ...
+
+    def begin(self) -> Job[None]:
+        """Anything before the first pass (a cluster connects here); may yield progress."""
+        ...
+
+    def pass1(self, order: list[int]) -> Job[Pass1]:
+        """:func:`engine.dissection.passes.pass1`'s result over the images ``order``: the
+        sketches told the count of the images that loaded."""
+        ...
+
+    def pass2(self, p1: Pass1, thresholds: dict[str, np.ndarray],
+              ties: dict[str, tuple[np.ndarray, np.ndarray]]) -> Job[tuple[dict[str, SparseTally], list[tuple[str, str]]]]:
+        """:func:`engine.dissection.passes.pass2`'s result over the images ``p1`` loaded."""
+        ...
+
+    def notes(self, n_images: int) -> list[str]:
+        """The result's notes on how the passes ran (before the tie notes)."""
+        ...
+
+    def seconds(self, layers: Sequence[str]) -> dict[str, float]:
+        """``result.seconds`` but ``total``."""
+        ...
+
+
+PassFactory = Callable[[DissectionInputs], PassStrategy]
+"""Makes the :class:`PassStrategy` of one run from its inputs."""
+
+
+class LocalPasses:
+    """Both passes in this process on :func:`~engine.dissection.passes.compute_device`: one
+    forward pass when the maps fit ``params.map_budget_mb`` (kept for pass 2), else two."""
+
+    def __init__(self, inputs: DissectionInputs) -> None:
+        self.inputs = inputs
+        self.device = compute_device(inputs.backend, inputs.params)
+        self.clock = Clock(self.device)
+        self.keep = keeps_maps(inputs.info, len(inputs.concepts), inputs.params)
+        self.passes = 1 if self.keep else 2
+
+    def describe(self) -> str:
+        return "one forward pass, maps kept" if self.keep else "two forward passes"
+
+    def begin(self) -> Job[None]:
+        yield from ()
+
+    def pass1(self, order: list[int]) -> Job[Pass1]:
+        i = self.inputs
+        return (yield from pass1(i.backend, i.image_set, i.pre, order, i.info, i.params, self.device, self.clock,
+                                 keep=self.keep))
+
+    def pass2(self, p1: Pass1, thresholds: dict[str, np.ndarray],
+              ties: dict[str, tuple[np.ndarray, np.ndarray]]) -> Job[tuple[dict[str, SparseTally], list[tuple[str, str]]]]:
+        i = self.inputs
+        return (yield from pass2(i.backend, i.concepts, i.image_set, i.pre, p1.loaded, i.info, thresholds, ties,
+                                 p1.kept, i.labels, i.params, self.device, self.clock))
+
+    def notes(self, n_images: int) -> list[str]:
+        size = map_bytes(self.inputs.info, n_images) / 2**20
+        budget = self.inputs.params.map_budget_mb
+        return [f"one forward pass: the maps of {n_images} images ({size:.0f} MB float32) fit map_budget_mb="
+                f"{budget:g} and were kept for the tally" if self.keep else
+                f"two forward passes: the maps of {n_images} images ({size:.0f} MB float32) exceed map_budget_mb="
+                f"{budget:g}"]
+
+    def seconds(self, layers: Sequence[str]) -> dict[str, float]:
+        return _phase_totals(self.clock.seconds, layers)
+
+
 def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers: list[str],
-             info: dict[str, LayerInfo], params: DissectionParams) -> Job[DissectionResult]:
-    """The two passes and the summary (a job returning the result, not cached here)."""
+             info: dict[str, LayerInfo], params: DissectionParams, passes: PassFactory) -> Job[DissectionResult]:
+    """The two passes (run by ``passes``) and the summary (a job returning the result, not
+    cached here)."""
     if len(concepts) == 0:
         raise ConvLensError(f"{concepts.root}: the concept data set has no images.")
     # hashed before they are read: a file changed during the run makes the entry stale, never
     # a stale entry look fresh
     yield Progress(0.0, f"hashing {len(concepts)} concept images and their masks")
     input_digests = digest_files(concepts.content_files())
-    device = _compute_device(backend, params)
-    labels = _Labels.of(concepts)
+    labels = Labels.of(concepts)
     if not labels.scored.any():
         raise ConvLensError(f"{concepts.root}: no concept to score in categories "
                             f"{', '.join(concepts.categories) or '(none)'}.")
     image_set = concept_image_set(concepts)
     pre = dissection_preprocess(backend.spec.preprocess)
-    clock = _Clock(device)
+    strategy = passes(DissectionInputs(backend, concepts, image_set, pre, info, labels, params))
+    clock = strategy.clock
     t0 = time.perf_counter()
+    yield from strategy.begin()
     order = list(range(len(concepts)))
-    keep = keeps_maps(info, len(order), params)
     skipped: list[tuple[str, str]] = []
     for _attempt in range(3):
         t1 = time.perf_counter()
         yield Progress(0.0, f"pass 1/2: thresholds of {len(layers)} layers over {len(order)} images "
-                            f"({'one forward pass, maps kept' if keep else 'two forward passes'})")
-        p1 = yield from _pass1(backend, image_set, pre, order, info, params, device, clock, keep=keep)
+                            f"({strategy.describe()})")
+        p1 = yield from strategy.pass1(order)
         skipped.extend(p1.skipped)
         order = p1.loaded
         if not order:
@@ -204,9 +310,8 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
         clock.seconds["pass1"] = clock.seconds.get("pass1", 0.0) + time.perf_counter() - t1
         t2 = time.perf_counter()
         ties = {name: tie_plan(p1.quantiles[name], thresholds[name], params) for name in layers}
-        yield Progress(_PASS1_SHARE, f"pass 2/2: IoU of {len(layers)} layers over {len(order)} images")
-        tallies, failed = yield from _pass2(backend, concepts, image_set, pre, order, info, thresholds,
-                                            ties, p1.kept, labels, params, device, clock)
+        yield Progress(PASS1_SHARE, f"pass 2/2: IoU of {len(layers)} layers over {len(order)} images")
+        tallies, failed = yield from strategy.pass2(p1, thresholds, ties)
         clock.seconds["pass2"] = clock.seconds.get("pass2", 0.0) + time.perf_counter() - t2
         if not failed:
             break
@@ -221,7 +326,7 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
     else:
         raise ConvLensError(f"{concepts.root}: images keep failing to load; first: {skipped[0]}")
     tops = p1.tops
-    del p1
+    del p1  # the kept maps
 
     out: dict[str, LayerDissection] = {}
     for name in layers:
@@ -237,20 +342,16 @@ def _compute(backend: Backend, model_sha: str, concepts: ConceptDataset, layers:
             at_threshold=tallies[name].at_threshold_fraction(),
         )
     clock.lap("summary")
-    size = map_bytes(info, len(order)) / 2**20
-    notes = [f"one forward pass: the maps of {len(order)} images ({size:.0f} MB float32) fit map_budget_mb="
-             f"{params.map_budget_mb:g} and were kept for the tally" if keep else
-             f"two forward passes: the maps of {len(order)} images ({size:.0f} MB float32) exceed map_budget_mb="
-             f"{params.map_budget_mb:g}"]
+    notes = strategy.notes(len(order))
     notes += [tie_note(name, out[name].tie_fallback, params) for name in layers if out[name].tie_fallback.any()]
-    seconds = _phase_totals(clock.seconds, layers)
+    seconds = strategy.seconds(layers)
     seconds["total"] = time.perf_counter() - t0
     result = DissectionResult(
         model=backend.spec.path, model_sha256=model_sha, concepts_root=concepts.root,
         params=params, layers=out, concept_names=labels.names,
         concept_categories=labels.categories_of, categories=labels.categories,
         n_images=len(order), seconds=seconds, skipped=tuple(skipped), input_digests=input_digests,
-        passes=1 if keep else 2, notes=tuple(notes), warnings=tuple(one_position_warnings(info)),
+        passes=strategy.passes, notes=tuple(notes), warnings=tuple(one_position_warnings(info)),
     )
     return result
 

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from engine.dissection.labels import _GroupLabels, _ImageLabels, _Labels
+from engine.dissection.labels import Labels, _GroupLabels, _ImageLabels
 from engine.dissection.masks import cut_masks, mask_cuts, tie_fallback
 from engine.dissection.result import DissectionParams
-from engine.dissection.timing import _Clock
+from engine.dissection.timing import Clock
 from engine.types import ConvLensError
 
 _CHUNK_ELEMENTS = 2**24
@@ -35,7 +35,7 @@ def pair_masks(maps: torch.Tensor, cuts: torch.Tensor, mask_size: tuple[int, int
     return cut_masks(maps, c, mask_size)
 
 
-class _SparseTally:
+class SparseTally:
     """Exact IoU sums that upsample only the (image, unit) pairs whose mask can be non-empty.
 
     Bilinear upsampling (``align_corners=False``) makes every output value a convex
@@ -61,7 +61,7 @@ class _SparseTally:
     unit is a candidate.
     """
 
-    def __init__(self, units: int, labels: _Labels, thresholds: np.ndarray,
+    def __init__(self, units: int, labels: Labels, thresholds: np.ndarray,
                  params: DissectionParams, device: torch.device,
                  candidates: np.ndarray | None = None, fallback: np.ndarray | None = None) -> None:
         n_labels = len(labels.names)
@@ -98,7 +98,7 @@ class _SparseTally:
         self.unit_max = torch.full((units,), -torch.inf, dtype=torch.float64, device=device)
         self.scored = labels.scored
 
-    def update(self, acts: torch.Tensor, images: Sequence[_ImageLabels], clock: _Clock,
+    def update(self, acts: torch.Tensor, images: Sequence[_ImageLabels], clock: Clock,
                name: str) -> None:
         """Add a batch: ``acts`` (B, K, h, w) and the B images' labels."""
         acts = acts.to(self.device)
@@ -139,7 +139,7 @@ class _SparseTally:
 
     def _tally_chunk(self, acts: torch.Tensor, chunk: list[tuple[int, np.ndarray]],
                      group: _GroupLabels, present: torch.Tensor, size: tuple[int, int],
-                     clock: _Clock, name: str) -> None:
+                     clock: Clock, name: str) -> None:
         dev = self.device
         img = torch.as_tensor(np.concatenate([np.full(len(u), j) for j, u in chunk]),
                               dtype=torch.int64, device=dev)
@@ -169,7 +169,7 @@ class _SparseTally:
         self.extra_union.index_add_(0, unit, union_part)
         clock.lap(f"tally[{name}]")
 
-    def merge(self, other: _SparseTally) -> _SparseTally:
+    def merge(self, other: SparseTally) -> SparseTally:
         """The tally of both tallies' images together (int64 sums: any split and order of the
         images gives the one-pass counts exactly); neither is changed."""
         if other.inter.shape != self.inter.shape or not torch.equal(other.cut.cpu(), self.cut.cpu()) \
@@ -216,3 +216,6 @@ class _SparseTally:
             row_of[self.candidates] = self.units + np.arange(len(self.candidates))
             out[fallback] = rows[row_of[fallback]]
         return out
+
+
+_SparseTally = SparseTally  # the former name (tests use it)
