@@ -67,7 +67,10 @@ def test_heatmap_check_shows_the_engine_result(qtbot, ctx, view: SanityView, dem
     np.testing.assert_allclose(ref.values, res.values)
     # the plot: one curve per metric, from 1 at "original" through each step's mean
     curves = list(view.plot.getPlotItem().listDataItems())
-    assert [c.name() for c in curves] == list(res.metrics)
+    # named as a reader knows them, not by the engine's keys
+    assert [c.name() for c in curves] == ["Spearman of |map|", "Spearman (signed)", "SSIM of |map|"]
+    assert res.metrics == ("spearman_abs", "spearman", "ssim")
+    assert "SSIM of |map|" in view.numbers.text() and "spearman_abs" not in view.numbers.text()
     ys = curves[0].getData()[1]
     np.testing.assert_allclose(ys, np.concatenate([[1.0], res.mean()[:, 0]]))
     ticks = view.plot.getAxis("bottom")._tickLevels[0]

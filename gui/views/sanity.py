@@ -24,6 +24,7 @@ dock and runs the check (see :data:`REQUEST_KIND`); the view clears the item onc
 
 from __future__ import annotations
 
+import html
 import os
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -72,6 +73,25 @@ NEED_TORCH = ("The sanity check randomises the model's weights, which needs an e
               "{backend}. Load the PyTorch checkpoint (a state dict with an architecture, or a torch.export .pt2 "
               "archive) instead.")
 MODES = (("cascade", "Cascading (top layer down)"), ("independent", "One layer at a time"))
+METRIC_LABELS = {"spearman_abs": "Spearman of |map|", "spearman": "Spearman (signed)", "ssim": "SSIM of |map|",
+                 "label_agreement": "units keeping their label", "iou_spearman": "Spearman of the units' best IoU",
+                 "jaccard": "Jaccard of the gallery", "node_overlap": "node overlap"}
+"""Metric names as shown (Spearman: rank correlation with the original; SSIM: structural similarity)."""
+
+
+def metric_label(name: str) -> str:
+    """A metric's name as a reader knows it (``spearman_abs`` -> ``Spearman of |map|``)."""
+    if name in METRIC_LABELS:
+        return METRIC_LABELS[name]
+    if name.endswith("_spearman"):
+        return f"Spearman of {name[:-len('_spearman')].replace('_', ' ')}"
+    return name.replace("_", " ")
+
+
+def line_width(m: int, count: int, base: float) -> float:
+    """Earlier series are drawn wider, so that a later one lying on top of it (e.g. the two
+    Spearman correlations of a non-negative map, which are equal) leaves it visible at its edges."""
+    return base * (1.0 + 1.2 * (count - 1 - m) / max(1, count - 1)) if count > 1 else base
 
 
 def heat_tile(m: np.ndarray, side: int = TILE) -> np.ndarray:
@@ -93,6 +113,7 @@ class SimilarityChart(Element):
     series: list[tuple[str, np.ndarray, np.ndarray, QColor]]  # (name, mean, spread), both len(steps)
     x_label: str = ""
     plot_height: float = 120.0
+    y_label: str = "similarity to the original"
 
     def _lo(self) -> float:
         lows = [float(np.nanmin(m - s)) for _n, m, s, _c in self.series if np.isfinite(m - s).any()]
@@ -113,7 +134,18 @@ class SimilarityChart(Element):
         lo = self._lo()
         ticks = [round(lo + 0.2 * i, 1) for i in range(round((1.0 - lo) / 0.2) + 1)]
         left = max(fm.horizontalAdvance(f"{t:.1f}") for t in ticks) + 6
+        axis = fm.height() + 2 if self.y_label else 0  # the rotated y label left of the tick labels
+        left += axis
         plot = QRectF(rect.left() + left, rect.top() + 2, rect.width() - left - 8, self.plot_height)
+        if self.y_label:
+            painter.save()
+            painter.setFont(f)
+            painter.setPen(MUTED)
+            painter.translate(rect.left(), plot.center().y())
+            painter.rotate(-90)
+            painter.drawText(QRectF(-plot.height() / 2, 0, plot.height(), fm.height() + 1),
+                             int(Qt.AlignmentFlag.AlignHCenter), self.y_label)
+            painter.restore()
         labels = ["original", *self.steps]
         n = len(labels)
 
@@ -127,7 +159,7 @@ class SimilarityChart(Element):
             painter.drawLine(to(0, t), to(n - 1, t))
             painter.setPen(INK)
             p = to(0, t)
-            painter.drawText(QRectF(rect.left(), p.y() - fm.height() / 2, left - 4, fm.height()),
+            painter.drawText(QRectF(rect.left() + axis, p.y() - fm.height() / 2, left - axis - 4, fm.height()),
                              int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter), f"{t:.1f}")
         painter.setPen(QPen(INK, 0.7))
         painter.setBrush(Qt.BrushStyle.NoBrush)
@@ -146,7 +178,7 @@ class SimilarityChart(Element):
             painter.setPen(MUTED)
             painter.drawText(QRectF(plot.left(), bottom - fm.height() - 2, plot.width(), fm.height() + 1),
                              int(Qt.AlignmentFlag.AlignHCenter), self.x_label)
-        for _name, mean, spread, colour in self.series:
+        for m, (_name, mean, spread, colour) in enumerate(self.series):
             ys = np.concatenate([[1.0], mean])
             sd = np.concatenate([[0.0], spread])
             ok = [i for i in range(n) if np.isfinite(ys[i])]
@@ -156,7 +188,7 @@ class SimilarityChart(Element):
                 painter.setPen(Qt.PenStyle.NoPen)
                 painter.setBrush(QColor(colour.red(), colour.green(), colour.blue(), 40))
                 painter.drawPolygon(QPolygonF(band))
-            painter.setPen(QPen(colour, 1.2))
+            painter.setPen(QPen(colour, line_width(m, len(self.series), 1.2)))
             painter.setBrush(Qt.BrushStyle.NoBrush)
             pts = [to(i, float(ys[i])) for i in ok]
             if len(pts) > 1:
@@ -259,10 +291,13 @@ class SanityView(View):
         self.status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.plot = pg.PlotWidget(background="w")
         self.plot.setObjectName("sanity_plot")
-        self.plot.setMinimumHeight(150)
+        self.plot.setMinimumHeight(120)
         self.plot.setMenuEnabled(False)
         self.plot.hideButtons()
-        self.plot.setLabel("left", "similarity to the original")
+        self.plot.setLabel("left", "similarity")
+        self.plot.setToolTip("Similarity of the explanation after each step to the original one (1: the same; "
+                             "Spearman: rank correlation, SSIM: structural similarity); mean over the images, bars: "
+                             "one standard deviation")
         self.plot.showGrid(x=False, y=True, alpha=0.2)
         for side in ("left", "bottom"):
             axis = self.plot.getAxis(side)
@@ -287,15 +322,28 @@ class SanityView(View):
         self.numbers.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.numbers.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
 
+        # what the check shows scrolls as one when the dock is short (a 1024x640 window): the
+        # numbers never overlap the plot
+        body = QWidget()
+        bl = QVBoxLayout(body)
+        bl.setContentsMargins(0, 0, 0, 0)
+        bl.addWidget(self.status)
+        bl.addWidget(self.plot, 1)
+        bl.addWidget(self.numbers)
+        bl.addWidget(self.strip_title)
+        bl.addWidget(strip_scroll)
+        self.body_scroll = QScrollArea()
+        self.body_scroll.setObjectName("sanity_body")
+        self.body_scroll.setWidget(body)
+        self.body_scroll.setWidgetResizable(True)
+        self.body_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.body_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
         lay.addLayout(grid)
         lay.addLayout(buttons)
-        lay.addWidget(self.status)
-        lay.addWidget(self.plot, 1)
-        lay.addWidget(self.numbers)
-        lay.addWidget(self.strip_title)
-        lay.addWidget(strip_scroll)
+        lay.addWidget(self.body_scroll, 1)
 
     def sizeHint(self) -> QSize:
         return QSize(460, 520)
@@ -600,8 +648,8 @@ class SanityView(View):
             y = np.concatenate([[1.0], mean[:, m]])
             sd = np.concatenate([[0.0], np.nan_to_num(spread[:, m])])
             ok = np.isfinite(y)
-            self.plot.plot(x[ok], y[ok], pen=pg.mkPen(c, width=2), symbol="o", symbolSize=6, symbolBrush=c,
-                           symbolPen=c, name=name)
+            self.plot.plot(x[ok], y[ok], pen=pg.mkPen(c, width=line_width(m, len(res.metrics), 2.0)), symbol="o",
+                           symbolSize=6, symbolBrush=c, symbolPen=c, name=metric_label(name))
             if res.values.shape[2] > 1:
                 self.plot.addItem(pg.ErrorBarItem(x=x[ok], y=y[ok], height=2 * sd[ok], beam=0.1,
                                                   pen=pg.mkPen(QColor(c.red(), c.green(), c.blue(), 120))))
@@ -632,7 +680,7 @@ class SanityView(View):
         parts = []
         for name, last, drop in self.outcome():
             v = "n/a" if last is None else f"{last:.3f}"
-            parts.append(f"{name}: <b>{v}</b> at the last step, " +
+            parts.append(f"{html.escape(metric_label(name))}: <b>{v}</b> at the last step, " +
                          (f"below 0.5 from <b>{drop}</b>" if drop else "<span style='color:#d21e1e'>never below "
                                                                        "0.5</span>"))
         items = f"{res.values.shape[2]} {res.item}{'s' if res.values.shape[2] != 1 else ''}"
@@ -668,10 +716,12 @@ class SanityView(View):
         tiles = np.stack([heat_tile(m) for m in maps])
         labels = ["original", *res.steps]
         ids = list(range(len(maps)))
+        zero = [not np.any(m) for m in maps]
         self.strip.set_tiles(tiles, ids, len(maps), labels=[lab[:9] for lab in labels],
-                             tips=[f"{lab}: |map| scaled by its maximum" for lab in labels])
+                             tips=[f"{lab}: the map is zero everywhere" if z else f"{lab}: |map| scaled by its maximum"
+                                   for lab, z in zip(labels, zero, strict=True)])
         self.strip_title.setText(f"{res.paths[row]}: the original map, then after each step (|map|, each scaled "
-                                 "to its own maximum)")
+                                 "to its own maximum" + ("; black: zero everywhere" if any(zero) else "") + ")")
 
     # ------------------------------------------------------------------ figure
 
@@ -693,12 +743,12 @@ class SanityView(View):
         if res is None or model is None or not res.n_steps:
             raise ValueError("Sanity check: nothing to export yet: choose an explanation and press Run")
         mean, spread = res.mean(), res.spread()
-        series = [(name, mean[:, m], spread[:, m] if res.values.shape[2] > 1 else np.zeros(res.n_steps),
+        series = [(metric_label(name), mean[:, m], spread[:, m] if res.values.shape[2] > 1 else np.zeros(res.n_steps),
                    COLOURS[m % len(COLOURS)]) for m, name in enumerate(res.metrics)]
         xlab = "layers randomised, from the output down" if res.mode == "cascade" else "the one layer randomised"
         elements: list[Any] = [SimilarityChart(list(res.steps), series, xlab)]
         if include.get("numbers", True):
-            lines = [f"{name}: {('n/a' if last is None else f'{last:.3f}')} at the last step; "
+            lines = [f"{metric_label(name)}: {('n/a' if last is None else f'{last:.3f}')} at the last step; "
                      + (f"below 0.5 from {drop}" if drop else "never below 0.5")
                      for name, last, drop in self.outcome()]
             if res.dropped:
@@ -707,8 +757,8 @@ class SanityView(View):
         row = self.strip_row()
         if include.get("maps", True) and row is not None:
             maps = [res.original_maps[row], *[res.step_maps[s, row] for s in range(res.n_steps)]]
-            tiles = [Tile.of(heat_tile(m, max(m.shape)), lab) for m, lab in zip(maps, ["original", *res.steps],
-                                                                                 strict=True)]
+            tiles = [Tile.of(heat_tile(m, max(m.shape)), lab if np.any(m) else f"{lab} (all zero)")
+                     for m, lab in zip(maps, ["original", *res.steps], strict=True)]
             elements.append(Text(f"{res.paths[row]}: |map|, each scaled to its own maximum (inferno)", bold=True))
             elements.append(TileGrid(tiles, columns=min(len(tiles), 8), gap=3.0))
         mode = "cascading randomisation from the output layer down" if res.mode == "cascade" else \
