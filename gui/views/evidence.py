@@ -285,6 +285,8 @@ class EvidenceView(View):
         self.image_label = QLabel()
         self.image_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.image_label.setMinimumSize(120, 120)
+        self.image_label.setToolTip("The map's positive evidence over the image (brighter: more evidence); the "
+                                    "numbered outlines are the blobs of its top pixels, green causal, red not")
         self.image_label.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.plot = pg.PlotWidget(background="w")
         self.plot.setMinimumSize(160, 120)
@@ -293,12 +295,32 @@ class EvidenceView(View):
         self.plot.setYRange(0, 1.02, padding=0)
         self.plot.setXRange(0, 1, padding=0.02)
         self.plot.showGrid(x=True, y=True, alpha=0.2)
-        self.legend = self.plot.addLegend(offset=(-6, 6))
+        self.plot.setMenuEnabled(False)
+        self.plot.hideButtons()
+        ticks = [(v, f"{v:g}") for v in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)]  # 0 and 1 labelled too
+        for side in ("left", "bottom"):
+            self.plot.getAxis(side).setPen("k")
+            self.plot.getAxis(side).setTextPen("k")
+            self.plot.getAxis(side).setTicks([ticks])
+        self.plot.setToolTip("Deletion: the class probability as the map's top pixels are removed first (a low AUC: "
+                             "the map found the evidence). Insertion: as they are put back into a blurred image first "
+                             "(a high AUC is good). RISE, Petsiuk et al. 2018")
         self.deletion_curve = self.plot.plot([], [], pen=pg.mkPen(DELETION, width=2), name="deletion")
         self.insertion_curve = self.plot.plot([], [], pen=pg.mkPen(INSERTION, width=2), name="insertion")
+        # the legend under the plot, not inside it: the curves fill the whole [0, 1] square
+        self.legend_label = QLabel()
+        self.legend_label.setTextFormat(Qt.TextFormat.RichText)
+        self.legend_label.setWordWrap(True)
+        self.legend_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        plot_box = QWidget()
+        pl = QVBoxLayout(plot_box)
+        pl.setContentsMargins(0, 0, 0, 0)
+        pl.setSpacing(2)
+        pl.addWidget(self.plot, 1)
+        pl.addWidget(self.legend_label)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(self.image_label)
-        split.addWidget(self.plot)
+        split.addWidget(plot_box)
         split.setStretchFactor(0, 1)
         split.setStretchFactor(1, 1)
         split.setChildrenCollapsible(False)
@@ -593,6 +615,7 @@ class EvidenceView(View):
             self.deletion_curve.setData([], [])
             self.insertion_curve.setData([], [])
             self.blob_label.setText("")
+            self.legend_label.setText("")
         else:
             h, w = r.maps.shape[1:]
             avail = max(60, min(self.image_label.width(), self.image_label.height(), 2 * SHOWN_PX))
@@ -607,9 +630,10 @@ class EvidenceView(View):
             self.image_label.setPixmap(pix)
             self.deletion_curve.setData(r.fractions, r.deletion[0])
             self.insertion_curve.setData(r.fractions, r.insertion[0])
-            self.legend.clear()
-            self.legend.addItem(self.deletion_curve, f"deletion, AUC {r.deletion_auc[0]:.3f}")
-            self.legend.addItem(self.insertion_curve, f"insertion, AUC {r.insertion_auc[0]:.3f}")
+            self.legend_label.setText(
+                f"<span style='color:{DELETION.name()}'>━━</span>&nbsp;deletion, AUC {r.deletion_auc[0]:.3f} "
+                f"(lower is better) &nbsp; <span style='color:{INSERTION.name()}'>━━</span>&nbsp;insertion, AUC "
+                f"{r.insertion_auc[0]:.3f} (higher is better)")
             self.blob_label.setText(self._blob_html(r))
         self.layer_combo.setEnabled(self.method() == "gradcam")
         self._render_status()
@@ -677,8 +701,8 @@ class EvidenceView(View):
         method = dict(METHODS).get(r.params.method, r.params.method)
         where = f" at {r.layer}" if r.layer else ""
         chart = CurveChart(
-            [(f"deletion (AUC {r.deletion_auc[0]:.3f})", r.fractions, r.deletion[0], DELETION),
-             (f"insertion (AUC {r.insertion_auc[0]:.3f})", r.fractions, r.insertion[0], INSERTION)],
+            [(f"deletion (AUC {r.deletion_auc[0]:.3f}, lower is better)", r.fractions, r.deletion[0], DELETION),
+             (f"insertion (AUC {r.insertion_auc[0]:.3f}, higher is better)", r.fractions, r.insertion[0], INSERTION)],
             title=f"Deletion / insertion of '{cls}' (RISE)")
         subtitle = (f"{model.name}; {method}{where}; class '{cls}' "
                     f"({'predicted' if r.params.target is None else 'chosen'}), p = {r.probs[0]:.3f}; deletion to the "
