@@ -115,7 +115,7 @@ def test_sweep_strip_shows_the_predictions(qtbot, ctx, view: ProbesView) -> None
     assert "untransformed: " + res.class_name(int(res.ref_pred[j])) in view.strip_title.text()
     tips = [view.strip._tips[k] for k in range(len(res.values))]
     for k, tip in enumerate(tips):
-        assert tip.startswith(f"rotate {res.values[k]:g}: predicted {res.class_name(int(res.pred[j, k]))}")
+        assert tip.startswith(f"rotation angle {res.values[k]:g}: predicted {res.class_name(int(res.pred[j, k]))}")
     views = view.strip_views()
     assert views is not None and len(views) == 7 and views[3].shape == (24, 24, 3)
     # the untransformed view is the image as the model sees it; a rotated one differs

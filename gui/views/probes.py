@@ -82,6 +82,8 @@ _COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255,
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34)]
 _LABELS = {"rotate": "Rotation", "translate-x": "Translation x", "translate-y": "Translation y", "scale": "Scale",
            "brightness": "Brightness"}
+_QUANTITIES = {"rotate": "rotation angle", "translate-x": "shift along x", "translate-y": "shift along y",
+               "scale": "scale factor", "brightness": "brightness change"}
 
 
 def _colour(i: int) -> QColor:
@@ -653,7 +655,8 @@ class ProbesView(View):
 
             return (yield from run(backend, loaded.cache_id, data, params))
 
-        handle = session.run(f"Probe: {params.transform} {self.range_edit.text()}", job, key="probe", on_done=self._done)
+        what = _LABELS.get(params.transform, params.transform).lower()
+        handle = session.run(f"Probe: {what} {self.range_edit.text()}", job, key="probe", on_done=self._done)
         if handle is None:
             return None
         if self._handle is not None:
@@ -807,7 +810,10 @@ class ProbesView(View):
     def _x_label(self) -> str:
         from engine.probes.transforms import UNITS
 
-        return "" if self.result is None else f"{self.result.transform} ({UNITS[self.result.transform]})"
+        if self.result is None:
+            return ""
+        t = self.result.transform
+        return f"{_QUANTITIES.get(t, t)} ({UNITS[t]})"
 
     def invariance_series(self) -> list[tuple[str, np.ndarray, QColor, bool]]:
         """What the invariance plot shows: (name, ys over the values, colour, dashed)."""
@@ -887,9 +893,11 @@ class ProbesView(View):
             self.numbers.setText("")
             self.numbers_scroll.setMaximumHeight(40)
             return
-        head = (f"<tr><th align=left>layer</th><th>inv. at {r.values[0]:g}</th><th>at {r.values[-1]:g}</th>"
-                "<th>M_θ held-out err.</th><th>identity map</th><th>‖M_a M_b − M_(a∘b)‖/‖M‖</th>"
-                "<th>composed held-out</th></tr>")
+        # short headers (the dock may be narrow); the tooltip says what each is
+        head = "".join(f"<th align={'left' if i == 0 else 'right'}>{h}</th>" for i, h in enumerate(
+            ("layer", f"inv. at {r.values[0]:g}", f"inv. at {r.values[-1]:g}", "M_θ held-out err.", "identity map",
+             "‖M_a M_b − M_(a∘b)‖/‖M‖", "composed err.")))
+        head = f"<tr>{head}</tr>"
         body = "".join(f"<tr><td>{x['layer']}</td><td align=right>{_fmt(x['first'])}</td>"
                        f"<td align=right>{_fmt(x['last'])}</td><td align=right>{_fmt(x['linear'])}</td>"
                        f"<td align=right>{_fmt(x['identity'])}</td><td align=right>{_fmt(x['frobenius'])}</td>"
@@ -897,9 +905,12 @@ class ProbesView(View):
         note = (f"Linear maps on {r.feature_note}; fitted on {r.n_train} images, tested on {r.n_test}; "
                 f"{len(r.comp_pairs)} composition pairs." if r.lin_test is not None else
                 "One image: no linear maps (they are fitted on part of a set and tested on the rest).")
-        self.numbers.setText(f"<table cellspacing=0 cellpadding=1>{head}{body}</table>"
+        self.numbers.setText(f"<table cellspacing=0 cellpadding=3>{head}{body}</table>"
                              + ("" if r.lin_test is not None else f"<small>{note}</small>"))
-        self.numbers.setToolTip(note + " Errors are relative (||Y - X M^T|| / ||Y||), means over the non-identity "
+        self.numbers.setToolTip(note + " inv.: the normalised feature distance at the sweep's ends; M_θ held-out err.: the "
+                                "linear map's held-out error on the test images, identity map: the same for no map (M = I); "
+                                "‖M_a M_b − M_(a∘b)‖/‖M‖: how well the maps compose, composed err.: the composed "
+                                "map's held-out error. Errors are relative (||Y - X M^T|| / ||Y||), means over the non-identity "
                                 "values; the composition columns are means over the pairs.")
         self._fit_numbers()
 
@@ -938,7 +949,7 @@ class ProbesView(View):
             tile = resample(views[k], size)
             tiles.append(_captioned(_framed(tile) if changed else tile, f"{v:g}",
                                     f"{r.class_name(p)} {r.prob[j, k]:.2f}", changed, self.font()))
-            tips.append(f"{r.transform} {v:g}: predicted {r.class_name(p)} ({r.prob[j, k]:.3f}); "
+            tips.append(f"{_QUANTITIES.get(r.transform, r.transform)} {v:g}: predicted {r.class_name(p)} ({r.prob[j, k]:.3f}); "
                         f"{r.class_name(int(r.ref_pred[j]))} {r.ref_prob[j, k]:.3f}")
         self.strip.set_tiles(np.stack(tiles), list(range(len(views))), len(views), tips=tips)
 
@@ -1016,7 +1027,7 @@ class ProbesView(View):
             elements.append(TileGrid(tiles, columns=min(10, len(tiles)), gap=3.0))
         what = "all" if r.n > 1 else "one"
         subtitle = (f"{os.path.basename(r.model)}; {what} {r.n} image{'s' if r.n != 1 else ''} of "
-                    f"{os.path.basename(r.image_source.rstrip(os.sep)) or r.image_source}; {r.transform} over "
+                    f"{os.path.basename(r.image_source.rstrip(os.sep)) or r.image_source}; {_LABELS[r.transform].lower()} over "
                     f"{xs[0]:g}..{xs[-1]:g} ({len(xs)} values), {r.params.fill} fill; transformation probe "
                     "(Worrall et al., ICCV 2017)")
         title = (f"Transformation probe: {_LABELS[r.transform].lower()} ({model.name})" if kind == "summary" else
@@ -1028,6 +1039,7 @@ def _legend_label() -> QLabel:
     label = QLabel()
     label.setTextFormat(Qt.TextFormat.RichText)
     label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    label.setWordWrap(True)  # a narrow dock wraps the legend rather than cutting its last entries off
     return label
 
 
