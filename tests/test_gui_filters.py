@@ -275,6 +275,101 @@ def test_open_the_trained_model_in_place_and_back(qtbot, view: FiltersView, ctx:
     assert (sel.layer, sel.unit, sel.current_image) == (LAYER, 3, 7)
 
 
+def _direct_unit(source, path: str, unit: int) -> np.ndarray:
+    """Filter ``unit`` of ``source`` (an engine MapSource) on one image, through a backend of its own."""
+    from engine.backends import open_backend
+    from engine.data.images import load_image, preprocess
+    from engine.models import load_model
+
+    batch = preprocess(load_image(path), source.spec.preprocess)[None]
+    with open_backend(load_model(source.spec), device="cpu") as b:
+        return b.forward(batch, [source.layer]).activations[source.layer][0, unit]
+
+
+def _side_shows(view: FiltersView, unit: int, image: int) -> bool:
+    res, images = view.side_maps, view.ctx.selection.images
+    return (res is not None and view._side_handle is None and res.unit == unit
+            and res.paths[0] == images.records[image].path)
+
+
+def test_side_by_side_shows_the_filter_in_each_model(qtbot, view: FiltersView, ctx: AppContext, demo,
+                                                      tmp_path: Path) -> None:
+    """After training the open model (above): the selected filter of the selected image in the start
+    model (conv3) and both trained ones (conv3.mask), each opened as its own backend; following the
+    comparison table and the selection; both colour scales; cancel; the figure."""
+    from gui.figures import FigureOptions
+    from gui.views.filters import side_caption, table_rows
+    from tests.figure_checks import check_figure, parts, svg_texts
+
+    comp = view.comparison
+    assert comp is not None and comp["start"] == "model" and view.opened_run == "original"
+    session_model = ctx.session.model
+    view.tabs.setCurrentIndex(1)
+    view.body_tabs.setCurrentIndex(1)
+    sel = ctx.selection
+    sel.current_image = 4
+    view.compare_table.select_id(9)
+    rect = view.compare_table.view.visualRect(view.compare_table.view.currentIndex())
+    qtbot.mouseClick(view.compare_table.view.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+    qtbot.waitUntil(lambda: _side_shows(view, 9, 4) or "failed" in view.side_status.text(), timeout=JOB_MS)
+    assert _side_shows(view, 9, 4), view.side_status.text()
+    res = view.side_maps
+    assert res.names == ("original", "interpretable", "ordinary")
+    assert res.layers == {"original": LAYER, "interpretable": f"{LAYER}.mask", "ordinary": f"{LAYER}.mask"}
+    path = sel.images.records[4].path
+    sources = {s.name: s for s in view.side_sources()}
+    assert sources["interpretable"].spec.path == comp["runs"]["interpretable"]["files"]["state_dict"]
+    for name in res.names:
+        np.testing.assert_allclose(res.maps[name][0], _direct_unit(sources[name], path, 9), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(res.maps["original"], res.maps["interpretable"])
+    assert ctx.session.model is session_model  # the session's model is not replaced
+    # the panels and their captions: model, layer, the filter's metrics, its own scale
+    assert all(view.side_panels[r].isVisibleTo(view) and view.side_panels[r].image is not None for r in res.names)
+    m = table_rows(comp["metrics"]["interpretable"])[9]
+    caption = view.side_captions["interpretable"].text()
+    assert f"interpretable · {LAYER}.mask · filter 9" in caption and f"spatial H {m['spatial']:.3f}" in caption
+    assert f"category {m['category']}" in caption
+    data = {d["name"]: d for d in view.side_panels_data()}
+    assert all(d["vmax"] == d["max"] for d in data.values()) and "own max" in view.side_status.text()
+    view.scale_combo.setCurrentIndex(view.scale_combo.findData("shared"))
+    data = {d["name"]: d for d in view.side_panels_data()}
+    shared = max(float(res.maps[n][0].max()) for n in res.names)
+    assert all(d["vmax"] == pytest.approx(shared) for d in data.values()) and "largest value" in view.side_status.text()
+    assert view.side_captions["ordinary"].text() == "\n".join(
+        side_caption(comp, "ordinary", 9, f"{LAYER}.mask", float(res.maps["ordinary"][0].max()), data["ordinary"]["vmax"]))
+    # another image, then another filter chosen elsewhere (the heatmaps' selection at the start layer)
+    sel.current_image = 11
+    qtbot.waitUntil(lambda: _side_shows(view, 9, 11), timeout=JOB_MS)
+    assert not np.allclose(view.side_maps.maps["original"], res.maps["original"])
+    sel.layer, sel.unit = LAYER, 12
+    qtbot.waitUntil(lambda: _side_shows(view, 12, 11), timeout=JOB_MS)
+    np.testing.assert_allclose(view.side_maps.maps["ordinary"][0],
+                               _direct_unit(sources["ordinary"], sel.images.records[11].path, 12), rtol=1e-5, atol=1e-6)
+    # the figure: a side-by-side kind, and part of the training figure
+    fig, root = check_figure(view, FigureOptions(kind="side", size="full", dpi=100), tmp_path, "filters-side")
+    texts = " ".join(svg_texts(root))
+    assert fig.title.startswith("Filter 12 side by side") and "largest value" in texts and "conv3.mask" in texts
+    from gui.figures import ColorBar, Picture
+
+    assert len([p for p in parts(fig) if isinstance(p, Picture)]) == 3
+    assert len([p for p in parts(fig) if isinstance(p, ColorBar)]) == 1  # shared: one bar
+    view.scale_combo.setCurrentIndex(view.scale_combo.findData("own"))
+    fig = view.figure(FigureOptions(kind="side"))
+    assert len([p for p in parts(fig) if isinstance(p, ColorBar)]) == 3
+    fig = view.figure(FigureOptions(kind="training"))
+    assert len([p for p in parts(fig) if isinstance(p, Picture)]) == 3
+    # cancel: a new filter's maps stop; the shown ones stay
+    view.set_side_filter(20)
+    handle = view.refresh_side_by_side()
+    assert handle is not None and view.side_cancel.isEnabled()
+    with qtbot.waitSignal(handle.cancelled, timeout=JOB_MS):
+        qtbot.mouseClick(view.side_cancel, Qt.MouseButton.LeftButton)
+    assert "cancelled" in view.side_status.text() and not view.side_cancel.isEnabled()
+    assert view.side_maps.unit == 12
+    state = view.save_state()
+    assert state["scale"] == "own"
+
+
 def test_another_model_clears_the_table(view: FiltersView, ctx: AppContext, demo, tmp_path: Path) -> None:
     """Last in the module (it replaces the module's model): metrics of one model are not shown
     as another's."""

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QPointF, QRectF, Qt, QTimer, Signal
-from PySide6.QtGui import QColor, QPainter, QPen, QPolygonF
+from PySide6.QtGui import QColor, QImage, QPainter, QPaintEvent, QPen, QPolygonF
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -74,14 +74,16 @@ from PySide6.QtWidgets import (
 
 from engine.types import ConvLensError, Progress
 
+from .. import colormaps
 from ..context import AppContext
 from ..figures import BarChart, Element, Figure, FigureKind, FigureOption, FigureOptions, Legend, Row, Stack, Text
-from ..figures.model import CAPTION_PT, INK, MUTED, font, metrics
+from ..figures.model import CAPTION_PT, INK, MUTED, ColorBar, Picture, font, metrics, resample
 from ..jobs import JobHandle
+from ..tiles import decode_view, to_qimage, upsample
 from ..widgets.result_table import Column, ResultTable
 from .base import View
 
-__all__ = ["COLUMNS", "COMPARISON_COLUMNS", "FiltersView", "LineChart", "TrainProgress"]
+__all__ = ["COLUMNS", "COMPARISON_COLUMNS", "SCALES", "SIDE_RUNS", "FiltersView", "LineChart", "TrainProgress"]
 
 COLUMNS: tuple[Column, ...] = (
     Column("filter", "Filter", "int"),
@@ -116,6 +118,13 @@ BUILTIN_SIZE = 48
 PARTNET_LAYER = "relu4"
 NEED_MODEL = "Load a model to measure its filters."
 _RUN_COLORS: dict[str, str] = {"interpretable": "#d62728", "ordinary": "#1f77b4", "original": "#7f7f7f"}
+SIDE_RUNS = ("original", "interpretable", "ordinary")
+"""The side-by-side panels' order: the start model, then the trained ones."""
+_SIDE_LABEL = {"original": "start model", "interpretable": "interpretable", "ordinary": "ordinary"}
+SCALES: dict[str, str] = {"own": "each panel its own max", "shared": "one max shared by the panels"}
+"""The side-by-side colour scales: 0 to each map's max on the image, or to the largest of them."""
+SIDE_CMAP = "inferno"
+SIDE_OPACITY = 0.6
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +267,32 @@ class LineChart(Element):
         legend.paint(painter, QRectF(plot.left(), bottom, plot.width(), legend.height(plot.width(), dpi)), dpi)
 
 
+class MapPanel(QWidget):
+    """One side-by-side panel: an image scaled to fit (aspect kept, whole area), no interpolation
+    of the map beyond what :func:`side_overlay` did."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.image: QImage | None = None
+        self.setMinimumSize(56, 56)
+
+    def set_rgb(self, rgb: np.ndarray | None) -> None:
+        self.image = None if rgb is None else to_qimage(rgb)
+        self.update()
+
+    def paintEvent(self, event: QPaintEvent) -> None:
+        painter = QPainter(self)
+        if self.image is None:
+            painter.fillRect(self.rect(), QColor(235, 235, 235))
+            return
+        iw, ih = self.image.width(), self.image.height()
+        scale = min(self.width() / iw, self.height() / ih)
+        w, h = iw * scale, ih * scale
+        target = QRectF((self.width() - w) / 2, (self.height() - h) / 2, w, h)
+        painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, True)
+        painter.drawImage(target, self.image)
+
+
 # --------------------------------------------------------------------------------------------
 # the view
 # --------------------------------------------------------------------------------------------
@@ -277,6 +312,8 @@ class FiltersView(View):
     curves_changed = Signal()
     #: training and the comparison finished (dict, see :meth:`_train_finished`)
     training_done = Signal(object)
+    #: the side-by-side maps of the selected filter and image are shown (engine FilterMaps)
+    side_ready = Signal(object)
 
     def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(ctx, parent)
@@ -289,10 +326,22 @@ class FiltersView(View):
         self._train_handle: JobHandle | None = None
         self._syncing = False
         self._result_model = ""  # sha256 of the model the shown metrics measured
+        self.side_filter: int | None = None  # the filter index the side-by-side panels show
+        self.side_maps: Any = None  # engine FilterMaps on the panels
+        self._side_image = ""  # the path of the image the panels show
+        self._side_handle: JobHandle | None = None
+        self._side_timer = QTimer(self)
+        self._side_timer.setSingleShot(True)
+        self._side_timer.setInterval(0)
+        self._side_timer.timeout.connect(self.refresh_side_by_side)
         self._build()
         ctx.session.model_loaded.connect(self._model_loaded)
         ctx.selection.unit_changed.connect(self._selection_changed)
         ctx.selection.layer_changed.connect(self._selection_changed)
+        ctx.selection.unit_changed.connect(self._side_selection_changed)
+        ctx.selection.layer_changed.connect(self._side_selection_changed)
+        ctx.selection.current_image_changed.connect(self._side_selection_changed)
+        ctx.selection.images_changed.connect(self._side_selection_changed)
         if ctx.session.model is not None:
             self._model_loaded(ctx.session.model)
         self._update_controls()
@@ -518,8 +567,64 @@ class FiltersView(View):
         lower.setStretchFactor(0, 1)
         lower.setStretchFactor(1, 1)
         lower.setChildrenCollapsible(False)
+        # side by side: the selected filter on the selected image in each model, as its own backend
+        self.scale_combo = QComboBox()
+        for key, name in SCALES.items():
+            self.scale_combo.addItem(name, key)
+        self.scale_combo.setToolTip("Colour scale of the side-by-side maps: 0 to each map's own max on this image, "
+                                    "or 0 to the largest of them (values below 0 show as 0)")
+        self.scale_combo.currentIndexChanged.connect(lambda _i: self._render_side())
+        self.side_cancel = QPushButton("Cancel")
+        self.side_cancel.setToolTip("Stop computing the side-by-side maps")
+        self.side_cancel.clicked.connect(self.cancel_side_by_side)
+        self.side_progress = QProgressBar()
+        self.side_progress.setRange(0, 1000)
+        self.side_status = QLabel("Train (or pick a filter in the comparison) to see one filter of the selected "
+                                  "image in each model, side by side.")
+        self.side_status.setWordWrap(True)
+        self.side_status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.side_panels: dict[str, MapPanel] = {}
+        self.side_captions: dict[str, QLabel] = {}
+        panels = QWidget()
+        pl = QHBoxLayout(panels)
+        pl.setContentsMargins(0, 0, 0, 0)
+        for run in SIDE_RUNS:
+            box = QWidget()
+            bl = QVBoxLayout(box)
+            bl.setContentsMargins(0, 0, 0, 0)
+            bl.setSpacing(2)
+            panel = MapPanel()
+            caption = QLabel()
+            caption.setWordWrap(True)
+            caption.setAlignment(Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop)
+            caption.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            small = caption.font()
+            small.setPointSizeF(max(6.5, small.pointSizeF() - 1))
+            caption.setFont(small)
+            bl.addWidget(panel, 1)
+            bl.addWidget(caption)
+            self.side_panels[run], self.side_captions[run] = panel, caption
+            box.setVisible(False)
+            pl.addWidget(box, 1)
+        side_top = QHBoxLayout()
+        side_top.addWidget(QLabel("Colour scale"))
+        side_top.addWidget(self.scale_combo)
+        side_top.addWidget(self.side_cancel)
+        side_top.addWidget(self.side_progress, 1)
+        side_box = QWidget()
+        sbl = QVBoxLayout(side_box)
+        sbl.setContentsMargins(0, 0, 0, 0)
+        sbl.setSpacing(3)
+        sbl.addLayout(side_top)
+        sbl.addWidget(self.side_status)
+        sbl.addWidget(panels, 1)
+        self.body_tabs = QTabWidget()
+        self.body_tabs.addTab(curves_box, "Curves")
+        self.body_tabs.addTab(side_box, "Side by side")
+        self.side_progress.setVisible(False)
+        self.side_cancel.setEnabled(False)
         body = QSplitter(Qt.Orientation.Vertical)
-        body.addWidget(curves_box)
+        body.addWidget(self.body_tabs)
         body.addWidget(lower)
         body.setChildrenCollapsible(False)
         train_scroll = QScrollArea()
@@ -568,10 +673,11 @@ class FiltersView(View):
                 "n_images": self.n_images_spin.value(), "landmarks": self.landmarks_edit.text(),
                 "parts": self.parts_edit.text(), "start": self.start_combo.currentData(),
                 "epochs": self.epochs_spin.value(), "batch_size": self.batch_spin.value(),
-                "lr": self.lr_spin.value(), "weight": self.weight_spin.value(), "seed": self.seed_spin.value()}
+                "lr": self.lr_spin.value(), "weight": self.weight_spin.value(), "seed": self.seed_spin.value(),
+                "scale": self.scale_combo.currentData()}
 
     def restore_state(self, state: dict[str, Any]) -> None:
-        for key, combo in (("data", self.data_combo), ("start", self.start_combo)):
+        for key, combo in (("data", self.data_combo), ("start", self.start_combo), ("scale", self.scale_combo)):
             i = combo.findData(state.get(key))
             if i >= 0:
                 combo.setCurrentIndex(i)
@@ -590,7 +696,8 @@ class FiltersView(View):
         self._update_controls()
 
     def shutdown(self) -> None:
-        for h in (self._handle, self._train_handle):
+        self._side_timer.stop()
+        for h in (self._handle, self._train_handle, self._side_handle):
             if h is not None:
                 h.cancel()
 
@@ -797,6 +904,7 @@ class FiltersView(View):
 
     def _compare_selected(self, row_id: Any) -> None:
         comp = self.comparison
+        self.set_side_filter(int(row_id))
         if comp and self.opened_run in ("interpretable", "ordinary"):
             self._select(comp["measured_layer"], int(row_id))  # the trained model is open
         elif comp and (comp.get("layer_in_session") or self.opened_run == "original"):
@@ -936,6 +1044,11 @@ class FiltersView(View):
                                   f"checkpoints in {comp['out_dir']}")
         self.train_status.setToolTip("\n".join(f"{name}: {r['out_dir']}" for name, r in runs.items()))
         self._selection_changed()
+        sel = self.ctx.selection
+        follows = sel.layer in (comp["layer"], comp["measured_layer"]) and sel.unit is not None and sel.unit >= 0
+        self.side_filter = int(sel.unit) if follows else 0
+        self.side_maps, self._side_image = None, ""
+        self._side_timer.start()
         self.training_done.emit(comp)
 
     def run_spec(self, run: str) -> Any:
@@ -1025,18 +1138,223 @@ class FiltersView(View):
             out.append(text)
         return out
 
+    # ------------------------------------------------------------------ side by side
+
+    def side_sources(self) -> list[Any]:
+        """The models of the side-by-side panels (engine ``MapSource``: name, spec, layer): the
+        start model at the trained layer, each trained model with a file that opens at
+        ``<layer>.mask``; empty before training."""
+        from engine.filters.compare import MapSource
+
+        comp = self.comparison
+        if not comp:
+            return []
+        out = []
+        for run in SIDE_RUNS:
+            spec = self.measured_spec(run)
+            if spec is not None:
+                out.append(MapSource(run, spec, comp["layer"] if run == "original" else comp["measured_layer"]))
+        return out
+
+    def measured_spec(self, run: str) -> Any:
+        """The ModelSpec the training job measured model ``run`` with: for a trained model the
+        state dict with the class file ConvLens wrote beside it (its module tree has
+        ``<layer>.mask`` in both runs; a traced ordinary model drops its disabled masks), else
+        :meth:`run_spec` (the TorchScript file; the start model)."""
+        comp = self.comparison
+        r = comp["runs"].get(run) if comp and run != "original" else None
+        start = comp.get("start_spec") if comp else None
+        if r is None or start is None or "class_file" not in r["files"]:
+            return self.run_spec(run)
+        from engine.types import ModelSpec
+
+        files = r["files"]
+        return ModelSpec(path=files["state_dict"], arch=f"{files['class_file']}:InterpretableNet",
+                         preprocess=start.preprocess, classes=r.get("classes") or start.classes,
+                         output_index=start.output_index)
+
+    def side_image(self) -> int:
+        """The image the panels show: the selected image (the first when none is), -1 without images."""
+        sel = self.ctx.selection
+        images: Any = sel.images
+        if images is None or not len(images):
+            return -1
+        return sel.current_image if 0 <= sel.current_image < len(images) else 0
+
+    def set_side_filter(self, unit: int) -> None:
+        """Show filter ``unit`` side by side (computed when the comparison is there)."""
+        if unit != self.side_filter:
+            self.side_filter = unit
+            self._side_timer.start()
+
+    def _side_selection_changed(self, *_args: object) -> None:
+        comp = self.comparison
+        if not comp:
+            return
+        sel = self.ctx.selection
+        if sel.layer in (comp["layer"], comp["measured_layer"]) and sel.unit is not None and sel.unit >= 0:
+            self.side_filter = int(sel.unit)
+        self._side_timer.start()
+
+    def refresh_side_by_side(self) -> JobHandle | None:
+        """Compute the selected filter of the selected image in each model of the comparison (a
+        cancellable job through :func:`engine.filters.compare.filter_maps`; each model is opened as
+        its own backend, the session's model is left as it is). None when nothing is to be done
+        (shown already, or nothing to compare)."""
+        self._side_timer.stop()
+        sources = self.side_sources()
+        images: Any = self.ctx.selection.images
+        image, unit = self.side_image(), self.side_filter
+        if not sources or image < 0 or unit is None:
+            if self.comparison and image < 0:
+                self.side_status.setText("Open an image set to see the filter side by side.")
+            return None
+        path = images.records[image].path
+        if self.side_maps is not None and self.side_maps.unit == unit and self._side_image == path and \
+                self.side_maps.names == tuple(s.name for s in sources) and self._side_handle is None:
+            return None
+        from engine.filters.compare import filter_maps
+
+        device = getattr(self.ctx.session.model, "device", None)  # where the session's model runs
+        handle = self.ctx.runner.submit(
+            f"Interpretable filters: filter {unit} side by side",
+            lambda: filter_maps(sources, images, [image], unit, device=device), key="filters-side")
+        if self._side_handle is not None:
+            self._side_handle.cancel()
+        self._side_handle = handle
+        name = Path(path).name
+        handle.progress.connect(lambda p: _show_progress(self.side_progress, p))
+        handle.finished.connect(lambda r, h=handle, pth=path: self._side_done(h, r, pth))
+        handle.failed.connect(lambda e, h=handle: self._side_ended(h, f"Side by side failed: {_message(e)}"))
+        handle.cancelled.connect(lambda h=handle: self._side_ended(h, "Side by side cancelled."))
+        self.side_progress.setValue(0)
+        self.side_progress.setFormat("starting…")
+        self.side_progress.setVisible(True)
+        self.side_cancel.setEnabled(True)
+        self.side_status.setText(f"Computing filter {unit} of {name} in {len(sources)} models…")
+        return handle
+
+    def cancel_side_by_side(self) -> None:
+        if self._side_handle is not None:
+            self._side_handle.cancel()
+
+    def _side_ended(self, handle: JobHandle, text: str) -> None:
+        if handle is self._side_handle:
+            self._side_handle = None
+            self.side_progress.setVisible(False)
+            self.side_cancel.setEnabled(False)
+            self.side_status.setText(text)
+
+    def _side_done(self, handle: JobHandle, result: Any, path: str) -> None:
+        if handle is not self._side_handle:
+            return
+        self._side_handle = None
+        self.side_progress.setVisible(False)
+        self.side_cancel.setEnabled(False)
+        self.side_maps, self._side_image = result, path
+        self._render_side()
+        self.side_ready.emit(result)
+
+    def side_scale(self) -> str:
+        """``"own"`` or ``"shared"`` (:data:`SCALES`)."""
+        return str(self.scale_combo.currentData())
+
+    def side_panels_data(self) -> list[dict[str, Any]]:
+        """Per shown model: name, label, layer, the (h, w) map, its max on the image, the colour
+        scale's max (``vmax``) and the caption lines (the model, the filter's metrics, the scale)."""
+        res, comp = self.side_maps, self.comparison
+        if res is None or not comp:
+            return []
+        shared = res.shared_max(0)
+        out = []
+        for name in res.names:
+            m = np.asarray(res.maps[name][0], dtype=np.float32)
+            mx = float(res.image_max[name][0])
+            vmax = shared if self.side_scale() == "shared" else mx
+            out.append({"name": name, "label": _SIDE_LABEL.get(name, name), "layer": res.layers[name], "map": m,
+                        "max": mx, "vmax": vmax,
+                        "lines": side_caption(comp, name, res.unit, res.layers[name], mx, vmax)})
+        return out
+
+    def side_statement(self) -> str:
+        """What the panels show and the colour scale in words."""
+        res = self.side_maps
+        if res is None:
+            return ""
+        scale = ("0 to each map's own max on this image" if self.side_scale() == "own"
+                 else f"0 to {res.shared_max(0):.4g}, the largest value of the maps on this image, in every panel")
+        return (f"Filter {res.unit} on {Path(res.paths[0]).name}: {SIDE_CMAP}, opacity {SIDE_OPACITY:.0%} over the "
+                f"image; colour scale {scale} (values below 0 show as 0).")
+
+    def _render_side(self) -> None:
+        data = self.side_panels_data()
+        shown = {d["name"] for d in data}
+        for run in SIDE_RUNS:
+            box = self.side_panels[run].parentWidget()
+            assert box is not None
+            box.setVisible(run in shown)
+        if not data:
+            return
+        res = self.side_maps
+        pre = self._side_preprocess()
+        base = decode_view(res.paths[0], pre, _SIDE_SIZE) if pre is not None else None
+        for d in data:
+            self.side_panels[d["name"]].set_rgb(side_overlay(base, d["map"], d["vmax"], _SIDE_SIZE))
+            self.side_captions[d["name"]].setText("\n".join(d["lines"]))
+        self.side_status.setText(self.side_statement() + (" (from the cache)" if res.from_cache else ""))
+        self.body_tabs.setTabText(1, f"Side by side: filter {res.unit}")
+
+    def _side_preprocess(self) -> Any:
+        comp = self.comparison
+        start = comp.get("start_spec") if comp else None
+        return start.preprocess if start is not None else None
+
+    def _side_elements(self, options: FigureOptions, include: dict[str, bool]) -> list[Element]:
+        data = self.side_panels_data()
+        if not data:
+            return []
+        res = self.side_maps
+        pre = self._side_preprocess()
+        native = tuple(pre.input_size) if pre is not None else (64, 64)
+        longer = max(native)
+        native = (max(native[0], round(96 * native[0] / longer)), max(native[1], round(96 * native[1] / longer)))
+        panel_w = min(150.0, (options.width_pt - 10 * (len(data) - 1)) / len(data))
+        lut = colormaps.lut(SIDE_CMAP)
+        path = res.paths[0]
+        cols: list[Element] = []
+        for d in data:
+            def render(size: tuple[int, int], d: dict[str, Any] = d) -> np.ndarray:
+                base = decode_view(path, pre, size) if pre is not None else None
+                return side_overlay(base, d["map"], d["vmax"], size)
+
+            caption = "\n".join(d["lines"]) if include.get("captions", True) else ""
+            parts: list[Element] = [Picture(native, render, caption, max_width=panel_w)]  # type: ignore[arg-type]
+            if include.get("colorbar", True) and self.side_scale() == "own":
+                parts.append(ColorBar(lut, max(d["vmax"], 1e-12), f"{d['label']}: {d['layer']} filter {res.unit}",
+                                      max_width=panel_w))
+            cols.append(Stack(parts, gap=3))
+        elements: list[Element] = [Text(self.side_statement()), Row(cols, gap=10)]
+        if include.get("colorbar", True) and self.side_scale() == "shared":
+            elements.append(ColorBar(lut, max(res.shared_max(0), 1e-12),
+                                     f"activation of filter {res.unit}, one scale for every panel", max_width=240.0))
+        return elements
+
     # ------------------------------------------------------------------ figures
 
     def figure_kinds(self) -> list[FigureKind]:
         return [FigureKind("metrics", "Filter metrics: headline numbers and entropy histograms"),
-                FigureKind("training", "Training curves and the comparison of the three models")]
+                FigureKind("training", "Training curves and the comparison of the three models"),
+                FigureKind("side", "Side by side: the selected filter on the selected image in each model")]
 
     def figure_options(self) -> list[FigureOption]:
         return [FigureOption("summary", "Headline numbers", True),
                 FigureOption("histograms", "Histograms of the entropies and part IoU", True, ("metrics",)),
                 FigureOption("top", "The filters with the lowest spatial entropy", True, ("metrics",)),
                 FigureOption("curves", "Loss and accuracy curves", True, ("training",)),
-                FigureOption("table", "Per-filter comparison (first filters)", True, ("training",))]
+                FigureOption("table", "Per-filter comparison (first filters)", True, ("training",)),
+                FigureOption("side", "The selected filter side by side in each model", True, ("training",)),
+                FigureOption("captions", "Captions: model, layer, the filter's metrics", True, ("side",)),
+                FigureOption("colorbar", "Colour bar(s)", True, ("side",))]
 
     def figure(self, options: FigureOptions | None = None) -> Figure:
         options = options or FigureOptions()
@@ -1046,6 +1364,8 @@ class FiltersView(View):
         name = model.name if model is not None else "the model"
         if kind == "training":
             return self._training_figure(options, include)
+        if kind == "side":
+            return self._side_figure(options, include)
         r = self.result
         if r is None:
             raise ValueError("Interpretable filters: nothing to export yet: run the filter metrics first")
@@ -1104,16 +1424,62 @@ class FiltersView(View):
             elements.append(Stack([Text(f"Per filter (first {n} of {len(per['spatial'])}): the start model, the "
                                         "ordinary and the interpretable one", bold=True),
                                    Row(cols, weights=[0.6] + [1.0] * (len(cols) - 1), gap=2)]))
+        if include.get("side", True) and self.side_maps is not None and comp:
+            side = self._side_elements(options, {"captions": True, "colorbar": True})
+            if side:
+                elements.append(Stack([Text(f"Filter {self.side_maps.unit} side by side", bold=True), *side]))
         where = f" at {comp['layer']}" if comp else ""
         model = self.ctx.session.model
         start = comp.get("start_name") if comp else (model.name if model is not None else "the model")
         subtitle = "ordinary (no filter loss) and interpretable (task + filter loss, 1/t schedule) from the same start"
         return Figure(f"Interpretable training of {start}{where}", subtitle, elements, options.width_pt, options.dpi)
 
+    def _side_figure(self, options: FigureOptions, include: dict[str, bool]) -> Figure:
+        comp, res = self.comparison, self.side_maps
+        if not comp or res is None:
+            raise ValueError("Interpretable filters: nothing side by side yet: train, then pick a filter and an image")
+        elements: list[Element] = []
+        if include.get("summary", True):
+            elements.append(Text("\n".join(self.comparison_lines())))
+        elements.extend(self._side_elements(options, include))
+        subtitle = (f"{comp['start_name']} at {comp['layer']} and the trained models at {comp['measured_layer']}, "
+                    f"each opened as its own model; filter {res.unit}, image {Path(res.paths[0]).name}")
+        return Figure(f"Filter {res.unit} side by side: start, interpretable, ordinary", subtitle, elements,
+                      options.width_pt, options.dpi)
+
 
 # --------------------------------------------------------------------------------------------
 # plain functions (worker side and data shaping)
 # --------------------------------------------------------------------------------------------
+
+_SIDE_SIZE = (160, 160)
+
+
+def side_overlay(base: np.ndarray | None, fmap: np.ndarray, vmax: float, size: tuple[int, int]) -> np.ndarray:
+    """The map ``fmap`` (h, w) upsampled bilinearly to ``size``, divided by ``vmax``, clipped to
+    [0, 1], coloured (:data:`SIDE_CMAP`) and blended at :data:`SIDE_OPACITY` over ``base`` (the
+    image as the model sees it, at ``size``; grey when None). (H, W, 3) uint8."""
+    up = upsample(np.asarray(fmap, dtype=np.float32), size)
+    scaled = np.clip(up / vmax, 0.0, 1.0) if vmax > 0 else np.zeros(size, dtype=np.float32)
+    heat = colormaps.apply(scaled, SIDE_CMAP).astype(np.float32)
+    shown = (np.full((*size, 3), 128.0, dtype=np.float32) if base is None
+             else resample(base, size).astype(np.float32))
+    return np.rint(shown * (1 - SIDE_OPACITY) + heat * SIDE_OPACITY).astype(np.uint8)
+
+
+def side_caption(comp: Mapping[str, Any], run: str, unit: int, layer: str, mx: float, vmax: float) -> list[str]:
+    """A panel's caption: the model and layer, the filter's metrics in that model (category,
+    entropies, instability, part IoU, from the comparison's metrics) and its scale."""
+    lines = [f"{_SIDE_LABEL.get(run, run)} · {layer} · filter {unit}"]
+    m = comp.get("metrics", {}).get(run)
+    if m is not None and 0 <= unit < m.units:
+        d = table_rows(m)[unit]
+        inst = f"{d['instability']:.3f}" if math.isfinite(d["instability"]) else "-"
+        iou = f"{d['part_iou']:.3f}" + (f" ({d['part']})" if d["part"] else "") if math.isfinite(d["part_iou"]) else "-"
+        lines.append(f"category {d['category'] or '-'} · inter H {d['inter']:.3f} · spatial H {d['spatial']:.3f}")
+        lines.append(f"instab. {inst} · part IoU {iou}")
+    lines.append(f"max here {mx:.3g} · scale 0–{vmax:.3g}")
+    return lines
 
 
 def _plot(y: str, x: str) -> pg.PlotWidget:
