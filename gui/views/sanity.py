@@ -322,31 +322,44 @@ class SanityView(View):
         self.numbers.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.numbers.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
 
-        # what the check shows scrolls as one when the dock is short (a 1024x640 window): the
-        # numbers never overlap the plot
-        body = QWidget()
-        bl = QVBoxLayout(body)
-        bl.setContentsMargins(0, 0, 0, 0)
-        bl.addWidget(self.status)
-        bl.addWidget(self.plot, 1)
-        bl.addWidget(self.numbers)
-        bl.addWidget(self.strip_title)
-        bl.addWidget(strip_scroll)
-        self.body_scroll = QScrollArea()
-        self.body_scroll.setObjectName("sanity_body")
-        self.body_scroll.setWidget(body)
-        self.body_scroll.setWidgetResizable(True)
-        self.body_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        self.body_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        # the numbers and the maps under the plot scroll when the dock is short (a 1024x640
+        # window): they never overlap the plot, which keeps the rest of the height
+        details = QWidget()
+        dl = QVBoxLayout(details)
+        dl.setContentsMargins(0, 0, 0, 0)
+        dl.addWidget(self.numbers)
+        dl.addWidget(self.strip_title)
+        dl.addWidget(strip_scroll)
+        self.details_scroll = QScrollArea()
+        self.details_scroll.setObjectName("sanity_details")
+        self.details_scroll.setWidget(details)
+        self.details_scroll.setWidgetResizable(True)
+        self.details_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.details_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.details_scroll.setMinimumHeight(TILE + 40)
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
         lay.addLayout(grid)
         lay.addLayout(buttons)
-        lay.addWidget(self.body_scroll, 1)
+        lay.addWidget(self.status)
+        lay.addWidget(self.plot, 1)
+        lay.addWidget(self.details_scroll, 1)  # no taller than its contents: see _fit_details
 
     def sizeHint(self) -> QSize:
         return QSize(460, 520)
+
+    def _fit_details(self) -> None:
+        """The details under the plot take the height they need (up to half of what is left);
+        the plot the rest."""
+        body = self.details_scroll.widget()
+        w = self.details_scroll.viewport().width()
+        need = body.heightForWidth(w) if body.hasHeightForWidth() else body.sizeHint().height()
+        self.details_scroll.setMaximumHeight(max(TILE + 40, need + 2))
+
+    def resizeEvent(self, event: Any) -> None:
+        super().resizeEvent(event)
+        QTimer.singleShot(0, self._fit_details)
 
     # ------------------------------------------------------------------ settings
 
@@ -611,6 +624,7 @@ class SanityView(View):
         self._render_plot()
         self._render_numbers()
         self._render_strip()
+        self._fit_details()
 
     def _render_status(self) -> None:
         model = self.ctx.session.model
