@@ -894,7 +894,7 @@ class ProbesView(View):
             self.numbers_scroll.setMaximumHeight(40)
             return
         # short headers (the dock may be narrow); the tooltip says what each is
-        head = "".join(f"<th align={'left' if i == 0 else 'right'}>{h}</th>" for i, h in enumerate(
+        head = "".join(f"<th align={'left' if i == 0 else 'right'}>{'&nbsp;&nbsp;' if i else ''}{h}</th>" for i, h in enumerate(
             ("layer", f"inv. at {r.values[0]:g}", f"inv. at {r.values[-1]:g}", "M_θ held-out err.", "identity map",
              "‖M_a M_b − M_(a∘b)‖/‖M‖", "composed err.")))
         head = f"<tr>{head}</tr>"
@@ -905,7 +905,7 @@ class ProbesView(View):
         note = (f"Linear maps on {r.feature_note}; fitted on {r.n_train} images, tested on {r.n_test}; "
                 f"{len(r.comp_pairs)} composition pairs." if r.lin_test is not None else
                 "One image: no linear maps (they are fitted on part of a set and tested on the rest).")
-        self.numbers.setText(f"<table cellspacing=0 cellpadding=3>{head}{body}</table>"
+        self.numbers.setText(f"<table cellspacing=0 cellpadding=1>{head}{body}</table>"
                              + ("" if r.lin_test is not None else f"<small>{note}</small>"))
         self.numbers.setToolTip(note + " inv.: the normalised feature distance at the sweep's ends; M_θ held-out err.: the "
                                 "linear map's held-out error on the test images, identity map: the same for no map (M = I); "
