@@ -33,15 +33,19 @@ from engine.dissection import (
     unit_masks,
     write_report,
 )
+from engine.dissection.passes import Pass1, compute_device, partial_pass1, pass2
 from engine.dissection.run import (
+    DissectionInputs,
     concept_image_set,
     dissection_preprocess,
     float32_cut,
     forward_batch,
 )
+from engine.dissection.timing import Clock
 from engine.jobs import run_sync
 from engine.models import build_spec, load_model
 from engine.models.zoo import RNet
+from engine.types import Progress
 
 RNET_LAYERS = ["conv1", "conv2", "conv3"]
 
@@ -363,6 +367,99 @@ def test_repeat_comes_from_cache_and_cancel_leaves_nothing(rnet, rnet_result, co
     job.close()
     assert any("pass 1/2" in m for m in messages)
     assert not (fresh.root / "dissection").exists() or not any((fresh.root / "dissection").iterdir())
+
+
+class _BlockPasses:
+    """A :class:`PassStrategy` built on the public pass API alone, as a distributed driver
+    builds one: both passes over blocks of ``block`` images in this process, pass 1 as
+    mergeable partials (:func:`partial_pass1`), pass 2 as one :func:`pass2` per block, the
+    partials merged."""
+
+    passes = 2
+
+    def __init__(self, inputs: DissectionInputs, block: int) -> None:
+        self.inputs, self.block = inputs, block
+        self.device = compute_device(inputs.backend, inputs.params)
+        self.clock = Clock(self.device)
+        self.blocks = 0
+
+    def describe(self) -> str:
+        return f"blocks of {self.block}"
+
+    def begin(self):
+        yield Progress(0.0, "starting the blocks")
+
+    def _split(self, order: list[int]) -> list[list[int]]:
+        return [order[s:s + self.block] for s in range(0, len(order), self.block)]
+
+    def pass1(self, order: list[int]):
+        i = self.inputs
+        quantiles: dict = {}
+        tops: dict = {}
+        skipped: list[tuple[str, str]] = []
+        for block in self._split(order):
+            part, bad = partial_pass1(i.backend, i.image_set, i.pre, block, i.info, i.params, self.device, len(order))
+            for name, (q, top) in part.items():
+                quantiles[name] = q if name not in quantiles else quantiles[name].merge(q)
+                tops[name] = top if name not in tops else tops[name].merge(top)
+            skipped += bad
+            self.blocks += 1
+            yield Progress(0.1, f"pass 1 block {self.blocks}")
+        failed = {path for path, _ in skipped}
+        loaded = [j for j in order if i.image_set.records[j].path not in failed]
+        if loaded and len(loaded) < len(order):
+            for name, li in i.info.items():
+                quantiles[name].shrink_total(len(loaded) * li.shape[1] * li.shape[2])
+        return Pass1(quantiles, tops, None, skipped, loaded)
+
+    def pass2(self, p1: Pass1, thresholds, ties):
+        i = self.inputs
+        tallies: dict = {}
+        failed: list[tuple[str, str]] = []
+        for block in self._split(p1.loaded):
+            part, bad = yield from pass2(i.backend, i.concepts, i.image_set, i.pre, block, i.info, thresholds, ties,
+                                         None, i.labels, i.params, self.device, self.clock)
+            for name, t in part.items():
+                tallies[name] = t if name not in tallies else tallies[name].merge(t)
+            failed += bad
+        return tallies, failed
+
+    def notes(self, n_images: int) -> list[str]:
+        return [f"{n_images} images in blocks of {self.block}"]
+
+    def seconds(self, layers) -> dict[str, float]:
+        return {k: v for k, v in self.clock.seconds.items() if k in ("pass1", "pass2")}
+
+
+def test_a_pass_strategy_of_blocks_gives_the_in_process_result(rnet, rnet_result, concepts: ConceptDataset,
+                                                                 tmp_path: Path) -> None:
+    # dissect() with another PassStrategy (what engine.cluster's Ray driver plugs in): the
+    # merged block partials give the in-process result bit for bit, in the same cache entry
+    loaded, backend = rnet
+    first, _ = rnet_result
+    made: list[_BlockPasses] = []
+
+    def blocks(inputs: DissectionInputs) -> _BlockPasses:
+        made.append(_BlockPasses(inputs, block=16))
+        return made[-1]
+
+    cache = Cache(tmp_path / "c")
+    job = dissect(backend, loaded.cache_id, concepts, RNET_LAYERS, DissectionParams(batch_size=8), cache=cache,
+                  passes=blocks)
+    messages: list[str] = []
+    while True:
+        try:
+            messages.append(next(job).message)
+        except StopIteration as stop:
+            got = stop.value
+            break
+    assert len(made) == 1 and made[0].blocks == 4  # 60 images: 16 + 16 + 16 + 12
+    assert "starting the blocks" in messages and any("(blocks of 16)" in m for m in messages)
+    assert (got.passes, got.notes[0], sorted(got.seconds)) == (2, "60 images in blocks of 16", ["pass1", "pass2", "total"])
+    _same(first, replace(got, params=first.params))
+    again = run_sync(dissect(backend, loaded.cache_id, concepts, RNET_LAYERS, cache=cache))
+    assert again.from_cache and again.passes == 2
+    _same(first, again)
 
 
 def test_report_files(rnet, rnet_result, concepts: ConceptDataset, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ from engine.cache import Cache
 from engine.cluster.executor import RayExecutor, worker_threads
 from engine.cluster.payload import ModelPayload, Transfer
 from engine.concepts import ConceptDataset
-from engine.data.images import ImageLoader, ImageSet
+from engine.data.images import ImageSet
 from engine.jobs import Job
 from engine.types import LayerInfo, Preprocess, Progress
 
@@ -77,33 +77,18 @@ class DissectWorker:
                 "skipped": np.array([skipped], dtype=object), "pid": np.array([os.getpid()], np.int64)}
 
     def _pass1(self, block: list[int]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-        """The block's partial pass 1: sketches made for the whole set's count (so they merge)
-        and the top images as a mergeable :class:`TopK`."""
+        """The block's partial pass 1 (:func:`engine.dissection.passes.partial_pass1`), moved
+        to the CPU for the object store."""
         import torch
 
-        from engine.dissection.passes import compute_device, forward_batch, tie_keep
-        from engine.dissection.quantile import TopQuantile
+        from engine.dissection.passes import compute_device, partial_pass1
 
-        device = compute_device(self.backend, self.params)
         assert self.total is not None
-        quantiles = {}
-        for name, li in self.info.items():
-            total = self.total * li.shape[1] * li.shape[2]
-            quantiles[name] = TopQuantile(li.units, total, self.params.quantile, device=device,
-                                          min_keep=tie_keep(total, self.params))
-        tops = {name: TopK(li.units, self.params.top_k) for name, li in self.info.items()}
-        layers = list(self.info)
-        with ImageLoader(self.image_set, self.pre, batch_size=self.params.batch_size, workers=self.threads,
-                         indices=block) as loader:
-            for b in loader:
-                acts = forward_batch(self.backend, b.array, layers, device)
-                for name in layers:
-                    quantiles[name].update(acts[name])
-                    tops[name].add(acts[name].amax(dim=(2, 3)).cpu().numpy(), b.indices)
-            skipped = list(loader.skipped)
+        device = compute_device(self.backend, self.params)
+        part, skipped = partial_pass1(self.backend, self.image_set, self.pre, block, self.info, self.params, device,
+                                      self.total, workers=self.threads)
         cpu = torch.device("cpu")
-        part = {name: (_moved(quantiles[name], cpu), tops[name]) for name in layers}
-        return part, skipped
+        return {name: (_moved(q, cpu), top) for name, (q, top) in part.items()}, skipped
 
     def _pass2(self, block: list[int]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         """The dissection's own pass 2 over the block (thresholds and tie plans of the whole

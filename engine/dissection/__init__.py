@@ -1,6 +1,10 @@
 """Network Dissection (Bau et al., CVPR 2017): thresholds and IoU tallies (numpy), the run over a
 model's layers and its report.
 
+A distributed driver (``engine.cluster``) runs :func:`dissect` with its own
+:class:`PassStrategy` (where the two passes run) over the public pass functions of
+:mod:`engine.dissection.passes` (``compute_device``, ``partial_pass1``, ``pass1``, ``pass2``).
+
 The names load on first use (PEP 562): ``import engine.dissection`` imports neither torch nor the
 report code, so the ``dissect`` command's parser (``engine.dissection.cli``) costs nothing until
 the command runs.
@@ -22,20 +26,26 @@ _WHERE = {
     "mask_cuts": "masks",
     "render_tiles": "report",
     "write_report": "report",
+    "DissectionInputs": "run",
     "DissectionParams": "run",
     "DissectionResult": "run",
     "LayerDissection": "run",
+    "LocalPasses": "run",
+    "PassStrategy": "run",
     "dissect": "run",
     "load_result": "run",
     "save_result": "run",
 }
 
 __all__ = [
+    "DissectionInputs",
     "DissectionParams",
     "DissectionResult",
     "IoUTally",
     "LayerDissection",
     "LayerSummary",
+    "LocalPasses",
+    "PassStrategy",
     "TallyResult",
     "TopQuantile",
     "dissect",
@@ -55,9 +65,12 @@ if TYPE_CHECKING:  # the same names for type checkers, imported eagerly
     from engine.dissection.quantile import TopQuantile as TopQuantile
     from engine.dissection.report import render_tiles as render_tiles
     from engine.dissection.report import write_report as write_report
+    from engine.dissection.run import DissectionInputs as DissectionInputs
     from engine.dissection.run import DissectionParams as DissectionParams
     from engine.dissection.run import DissectionResult as DissectionResult
     from engine.dissection.run import LayerDissection as LayerDissection
+    from engine.dissection.run import LocalPasses as LocalPasses
+    from engine.dissection.run import PassStrategy as PassStrategy
     from engine.dissection.run import dissect as dissect
     from engine.dissection.run import load_result as load_result
     from engine.dissection.run import save_result as save_result

@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from engine.activations import TopK
 from engine.backends.base import Backend, forward_error
 from engine.backends.torch_backend import TorchBackend
 from engine.concepts import ConceptDataset
@@ -211,6 +212,31 @@ def pass1(
         for name, li in info.items():
             quantiles[name].shrink_total(len(loaded) * li.shape[1] * li.shape[2])
     return Pass1(quantiles, tops, kept, skipped, loaded)
+
+
+def partial_pass1(
+    backend: Backend, image_set: ImageSet, pre: Preprocess, block: Sequence[int], info: dict[str, LayerInfo],
+    params: DissectionParams, device: torch.device, total_images: int, *, workers: int | None = None,
+) -> tuple[dict[str, tuple[TopQuantile, TopK]], list[tuple[str, str]]]:
+    """Pass 1 over one block of a larger set, as partials that merge: per layer a sketch made
+    for ``total_images`` images (:meth:`TopQuantile.merge` of the blocks' sketches is the
+    sketch of the whole set) and the block's top images as a :class:`TopK`; and the block's
+    images that failed to load (what a distributed run's workers compute)."""
+    quantiles = {}
+    for name, li in info.items():
+        total = total_images * li.shape[1] * li.shape[2]
+        quantiles[name] = TopQuantile(li.units, total, params.quantile, device=device,
+                                      min_keep=tie_keep(total, params))
+    tops = {name: TopK(li.units, params.top_k) for name, li in info.items()}
+    layers = list(info)
+    with ImageLoader(image_set, pre, batch_size=params.batch_size, workers=workers, indices=list(block)) as loader:
+        for batch in loader:
+            acts = forward_batch(backend, batch.array, layers, device)
+            for name in layers:
+                quantiles[name].update(acts[name])
+                tops[name].add(acts[name].amax(dim=(2, 3)).cpu().numpy(), batch.indices)
+        skipped = list(loader.skipped)
+    return {name: (quantiles[name], tops[name]) for name in layers}, skipped
 
 
 def tie_keep(total: int, params: DissectionParams) -> int:

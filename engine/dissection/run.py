@@ -29,7 +29,11 @@ thresholds (a mass of activations tied with ``T_k``) and 1x1 layers: see docs/di
 The result is cached (kind ``"dissection"``) under a key of everything that determines it, so a
 repeat is instant; a cancelled run (``gen.close()``) writes nothing.
 
-This module is the orchestrator (:func:`dissect`); the parts live beside it and are re-exported
+This module is the orchestrator (:func:`dissect`: cache, labels, the retries when images fail
+to load, thresholds, tie plans, the result). *Where* the two passes run is a
+:class:`PassStrategy`: :class:`LocalPasses` in this process by default, one sharding them over
+a Ray cluster in ``engine.cluster.dissect``; every strategy gives the same result and cache
+entry. The parts live beside it and are re-exported
 here: :mod:`~engine.dissection.result` (params and result types, the layer summary),
 :mod:`~engine.dissection.passes` (forward batches, pass 1, pass 2), :mod:`~engine.dissection.sparse`
 (the sparse IoU tally), :mod:`~engine.dissection.labels` (labels and their prefetch),
