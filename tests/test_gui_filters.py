@@ -331,10 +331,12 @@ def test_side_by_side_shows_the_filter_in_each_model(qtbot, view: FiltersView, c
     assert f"category {m['category']}" in caption
     data = {d["name"]: d for d in view.side_panels_data()}
     assert all(d["vmax"] == d["max"] for d in data.values()) and "own max" in view.side_status.text()
+    assert "each map's own max" in view.side_status.toolTip() and "conv3" not in view.side_status.text()
     view.scale_combo.setCurrentIndex(view.scale_combo.findData("shared"))
     data = {d["name"]: d for d in view.side_panels_data()}
     shared = max(float(res.maps[n][0].max()) for n in res.names)
-    assert all(d["vmax"] == pytest.approx(shared) for d in data.values()) and "largest value" in view.side_status.text()
+    assert all(d["vmax"] == pytest.approx(shared) for d in data.values()) and "largest value" in view.side_status.toolTip()
+    assert f"shared max {shared:.4g}" in view.side_status.text()
     assert view.side_captions["ordinary"].text() == "\n".join(
         side_caption(comp, "ordinary", 9, f"{LAYER}.mask", float(res.maps["ordinary"][0].max()), data["ordinary"]["vmax"]))
     # another image, then another filter chosen elsewhere (the heatmaps' selection at the start layer)

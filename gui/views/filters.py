@@ -611,13 +611,18 @@ class FiltersView(View):
         side_top.addWidget(self.scale_combo)
         side_top.addWidget(self.side_cancel)
         side_top.addWidget(self.side_progress, 1)
+        side_top.addStretch(1)
         side_box = QWidget()
         sbl = QVBoxLayout(side_box)
         sbl.setContentsMargins(0, 0, 0, 0)
         sbl.setSpacing(3)
         sbl.addLayout(side_top)
         sbl.addWidget(self.side_status)
-        sbl.addWidget(panels, 1)
+        side_scroll = QScrollArea()  # a short dock scrolls the panels rather than squeezing the captions
+        side_scroll.setWidget(panels)
+        side_scroll.setWidgetResizable(True)
+        side_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        sbl.addWidget(side_scroll, 1)
         self.body_tabs = QTabWidget()
         self.body_tabs.addTab(curves_box, "Curves")
         self.body_tabs.addTab(side_box, "Side by side")
@@ -626,6 +631,8 @@ class FiltersView(View):
         body = QSplitter(Qt.Orientation.Vertical)
         body.addWidget(self.body_tabs)
         body.addWidget(lower)
+        body.setStretchFactor(0, 3)
+        body.setStretchFactor(1, 2)
         body.setChildrenCollapsible(False)
         train_scroll = QScrollArea()
         train_scroll.setWidget(train_box)
@@ -1301,7 +1308,10 @@ class FiltersView(View):
         for d in data:
             self.side_panels[d["name"]].set_rgb(side_overlay(base, d["map"], d["vmax"], _SIDE_SIZE))
             self.side_captions[d["name"]].setText("\n".join(d["lines"]))
-        self.side_status.setText(self.side_statement() + (" (from the cache)" if res.from_cache else ""))
+        scale = "each its own max" if self.side_scale() == "own" else f"shared max {res.shared_max(0):.4g}"
+        self.side_status.setText(f"Filter {res.unit} of {Path(res.paths[0]).name}, colour scale: {scale}"
+                                 + (" (from the cache)" if res.from_cache else ""))
+        self.side_status.setToolTip(self.side_statement())
         self.body_tabs.setTabText(1, f"Side by side: filter {res.unit}")
 
     def _side_preprocess(self) -> Any:
@@ -1476,7 +1486,8 @@ def side_caption(comp: Mapping[str, Any], run: str, unit: int, layer: str, mx: f
         d = table_rows(m)[unit]
         inst = f"{d['instability']:.3f}" if math.isfinite(d["instability"]) else "-"
         iou = f"{d['part_iou']:.3f}" + (f" ({d['part']})" if d["part"] else "") if math.isfinite(d["part_iou"]) else "-"
-        lines.append(f"category {d['category'] or '-'} · inter H {d['inter']:.3f} · spatial H {d['spatial']:.3f}")
+        lines.append(f"category {d['category'] or '-'}")
+        lines.append(f"inter H {d['inter']:.3f} · spatial H {d['spatial']:.3f}")
         lines.append(f"instab. {inst} · part IoU {iou}")
     lines.append(f"max here {mx:.3g} · scale 0–{vmax:.3g}")
     return lines
