@@ -275,3 +275,92 @@ def test_graph_nodes_are_matched_by_the_columns_they_cover(rnet, cache, one_thre
     # the original graphs of both images have nodes; with the classifier random every image is
     # predicted as one class, the transition tables have no contrast and the graphs no nodes
     assert res.values.shape[2] >= 2 and res.values[0, 0].tolist() == [0.0] * res.values.shape[2]
+
+
+# ------------------------------------------------------------------------------------ the layers named
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.conv2(self.relu(self.conv1(x))))
+
+
+class _Blocks(nn.Module):
+    """A torchvision-ResNet-like layout: a stem, a container of blocks, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer1 = nn.Sequential(_Block(), _Block())
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer1(torch.relu(self.stem(x))).flatten(1))
+
+
+def _blocks_backend(model: nn.Module) -> TorchBackend:
+    pre = Preprocess(input_size=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return TorchBackend(model.eval(), ModelSpec(path="blocks.pt", preprocess=pre), "cpu")
+
+
+def _colour_images(root: Path, n: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "a").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "a" / f"{i}.png")
+    return root
+
+
+def test_a_named_container_randomises_its_weight_layers_and_a_weightless_name_is_refused(tmp_path, one_thread):
+    from engine.sanity.randomise import expand_layers
+
+    torch.manual_seed(0)
+    model = _Blocks()
+    be = _blocks_backend(model)
+    convs = ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]
+    assert expand_layers(be, ["layer1", "layer1.1", "stem"]) == {"layer1": convs, "layer1.1": convs[2:], "stem": ["stem"]}
+    for bad in ("layer1.1.relu", "nope"):
+        with pytest.raises(ConvLensError, match=f"layer '{bad}' to randomise.*layer1.0.conv1"):
+            expand_layers(be, [bad])
+    plan = [(names, {n: rb.module.get_submodule(n).weight.detach().clone() for n in [*convs, "stem", "fc"]})
+                for names, rb in randomised_backends(be, ["stem", "layer1"], "cascade",
+                                                     members=expand_layers(be, ["stem", "layer1"]))]
+    assert [p[0] for p in plan] == [["layer1"], ["layer1", "stem"]]
+    first = plan[0][1]
+    assert all(not torch.equal(first[n], model.get_submodule(n).weight) for n in convs)  # one step: all four
+    assert torch.equal(first["stem"], model.stem.weight) and torch.equal(first["fc"], model.fc.weight)
+    images = open_image_set(_colour_images(tmp_path / "img"))
+    cache = Cache(tmp_path / "cache")
+    res = run_sync(run(be, "blocks", images, SanityParams("saliency", layers=("layer1",), images=3), cache=cache))
+    assert res.randomised == (("layer1",),) and res.series("spearman_abs")[0] < 0.9
+    with pytest.raises(ConvLensError, match="'layer1.1.relu' to randomise owns no weight"):
+        run_sync(run(be, "blocks", images, SanityParams("saliency", layers=("layer1.1.relu",), images=3), cache=cache))
+
+
+def test_parametrized_weights_are_randomised(one_thread):
+    from torch.nn.utils import parametrizations, weight_norm
+
+    torch.manual_seed(0)
+    model = _Blocks()
+    parametrizations.weight_norm(model.layer1[0].conv1)
+    parametrizations.spectral_norm(model.fc)
+    weight_norm(model.layer1[1].conv2)  # the older hook form: weight_g, weight_v
+    be = _blocks_backend(model)
+    layers = weight_layers(be)
+    assert layers == ["stem", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2", "fc"]
+    names = ["layer1.0.conv1", "layer1.1.conv2", "fc"]
+    x = torch.randn(2, 3, 8, 8)
+    for done, rb in randomised_backends(be, names, "cascade"):
+        if len(done) < len(names):
+            continue
+        with torch.no_grad():
+            assert not torch.allclose(rb.module(x), model(x))  # the old hook form recomputes weight in forward
+        for n in names:
+            old, new = model.get_submodule(n), rb.module.get_submodule(n)
+            assert not torch.allclose(new.weight, old.weight), n
+            for (k, p), q in zip(old.named_parameters(), new.parameters(), strict=True):
+                assert not torch.equal(p, q), (n, k)

@@ -25,10 +25,10 @@ from ..cache import Cache, DamagedEntry, check_array, check_meta, load_array, wr
 from ..jobs import Job
 from ..types import ConvLensError, Progress
 from .explanations import EVIDENCE_METHODS, EXPLANATIONS, Inputs, evidence_available, scratch_cache
-from .randomise import INITS, MODES, effective_layers, randomised_backends, steps, weight_layers
+from .randomise import INITS, MODES, effective_layers, expand_layers, randomised_backends, steps, weight_layers
 
 CACHE_KIND = "sanity"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: containers named in ``layers`` randomise their weight layers; parametrized weights randomised
 
 
 @dataclass(frozen=True)
@@ -270,11 +270,9 @@ def _compute(backend: Any, model_sha: str, image_set: Any, params: SanityParams,
     batch = np.concatenate([b.array for b in parts])
     indices = np.concatenate([b.indices for b in parts])
     targets = backend.classifier_output(backend.forward(batch)).argmax(axis=1).astype(np.int64)
-    if params.layers is not None:
-        backend.check_capture(list(params.layers))
-        layers, dropped = list(params.layers), list[str]()
-    else:
-        layers, dropped = effective_layers(backend, weight_layers(backend), batch[:8], params.seed, params.init)
+    members = expand_layers(backend, params.layers) if params.layers is not None else None
+    named = list(params.layers) if params.layers is not None else weight_layers(backend)
+    layers, dropped = effective_layers(backend, named, batch[:8], params.seed, params.init, members)
     if not layers:
         raise ConvLensError(f"{backend.spec.path}: no layer with weights that the classifier output depends on")
     plan = steps(layers, params.mode)
@@ -286,7 +284,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, params: SanityParams,
     step_maps: list[np.ndarray] = []
     scratch, tmp = scratch_cache()
     try:
-        gen = randomised_backends(backend, layers, params.mode, params.seed, params.init)
+        gen = randomised_backends(backend, layers, params.mode, params.seed, params.init, members)
         try:
             for s, (names, rb) in enumerate(gen):
                 lo = (s + 1) / total
