@@ -91,6 +91,12 @@ def overlay_rgb(result: Any, row: int, size: tuple[int, int], blobs: bool = True
     return out
 
 
+def _signed(x: float) -> str:
+    """``x`` with its sign to 3 decimals, never "-0.000"."""
+    x = float(x)
+    return f"{0.0 if abs(x) < 5e-4 else x:+.3f}"
+
+
 def _qpixmap(rgb: np.ndarray) -> QPixmap:
     arr = np.ascontiguousarray(rgb, dtype=np.uint8)
     h, w = arr.shape[:2]
@@ -646,7 +652,7 @@ class EvidenceView(View):
             verdict = "causal" if r.blob_causal[b] else "non-causal"
             parts.append(f"<span style='color:{c.name()}'>blob {int(r.blob_id[b])}: {int(r.blob_area[b])} px, "
                          f"{100 * r.blob_mass[b]:.0f}% of the evidence, p {r.probs[0]:.3f} → "
-                         f"{r.blob_prob_after[b]:.3f} (drop {r.blob_drop[b]:+.3f}): <b>{verdict}</b></span>")
+                         f"{r.blob_prob_after[b]:.3f} (drop {_signed(r.blob_drop[b])}): <b>{verdict}</b></span>")
         if not parts:
             parts.append("no positive evidence in the map: no blobs")
         tail = (f"top {100 * r.params.top_fraction:.0f}% of the map masked at once: p → {r.region_prob[0]:.3f}; "
@@ -730,7 +736,7 @@ class EvidenceView(View):
             for b in r.blobs_of(0):
                 verdict = "causal" if r.blob_causal[b] else "non-causal"
                 lines.append(f"blob {int(r.blob_id[b])}: {int(r.blob_area[b])} px, {100 * r.blob_mass[b]:.0f}% of the "
-                             f"evidence; p {r.probs[0]:.3f} → {r.blob_prob_after[b]:.3f} (drop {r.blob_drop[b]:+.3f}): "
+                             f"evidence; p {r.probs[0]:.3f} → {r.blob_prob_after[b]:.3f} (drop {_signed(r.blob_drop[b])}): "
                              f"{verdict}")
             if not lines:
                 lines.append("no positive evidence in the map: no blobs")

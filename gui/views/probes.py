@@ -359,6 +359,8 @@ class ProbesView(View):
         il = QVBoxLayout(inv_box)
         il.setContentsMargins(0, 0, 0, 0)
         self.inv_title = QLabel("Invariance per layer")
+        # a long axis name (brightness change (fraction of full range)) must not widen the dock
+        self.inv_title.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         il.addWidget(self.inv_title)
         il.addWidget(self.inv_plot, 1)
         il.addWidget(self.inv_legend)
@@ -802,7 +804,7 @@ class ProbesView(View):
         else:
             r = self.result
             text = (f"{r.n} image{'s' if r.n != 1 else ''}, {_LABELS[r.transform].lower()} over "
-                    f"{r.values[0]:g}…{r.values[-1]:g} ({len(r.values)} values, {r.params.fill} fill)"
+                    f"{r.values[0]:g}…{r.values[-1]:g} ({len(r.values)} values{_fill_note(r, ', ')})"
                     f"{' (from cache)' if r.from_cache else ''}")
         self.status.setText(text)
         self.status.setToolTip(text)
@@ -855,8 +857,9 @@ class ProbesView(View):
 
     def _render_invariance(self) -> None:
         self._draw(self.inv_plot, self.invariance_series(), self.inv_legend)
-        self.inv_title.setText(f"Invariance per layer vs {self._x_label()}" if self.result is not None else
+        self.inv_title.setText(f"Invariance vs {self._x_label()}" if self.result is not None else
                                "Invariance per layer")
+        self.inv_title.setToolTip(self.inv_title.text())
 
     def _render_responses(self) -> None:
         self._draw(self.resp_plot, self.response_series(), self.resp_legend)
@@ -937,7 +940,7 @@ class ProbesView(View):
             return
         views = self.strip_views()
         self.strip_title.setText(f"{r.paths[j]} along the sweep (untransformed: "
-                                 f"{r.class_name(int(r.ref_pred[j]))}); red: the prediction changed")
+                                 f"{r.class_name(int(r.ref_pred[j]))}; p: its probability); red: the prediction changed")
         if views is None:
             self.strip.set_placeholder("…", QSize(260, 30))
             return
@@ -947,8 +950,11 @@ class ProbesView(View):
             p = int(r.pred[j, k])
             changed = p != int(r.ref_pred[j])
             tile = resample(views[k], size)
+            # the class is named only where it changed (the title names the untransformed one):
+            # a long class name would be cut off under a small tile
             tiles.append(_captioned(_framed(tile) if changed else tile, f"{v:g}",
-                                    f"{r.class_name(p)} {r.prob[j, k]:.2f}", changed, self.font()))
+                                    f"{r.class_name(p)} {r.prob[j, k]:.2f}" if changed else f"p {r.prob[j, k]:.2f}",
+                                    changed, self.font()))
             tips.append(f"{_QUANTITIES.get(r.transform, r.transform)} {v:g}: predicted {r.class_name(p)} ({r.prob[j, k]:.3f}); "
                         f"{r.class_name(int(r.ref_pred[j]))} {r.ref_prob[j, k]:.3f}")
         self.strip.set_tiles(np.stack(tiles), list(range(len(views))), len(views), tips=tips)
@@ -1028,11 +1034,18 @@ class ProbesView(View):
         what = "all" if r.n > 1 else "one"
         subtitle = (f"{os.path.basename(r.model)}; {what} {r.n} image{'s' if r.n != 1 else ''} of "
                     f"{os.path.basename(r.image_source.rstrip(os.sep)) or r.image_source}; {_LABELS[r.transform].lower()} over "
-                    f"{xs[0]:g}..{xs[-1]:g} ({len(xs)} values), {r.params.fill} fill; transformation probe "
+                    f"{xs[0]:g}..{xs[-1]:g} ({len(xs)} values){_fill_note(r, ', ')}; transformation probe "
                     "(Worrall et al., ICCV 2017)")
         title = (f"Transformation probe: {_LABELS[r.transform].lower()} ({model.name})" if kind == "summary" else
                  f"Unit response to {_LABELS[r.transform].lower()} ({model.name}, {self.response_layer()})")
         return Figure(title, subtitle, elements, options.width_pt, options.dpi)
+
+
+def _fill_note(r: Any, sep: str) -> str:
+    """``sep`` + "<fill> fill" for a geometric transformation (brightness brings no pixels in)."""
+    from engine.probes.transforms import GEOMETRIC
+
+    return f"{sep}{r.params.fill} fill" if r.transform in GEOMETRIC else ""
 
 
 def _legend_label() -> QLabel:

@@ -303,7 +303,12 @@ class SanityView(View):
             axis = self.plot.getAxis(side)
             axis.setPen("k")
             axis.setTextPen("k")
-        self.legend = self.plot.addLegend(offset=(-4, 2), labelTextColor="k", colCount=6)
+        # the legend under the plot, not in it: curves that stay at 1 (a layer below the
+        # explanation's) would run under it
+        self.legend_label = QLabel()
+        self.legend_label.setTextFormat(Qt.TextFormat.RichText)
+        self.legend_label.setWordWrap(True)
+        self.legend_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.plot.setMouseEnabled(x=False, y=False)
         self.strip_title = QLabel()
         self.strip_title.setWordWrap(True)
@@ -344,6 +349,7 @@ class SanityView(View):
         lay.addLayout(buttons)
         lay.addWidget(self.status)
         lay.addWidget(self.plot, 1)
+        lay.addWidget(self.legend_label)
         lay.addWidget(self.details_scroll, 1)  # no taller than its contents: see _fit_details
 
     def sizeHint(self) -> QSize:
@@ -647,7 +653,7 @@ class SanityView(View):
 
     def _render_plot(self) -> None:
         self.plot.clear()
-        self.legend.clear()
+        self.legend_label.setText("")
         res = self.result
         axis = self.plot.getAxis("bottom")
         if res is None or not res.n_steps:
@@ -669,7 +675,10 @@ class SanityView(View):
                                                   pen=pg.mkPen(QColor(c.red(), c.green(), c.blue(), 120))))
         lo = float(np.nanmin(np.concatenate([[0.0], (mean - spread).ravel()])))
         # room above 1 for the one-row legend: the curves start at 1 ("original")
-        self.plot.setYRange(max(-1.05, min(-0.2, lo - 0.05)), 1.3, padding=0)
+        self.legend_label.setText(" &nbsp; ".join(
+            f"<span style='color:{COLOURS[m % len(COLOURS)].name()}'>━━●━━</span>&nbsp;{html.escape(metric_label(n))}"
+            for m, n in enumerate(res.metrics)))
+        self.plot.setYRange(max(-1.05, min(-0.2, lo - 0.05)), 1.08, padding=0)
         self.plot.getAxis("left").setTicks([[(v, f"{v:g}") for v in np.arange(-1.0, 1.01, 0.5)]])
         self.plot.setXRange(-0.3, len(labels) - 0.7, padding=0)
         self.plot.setLabel("bottom", "layers randomised, from the output down" if res.mode == "cascade"
@@ -694,7 +703,7 @@ class SanityView(View):
         parts = []
         for name, last, drop in self.outcome():
             v = "n/a" if last is None else f"{last:.3f}"
-            parts.append(f"{html.escape(metric_label(name))}: <b>{v}</b> at the last step, " +
+            parts.append(f"{html.escape(metric_label(name))}: <b>{v}</b> at the last step ({res.steps[-1]}), " +
                          (f"below 0.5 from <b>{drop}</b>" if drop else "<span style='color:#d21e1e'>never below "
                                                                        "0.5</span>"))
         items = f"{res.values.shape[2]} {res.item}{'s' if res.values.shape[2] != 1 else ''}"
@@ -762,7 +771,7 @@ class SanityView(View):
         xlab = "layers randomised, from the output down" if res.mode == "cascade" else "the one layer randomised"
         elements: list[Any] = [SimilarityChart(list(res.steps), series, xlab)]
         if include.get("numbers", True):
-            lines = [f"{metric_label(name)}: {('n/a' if last is None else f'{last:.3f}')} at the last step; "
+            lines = [f"{metric_label(name)}: {('n/a' if last is None else f'{last:.3f}')} at the last step ({res.steps[-1]}); "
                      + (f"below 0.5 from {drop}" if drop else "never below 0.5")
                      for name, last, drop in self.outcome()]
             if res.dropped:
