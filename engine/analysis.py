@@ -76,11 +76,15 @@ class Method(Protocol):
 def method_key(kind: str, version: int, backend: Any, model_sha: str, data: str,
                params: Params | None = None, *extra: Any) -> str:
     """A cache key of everything that determines a method's result: the method (``kind``,
-    ``version``), the model (content hash, architecture, preprocessing, output index, backend),
-    the data's fingerprint (e.g. :meth:`ImageSet.fingerprint`), ``params.result_key()`` and any
-    ``extra`` JSON-able parts (layers, categories, ...)."""
+    ``version``), the model (content hash, architecture, preprocessing, output index, whether
+    that output is logits or probabilities, the class names results carry, backend), the data's
+    fingerprint (e.g. :meth:`ImageSet.fingerprint`), ``params.result_key()`` and any ``extra``
+    JSON-able parts (layers, categories, ...). The device is left out (the same result up to
+    float rounding)."""
     spec = backend.spec
-    return make_key(kind, version, model_sha, spec.arch, spec.preprocess, spec.output_index,
+    model = {"arch": spec.arch, "output_index": spec.output_index, "scores": spec.scores,
+             "classes": None if spec.classes is None else list(spec.classes), "num_classes": spec.num_classes}
+    return make_key(kind, version, model_sha, spec.preprocess, model,
                     backend.name, data, None if params is None else params.result_key(), *extra)
 
 

@@ -134,3 +134,24 @@ def test_the_dissection_package_has_the_method_shape() -> None:
     assert isinstance(params, Params)
     assert "batch_size" not in params.result_key() and params.result_key()["quantile"] == 0.005
     assert analysis.mark_from_cache(Squares(np.zeros(1)), True).from_cache
+
+
+def test_the_key_covers_every_model_setting_that_changes_a_result() -> None:
+    import torch
+
+    from engine.analysis import method_key
+    from engine.backends.torch_backend import TorchBackend
+    from engine.types import ModelSpec, Preprocess
+
+    base = ModelSpec(path="m.pt", preprocess=Preprocess(input_size=(4, 4)))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
+
+    def key(spec: ModelSpec) -> str:
+        return method_key("k", 1, TorchBackend(net, spec, "cpu"), "sha", "data")
+
+    ref = key(base)
+    changed = {"scores": "probs", "output_index": 1, "classes": ("a", "b"), "num_classes": 2, "arch": "x.py:Net",
+               "preprocess": Preprocess(input_size=(4, 4), mean=(0.5, 0.5, 0.5))}
+    for name, value in changed.items():
+        assert key(base.with_(**{name: value})) != ref, name
+    assert key(base.with_(device="cpu")) == ref == key(base.with_(path="elsewhere.pt"))  # the content hash names the model
