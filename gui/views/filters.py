@@ -35,9 +35,17 @@ TorchScript file) and select the same image, the measured layer and the same fil
 the heatmaps show that filter in each model in turn. The status line names the checkpoint
 folders, each with a ``model.toml`` that File > Open model reads.
 
+*Side by side* (the tab beside the curves): the selected filter (comparison row, or the
+selection's unit at the trained layer) on the selected image in the start model (``<layer>``) and
+the trained ones (``<layer>.mask``), computed by :func:`engine.filters.compare.filter_maps` on the
+runner (key ``"filters-side"``, cancellable, cached), each model opened as its own backend from
+the files the job measured (the session's model stays), with each panel's own max or one shared
+max as the colour scale (:data:`SCALES`, stated on the panels) and the filter's metrics in each
+model as captions.
+
 *Figures*: ``metrics`` (headline numbers, histograms of the entropies and of part IoU, the
-most interpretable filters) and ``training`` (the loss and accuracy curves and the comparison
-table).
+most interpretable filters), ``training`` (the loss and accuracy curves, the comparison table
+and the side-by-side panels) and ``side`` (the side-by-side panels with their colour bars).
 """
 
 from __future__ import annotations
@@ -1447,7 +1455,8 @@ class FiltersView(View):
     def _side_figure(self, options: FigureOptions, include: dict[str, bool]) -> Figure:
         comp, res = self.comparison, self.side_maps
         if not comp or res is None:
-            raise ValueError("Interpretable filters: nothing side by side yet: train, then pick a filter and an image")
+            raise ValueError("Interpretable filters: nothing to export yet: train, then pick a filter and an image to see "
+                             "it side by side")
         elements: list[Element] = []
         if include.get("summary", True):
             elements.append(Text("\n".join(self.comparison_lines())))
