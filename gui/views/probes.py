@@ -896,20 +896,23 @@ class ProbesView(View):
             self.numbers.setText("")
             self.numbers_scroll.setMaximumHeight(40)
             return
-        # short headers (the dock may be narrow); the tooltip says what each is
-        head = "".join(f"<th align={'left' if i == 0 else 'right'}>{'&nbsp;&nbsp;' if i else ''}{h}</th>" for i, h in enumerate(
-            ("layer", f"inv. at {r.values[0]:g}", f"inv. at {r.values[-1]:g}", "M_θ held-out err.", "identity map",
-             "‖M_a M_b − M_(a∘b)‖/‖M‖", "composed err.")))
-        head = f"<tr>{head}</tr>"
-        body = "".join(f"<tr><td>{x['layer']}</td><td align=right>{_fmt(x['first'])}</td>"
-                       f"<td align=right>{_fmt(x['last'])}</td><td align=right>{_fmt(x['linear'])}</td>"
-                       f"<td align=right>{_fmt(x['identity'])}</td><td align=right>{_fmt(x['frobenius'])}</td>"
-                       f"<td align=right>{_fmt(x['composed'])}</td></tr>" for x in self.numbers_rows())
+        # short headers (the dock may be narrow); the tooltip says what each is. One image has no
+        # linear maps: its table has only the invariance columns, under the note saying why
+        maps = r.lin_test is not None
+        heads = ["layer", f"inv. at {r.values[0]:g}", f"inv. at {r.values[-1]:g}"]
+        keys = ["first", "last"]
+        if maps:
+            heads += ["M_θ held-out err.", "identity map", "‖M_a M_b − M_(a∘b)‖/‖M‖", "composed err."]
+            keys += ["linear", "identity", "frobenius", "composed"]
+        head = "<tr>" + "".join(f"<th align={'left' if i == 0 else 'right'}>{'&nbsp;&nbsp;' if i else ''}{h}</th>"
+                                for i, h in enumerate(heads)) + "</tr>"
+        body = "".join(f"<tr><td>{x['layer']}</td>" + "".join(f"<td align=right>{_fmt(x[k])}</td>" for k in keys)
+                       + "</tr>" for x in self.numbers_rows())
         note = (f"Linear maps on {r.feature_note}; fitted on {r.n_train} images, tested on {r.n_test}; "
-                f"{len(r.comp_pairs)} composition pairs." if r.lin_test is not None else
+                f"{len(r.comp_pairs)} composition pairs." if maps else
                 "One image: no linear maps (they are fitted on part of a set and tested on the rest).")
-        self.numbers.setText(f"<table cellspacing=0 cellpadding=1>{head}{body}</table>"
-                             + ("" if r.lin_test is not None else f"<small>{note}</small>"))
+        self.numbers.setText(("" if maps else f"<small>{note}</small>")
+                             + f"<table cellspacing=0 cellpadding=1>{head}{body}</table>")
         self.numbers.setToolTip(note + " inv.: the normalised feature distance at the sweep's ends; M_θ held-out err.: the "
                                 "linear map's held-out error on the test images, identity map: the same for no map (M = I); "
                                 "‖M_a M_b − M_(a∘b)‖/‖M‖: how well the maps compose, composed err.: the composed "

@@ -678,7 +678,7 @@ class SanityView(View):
         self.legend_label.setText(" &nbsp; ".join(
             f"<span style='color:{COLOURS[m % len(COLOURS)].name()}'>━━●━━</span>&nbsp;{html.escape(metric_label(n))}"
             for m, n in enumerate(res.metrics)))
-        self.plot.setYRange(max(-1.05, min(-0.2, lo - 0.05)), 1.08, padding=0)
+        self.plot.setYRange(max(-1.05, min(-0.2, lo - 0.05)), 1.15, padding=0)  # room for the label of 1
         self.plot.getAxis("left").setTicks([[(v, f"{v:g}") for v in np.arange(-1.0, 1.01, 0.5)]])
         self.plot.setXRange(-0.3, len(labels) - 0.7, padding=0)
         self.plot.setLabel("bottom", "layers randomised, from the output down" if res.mode == "cascade"
