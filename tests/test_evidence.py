@@ -370,3 +370,36 @@ def test_a_map_without_positive_evidence_has_no_blobs_and_still_draws(half, tmp_
     assert r.n == 2 and (r.maps == 0).all() and len(r.blob_image) == 0
     assert r.summary()["blobs"] == 0 and r.classes == ("0", "1")
     assert evidence_image(r, 0).height > 8 and curves_image(r).size == (720, 300)
+
+
+class _OneLogit(nn.Module):
+    """A binary classifier with one output: the logit 4 x the mean of channel 0 over the left half, minus 2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (4.0 * x[:, 0, :, : x.shape[3] // 2].mean(dim=(1, 2)) - 2.0)[:, None]
+
+
+def test_a_one_output_classifier_gets_the_sigmoid_of_its_logit() -> None:
+    from engine.backends.torch_backend import TorchBackend
+    from engine.evidence import average_drop_increase, causal_check, deletion_insertion
+    from engine.evidence.metrics import score_kind
+
+    spec = ModelSpec(path="one.pt", preprocess=Preprocess(input_size=(8, 8), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    be = TorchBackend(_OneLogit(), spec, "cpu")
+    x = np.full((1, 3, 8, 8), 0.75, np.float32)
+    m = np.zeros((1, 8, 8), np.float32)
+    m[0, 1:3, 0:3] = 2.0  # in the left half: the model uses it
+    m[0, 5:7, 5:8] = 1.0  # in the right half: ignored
+    t = np.array([0])
+    assert score_kind(be, np.array([[1.0], [-3.0]])) == "sigmoid"
+    assert score_kind(be, np.array([[0.2], [0.9]])) == "probs"  # auto: every value in [0, 1]
+    assert score_kind(TorchBackend(_OneLogit(), spec.with_(scores="logits"), "cpu"), np.array([[0.2]])) == "sigmoid"
+    cc = causal_check(be, x, m, t, top_fraction=0.25, baseline="zero", threshold=0.05, kind="sigmoid")
+    assert cc.base_prob[0] == pytest.approx(_sigmoid(1.0), abs=1e-6)
+    assert cc.prob_after.tolist() == pytest.approx([_sigmoid(4.0 * 0.75 * 26 / 32 - 2), _sigmoid(1.0)], abs=1e-6)
+    assert cc.causal.tolist() == [True, False]
+    cu = deletion_insertion(be, x, m, t, steps=4, deletion_baseline="zero", insertion_baseline="black", kind="sigmoid")
+    assert cu.deletion[0, 0] == pytest.approx(_sigmoid(1.0), abs=1e-6) and cu.deletion[0, -1] == pytest.approx(_sigmoid(-2.0))
+    assert cu.insertion[0, 0] == pytest.approx(_sigmoid(-2.0)) and cu.insertion[0, -1] == pytest.approx(_sigmoid(1.0))
+    di = average_drop_increase(be, x, m, t, kind="sigmoid")
+    assert 0 < di.drop[0] < 100

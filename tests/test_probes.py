@@ -265,3 +265,46 @@ def test_cancel_leaves_no_entry_and_one_image_has_no_linear_map(rnet, tmp_path: 
     assert res.invariance()[:, 1].tolist() == [0.0, 0.0, 0.0] and np.all(res.invariance()[:, 0] > 0)
     with pytest.raises(ConvLensError, match="nosuch"):
         run_sync(run(be, loaded.cache_id, one, ProbeParams(layers=("nosuch",)), cache=cache))
+
+
+class _OneLogit(nn.Module):
+    """A binary classifier with one output (a single logit) on a spatial feature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x))
+
+
+def test_a_one_output_classifier_gets_two_classes_from_the_sigmoid(tmp_path: Path) -> None:
+    from engine.probes.run import class_probabilities
+
+    p, kind = class_probabilities(np.array([[0.0], [2.0], [-1.0]]))
+    assert kind == "sigmoid" and np.allclose(p[:, 1], [0.5, 1 / (1 + np.exp(-2)), 1 / (1 + np.exp(1))])
+    assert np.allclose(p.sum(axis=1), 1.0)
+    assert class_probabilities(np.array([[0.2], [0.7]]))[1] == "probs"
+    be = _backend(_OneLogit(), 6)
+    iset = open_image_set(_folder(tmp_path / "img", 12, 6, seed=2))
+    res = run_sync(run(be, "one", iset, ProbeParams(transform="rotate", values=(0.0, 90.0), layers=("conv",)),
+                       cache=Cache(tmp_path / "c")))
+    assert res.score_kind == "sigmoid"
+    with torch.no_grad():
+        from engine.data.images import ImageLoader
+
+        batch = next(iter(ImageLoader(iset, be.spec.preprocess, batch_size=12, indices=res.record_indices.tolist())))
+        logit = be.module(torch.from_numpy(batch.array))[:, 0].numpy()
+    assert res.ref_pred.tolist() == (logit > 0).astype(int).tolist()
+    sig = 1 / (1 + np.exp(-logit))
+    assert np.allclose(res.ref_prob[:, 0], np.where(logit > 0, sig, 1 - sig), atol=1e-5)
+    assert 0.5 <= res.prob.min() < 0.9  # not the constant 1.0 of a one-column softmax
+    assert load_result_and_kind(res, tmp_path) == "sigmoid"
+
+
+def load_result_and_kind(res, tmp_path: Path) -> str:
+    from engine.probes.run import save_result
+
+    save_result(res, tmp_path / "saved")
+    return load_result(tmp_path / "saved").score_kind

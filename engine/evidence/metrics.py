@@ -20,7 +20,10 @@
   with ``O > Y`` (in %).
 
 Probabilities: the softmax of the classifier output (or the output itself when the model gives
-probabilities; ``spec.scores``), decided once on the unchanged images.
+probabilities; ``spec.scores``), decided once on the unchanged images. A classifier with one
+output (a single logit, a binary classifier) gets its sigmoid instead (a softmax over one
+column is always 1), or the output itself when it gives probabilities (``auto``: every value in
+[0, 1]); the result's ``score_kind`` is then ``sigmoid`` or ``probs``.
 """
 
 from __future__ import annotations
@@ -36,11 +39,27 @@ from .maps import EvidenceError, baseline_batch, black_input, classifier_scores
 
 
 def score_kind(backend: Any, outputs: np.ndarray) -> str:
-    """``logits`` or ``probs``: the spec's, or what the unchanged images' outputs look like."""
-    kind = getattr(backend.spec, "scores", "auto")
+    """``logits``, ``probs`` or (one output: a single logit) ``sigmoid``: the spec's, or what the
+    unchanged images' outputs look like."""
+    kind = str(getattr(backend.spec, "scores", "auto"))
+    outputs = outputs.reshape(len(outputs), -1)
+    if outputs.shape[1] == 1:
+        if kind == "auto":
+            rows = outputs[~np.isnan(outputs).any(axis=1)]
+            kind = "probs" if rows.size and bool((rows >= -1e-6).all() and (rows <= 1 + 1e-6).all()) else "logits"
+        return "probs" if kind == "probs" else "sigmoid"
     if kind in ("logits", "probs"):
-        return str(kind)
+        return kind
     return to_probabilities(outputs, "auto")[1]
+
+
+def probabilities(outputs: np.ndarray, kind: str) -> np.ndarray:
+    """float32 (N, K): class probabilities of classifier outputs of kind ``kind``
+    (:func:`score_kind`): a softmax of logits, the sigmoid of a single logit, or as given."""
+    if kind == "sigmoid":
+        with np.errstate(over="ignore"):
+            return (1.0 / (1.0 + np.exp(-outputs.astype(np.float64)))).astype(np.float32)
+    return to_probabilities(outputs, kind)[0]
 
 
 def class_probability(backend: Any, batch: np.ndarray, targets: np.ndarray, kind: str,
@@ -48,7 +67,7 @@ def class_probability(backend: Any, batch: np.ndarray, targets: np.ndarray, kind
     """float32 (N,): the probability of ``targets[i]`` for image ``batch[i]``."""
     if not len(batch):
         return np.zeros(0, np.float32)
-    probs = to_probabilities(classifier_scores(backend, batch, batch_size), kind)[0]
+    probs = probabilities(classifier_scores(backend, batch, batch_size), kind)
     return probs[np.arange(len(batch)), targets].astype(np.float32)
 
 

@@ -26,7 +26,7 @@ from .maps import BASELINES, METHODS, evidence_maps
 from .metrics import average_drop_increase, causal_check, deletion_insertion, score_kind
 
 CACHE_KIND = "evidence"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one-output classifiers get a sigmoid; RISE's insertion blur; Average Drop on max(map, 0)
 
 
 @dataclass(frozen=True)

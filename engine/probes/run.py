@@ -50,7 +50,7 @@ from engine.probes import transforms as tf
 from engine.types import ConvLensError, Progress
 
 CACHE_KIND = "probe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one-output classifiers get a sigmoid (score_kind); translation in model-input pixels under crops
 FEATURES = ("pooled", "flat")
 
 
@@ -156,6 +156,9 @@ class ProbeResult:
     comp_direct: np.ndarray
     seconds: dict[str, float]
     skipped: tuple[tuple[str, str], ...] = ()
+    #: how the classifier output became probabilities: ``softmax`` (logits), ``probs`` (as
+    #: given), ``sigmoid`` (one output: a single logit; classes 0 (below 0.5) and 1)
+    score_kind: str = "softmax"
     from_cache: bool = False
 
     @property
@@ -245,7 +248,7 @@ class ProbeResult:
             layers.append(row)
         return {"model": self.model, "images": self.n, "transform": self.transform,
                 "unit": tf.UNITS[self.transform], "values": [float(v) for v in self.values],
-                "params": self.params.result_key(), "features": self.feature_note,
+                "params": self.params.result_key(), "features": self.feature_note, "score_kind": self.score_kind,
                 "n_train": self.n_train, "n_test": self.n_test, "layers": layers,
                 "input_invariance": [_num(v) for v in self.input_invariance()],
                 "prediction_agreement": [float(v) for v in self.agreement()],
@@ -469,11 +472,28 @@ def _distances(full: np.ndarray) -> np.ndarray:
     return d.astype(np.float32)
 
 
-def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], params: ProbeParams) -> Job[ProbeResult]:
-    from engine.data.images import ImageError, load_image
+def class_probabilities(out: np.ndarray, scores: str = "auto") -> tuple[np.ndarray, str]:
+    """(N, K) class probabilities of classifier outputs and how they were made (see
+    :attr:`ProbeResult.score_kind`). One output (a binary classifier) gives two columns,
+    ``1 - p`` and ``p``, with ``p`` the sigmoid of the logit or (``scores="probs"``, or ``auto``
+    with every value in [0, 1]) the output itself."""
     from engine.predict import to_probabilities
 
+    out = out.reshape(len(out), -1)
+    if out.shape[1] == 1:
+        rows = out[~np.isnan(out).any(axis=1)]
+        given = scores == "probs" or (scores == "auto" and rows.size > 0 and bool(((rows >= -1e-6) & (rows <= 1 + 1e-6)).all()))
+        with np.errstate(over="ignore"):
+            p = out[:, 0].astype(np.float64) if given else 1.0 / (1.0 + np.exp(-out[:, 0].astype(np.float64)))
+        return np.stack([1.0 - p, p], axis=1), "probs" if given else "sigmoid"
+    p, kind = to_probabilities(out, scores)
+    return p, "softmax" if kind == "logits" else kind
+
+
+def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], params: ProbeParams) -> Job[ProbeResult]:
+    from engine.data.images import ImageError, load_image
     t0 = time.perf_counter()
+    score_kind = "softmax"
     spec = backend.spec
     pre = spec.preprocess
     values = [float(v) for v in params.values]
@@ -517,7 +537,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], pa
             for name in layers:
                 acts[name].append(res.activations[name])
         out = np.concatenate(outs).astype(np.float64)
-        p, _kind = to_probabilities(out, spec.scores)
+        p, score_kind = class_probabilities(out, spec.scores)
         p = p.reshape(len(chunk), len(sweep), -1)
         cls = p.argmax(axis=2)
         ref = cls[:, 0]
@@ -600,7 +620,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], pa
         feature_dims=dims, feature_note=note, n_train=n_train, n_test=n_test,
         lin_train=lin_tr, lin_test=lin_te, lin_identity=lin_id, comp_pairs=pairs, comp_frob=frob, comp_test=comp,
         comp_direct=direct, seconds={"sweep": t1 - t0, "linear_maps": t2 - t1, "total": t2 - t0},
-        skipped=tuple(skipped))
+        skipped=tuple(skipped), score_kind=score_kind)
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,7 +661,7 @@ def save_result(result: ProbeResult, folder: str | Path) -> None:
                             "layers": list(result.layers), "layer_shapes": [list(s) for s in result.layer_shapes],
                             "feature_note": result.feature_note, "n_train": result.n_train, "n_test": result.n_test,
                             "has_linear": result.lin_test is not None, "seconds": result.seconds,
-                            "skipped": [list(s) for s in result.skipped]}
+                            "skipped": [list(s) for s in result.skipped], "score_kind": result.score_kind}
     write_meta(folder, json.loads(json.dumps(meta)))
 
 
@@ -680,6 +700,7 @@ def load_result(folder: str | Path) -> ProbeResult:
             pooled_ref=tuple(np.array(load_array(folder, f"pooled_ref_{i}")) for i in range(n_l)),
             feature_note=meta["feature_note"], n_train=int(meta["n_train"]), n_test=int(meta["n_test"]),
             seconds=meta["seconds"], skipped=tuple(tuple(s) for s in meta["skipped"]),
+            score_kind=str(meta.get("score_kind", "softmax")),
             lin_train=lin["lin_train"], lin_test=lin["lin_test"], lin_identity=lin["lin_identity"],
             **arrays)  # type: ignore[arg-type]
     except (TypeError, ValueError, KeyError) as e:
