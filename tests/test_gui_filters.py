@@ -169,6 +169,13 @@ def test_tiny_training_updates_the_curves_and_compares(qtbot, view: FiltersView,
     rows = sorted(view.compare_table.visible_rows(), key=lambda r: r["filter"])
     np.testing.assert_allclose([r["ordinary"] for r in rows], comp["metrics"]["ordinary"].best_part()[1])
     assert len(view.comparison_lines()) == 3 and "val acc." in view.comparison_lines()[2]
+    # side by side from a new PartNet (not the session's model): its relu4 and both trained relu4.mask
+    qtbot.waitUntil(lambda: (view.side_maps is not None and view._side_handle is None)
+                    or "failed" in view.side_status.text(), timeout=JOB_MS)
+    side = view.side_maps
+    assert side is not None, view.side_status.text()
+    assert side.layers == {"original": "relu4", "interpretable": "relu4.mask", "ordinary": "relu4.mask"}
+    assert all(side.maps[n].shape == (1, 6, 6) for n in side.names)
 
     fig, root = check_figure(view, FigureOptions(kind="training", size="full", dpi=100), tmp_path, "training")
     charts = [p for p in parts(fig) if isinstance(p, LineChart)]
