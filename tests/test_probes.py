@@ -27,6 +27,7 @@ from engine.probes.run import (
     run,
     save_result,
     single_image_set,
+    sweep_views,
 )
 from engine.types import ConvLensError, ModelSpec, Preprocess
 
@@ -308,3 +309,30 @@ def load_result_and_kind(res, tmp_path: Path) -> str:
 
     save_result(res, tmp_path / "saved")
     return load_result(tmp_path / "saved").score_kind
+
+
+@pytest.mark.parametrize("resize", ["shorter_side_crop", "stretch"])
+def test_translation_moves_the_model_input_by_the_pixels_asked(resize: str) -> None:
+    """On a wide image (40 x 60) at a 16 x 16 input, a shift of 10 model-input pixels moves a
+    blob's centroid 10 pixels in the preprocessed input, right or down, under either resize."""
+    h, w, ih, iw = 40, 60, 16, 16
+    pre = Preprocess(input_size=(ih, iw), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize=resize)
+    sy, sx = (h * 0.875 / ih, h * 0.875 / ih) if resize == "shorter_side_crop" else (h / ih, w / iw)
+    rows, cols = np.mgrid[0:h, 0:w]
+    cy, cx = (h - 1) / 2 - 4.5 * sy, (w - 1) / 2 - 4.5 * sx  # at about (3, 3) of the model input
+    blob = np.exp(-(((rows - cy) / (1.5 * sy)) ** 2 + ((cols - cx) / (1.5 * sx)) ** 2) / 2)
+    img = np.repeat((255 * blob).round().astype(np.uint8)[:, :, None], 3, axis=2)
+
+    def centroid(x: np.ndarray) -> np.ndarray:
+        m = preprocess(x, pre)[0].astype(np.float64)
+        r, c = np.mgrid[0:ih, 0:iw]
+        return np.array([(m * r).sum(), (m * c).sum()]) / m.sum()
+
+    ref = centroid(img)
+    assert np.abs(ref - 3.0).max() < 0.6
+    right = centroid(tf.apply(img, "translate-x", 10.0, "black", (ih, iw), resize=resize))
+    down = centroid(tf.apply(img, "translate-y", 10.0, "black", (ih, iw), resize=resize))
+    np.testing.assert_allclose(right - ref, [0.0, 10.0], atol=0.3)
+    np.testing.assert_allclose(down - ref, [10.0, 0.0], atol=0.3)
+    views = sweep_views(img, "translate-x", [0.0, 10.0], "black", pre)
+    assert np.argmax(views[1][:, :, 0].max(axis=0)) - np.argmax(views[0][:, :, 0].max(axis=0)) == 10

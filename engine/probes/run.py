@@ -420,7 +420,8 @@ def sweep_inputs(img: np.ndarray, params: ProbeParams, preprocess: Any, values: 
     from engine.data.images import preprocess as prep
 
     size = tuple(preprocess.input_size)
-    return np.stack([prep(tf.apply(img, params.transform, v, params.fill, size), preprocess) for v in values])
+    return np.stack([prep(tf.apply(img, params.transform, v, params.fill, size, resize=preprocess.resize,
+                                   crop_fraction=preprocess.crop_fraction), preprocess) for v in values])
 
 
 def sweep_views(img: np.ndarray, transform: str, values: Sequence[float], fill: str, preprocess: Any) -> list[np.ndarray]:
@@ -433,7 +434,8 @@ def sweep_views(img: np.ndarray, transform: str, values: Sequence[float], fill: 
     h, w = preprocess.input_size
     out = []
     for v in values:
-        t = Image.fromarray(tf.apply(img, transform, v, fill, (h, w)), "RGB")
+        t = Image.fromarray(tf.apply(img, transform, v, fill, (h, w), resize=preprocess.resize,
+                                     crop_fraction=preprocess.crop_fraction), "RGB")
         if preprocess.grayscale:
             t = t.convert("L").convert("RGB")
         if preprocess.resize == "shorter_side_crop":

@@ -127,12 +127,29 @@ def _about_centre(img: np.ndarray, inverse: np.ndarray, shift: tuple[float, floa
     return inverse, c - inverse @ (c + s)
 
 
+def image_pixels_per_input_pixel(h: int, w: int, input_size: tuple[int, int], resize: str = "stretch",
+                                 crop_fraction: float = 0.875) -> tuple[float, float]:
+    """(rows, columns): how many pixels of an ``h`` x ``w`` image one model-input pixel spans
+    under the preprocessing's resize policy (as :func:`engine.data.images.preprocess` resizes:
+    ``stretch`` to ``input_size``, or ``shorter_side_crop``: scaled to cover
+    ``input_size / crop_fraction``, sizes floored, then centre-cropped)."""
+    ih, iw = input_size
+    if resize == "shorter_side_crop":
+        scale = max(ih / crop_fraction / h, iw / crop_fraction / w)
+        new_h, new_w = max(ih, int(h * scale + 1e-6)), max(iw, int(w * scale + 1e-6))
+        return h / new_h, w / new_w
+    return h / ih, w / iw
+
+
 def apply(img: np.ndarray, transform: str, theta: float, fill: str = "reflect",
-          input_size: tuple[int, int] | None = None) -> np.ndarray:
+          input_size: tuple[int, int] | None = None, *, resize: str = "stretch",
+          crop_fraction: float = 0.875) -> np.ndarray:
     """``img`` (uint8, (H, W, 3)) transformed by ``transform`` with parameter ``theta``.
 
     ``input_size`` (height, width) is the model's input size, the unit of translations (None:
-    the image's own pixels). The identity value returns ``img`` itself.
+    the image's own pixels), with ``resize`` / ``crop_fraction`` the preprocessing's policy (a
+    shift of ``theta`` model-input pixels is ``theta`` pixels of what the model sees). The
+    identity value returns ``img`` itself.
     """
     check_transform(transform)
     check_fill(fill)
@@ -155,10 +172,8 @@ def apply(img: np.ndarray, transform: str, theta: float, fill: str = "reflect",
     elif transform == "scale":
         matrix, offset = _about_centre(img, np.eye(2) / theta)
     else:
-        ih, iw = input_size if input_size is not None else (h, w)
-        if transform == "translate-x":
-            shift = (0.0, theta * w / iw)
-        else:
-            shift = (theta * h / ih, 0.0)
+        sy, sx = (1.0, 1.0) if input_size is None else image_pixels_per_input_pixel(h, w, input_size, resize,
+                                                                                    crop_fraction)
+        shift = (0.0, theta * sx) if transform == "translate-x" else (theta * sy, 0.0)
         matrix, offset = _about_centre(img, np.eye(2), shift)
     return _warp(img, matrix, offset, fill)
