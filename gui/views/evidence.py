@@ -298,7 +298,7 @@ class EvidenceView(View):
         self.plot.setMinimumSize(160, 120)
         self.plot.setLabel("bottom", "fraction of pixels changed")
         self.plot.setLabel("left", "class probability")
-        self.plot.setYRange(0, 1.02, padding=0)
+        self.plot.setYRange(-0.03, 1.06, padding=0)  # room for the labels of 0 and 1
         self.plot.setXRange(0, 1, padding=0.02)
         self.plot.showGrid(x=True, y=True, alpha=0.2)
         self.plot.setMenuEnabled(False)

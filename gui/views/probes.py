@@ -921,10 +921,14 @@ class ProbesView(View):
         self._fit_numbers()
 
     def _fit_numbers(self) -> None:
-        """The numbers' scroll area no taller than the table needs at its width."""
+        """The numbers' scroll area no taller than the table needs at its width (nor, room allowing, shorter)."""
         if self.numbers.text():
             width = max(200, self.numbers_scroll.viewport().width())
-            self.numbers_scroll.setMaximumHeight(max(40, self.numbers.heightForWidth(width) + 6))
+            need = max(40, self.numbers.heightForWidth(width) + 6)
+            self.numbers_scroll.setMaximumHeight(need)
+            # and as tall as that where the dock has the room (an eighth of its height), so that a
+            # tall dock shows the whole table rather than giving every pixel to the plots
+            self.numbers_scroll.setMinimumHeight(min(need, max(40, self.height() // 8)))
 
     def resizeEvent(self, event: Any) -> None:
         super().resizeEvent(event)
@@ -943,7 +947,7 @@ class ProbesView(View):
             return
         views = self.strip_views()
         self.strip_title.setText(f"{r.paths[j]} along the sweep (untransformed: "
-                                 f"{r.class_name(int(r.ref_pred[j]))}; p: its probability); red: the prediction changed")
+                                 f"{r.class_name(int(r.ref_pred[j]))}; p: its probability; red: prediction changed)")
         if views is None:
             self.strip.set_placeholder("…", QSize(260, 30))
             return
