@@ -78,6 +78,9 @@ def test_heatmap_check_shows_the_engine_result(qtbot, ctx, view: SanityView, dem
     # the strip: the selected image's original and randomised maps
     assert view.strip_row() == 0 and view.strip.ids == list(range(1 + res.n_steps))
     assert "conv2" in view.numbers.text() and "below 0.5 from <b>conv2</b>" in view.numbers.text()
+    # the verdict: passes when every metric of the engine's result drops below 0.5 at some step
+    passes = all(ref.drop_step(m) is not None for m in ref.metrics)
+    assert view.verdict().startswith("Passes" if passes else "Fails") and view.verdict() in view.numbers.text()
     ctx.selection.current_image = 150  # not checked: the strip says so
     assert view.strip_row() is None and "press Run" in view.strip_title.text()
     ctx.selection.current_image = 5

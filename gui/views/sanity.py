@@ -696,6 +696,17 @@ class SanityView(View):
             out.append((name, last if np.isfinite(last) else None, None if d is None else res.steps[d]))
         return out
 
+    def verdict(self) -> str:
+        """One sentence: does the explanation pass (every metric drops below 0.5 at some step)?"""
+        out = self.outcome()
+        if not out:
+            return ""
+        stays = [metric_label(n) for n, _last, drop in out if drop is None]
+        if not stays:
+            return "Passes: the explanation changes (every similarity falls below 0.5) when the weights are randomised."
+        return (f"Fails for {', '.join(stays)}: it stays above 0.5 at every step of the randomisation, so the "
+                "explanation depends little on what the model learned.")
+
     def _numbers_text(self) -> str:
         res = self.result
         if res is None:
@@ -709,7 +720,10 @@ class SanityView(View):
         items = f"{res.values.shape[2]} {res.item}{'s' if res.values.shape[2] != 1 else ''}"
         extra = f" · not randomised (no effect on the class output): {', '.join(res.dropped)}" if res.dropped else ""
         cached = " (from cache)" if res.from_cache else ""
-        return f"{res.title}, {items}{cached}: " + "; ".join(parts) + extra
+        verdict = self.verdict()
+        colour = "#1e8c32" if verdict.startswith("Passes") else "#d21e1e"
+        head = f"<b style='color:{colour}'>{html.escape(verdict)}</b><br>" if verdict else ""
+        return head + f"{res.title}, {items}{cached}: " + "; ".join(parts) + extra
 
     def _render_numbers(self) -> None:
         self.numbers.setText(self._numbers_text())
@@ -776,6 +790,8 @@ class SanityView(View):
                      for name, last, drop in self.outcome()]
             if res.dropped:
                 lines.append(f"not randomised (the class output does not depend on them): {', '.join(res.dropped)}")
+            if self.verdict():
+                lines.insert(0, self.verdict())
             elements.append(Text("\n".join(lines)))
         row = self.strip_row()
         if include.get("maps", True) and row is not None:
