@@ -403,3 +403,58 @@ def test_a_one_output_classifier_gets_the_sigmoid_of_its_logit() -> None:
     assert cu.insertion[0, 0] == pytest.approx(_sigmoid(-2.0)) and cu.insertion[0, -1] == pytest.approx(_sigmoid(1.0))
     di = average_drop_increase(be, x, m, t, kind="sigmoid")
     assert 0 < di.drop[0] < 100
+
+
+def test_the_insertion_blur_is_rise_gkern_11_5_as_a_convolution() -> None:
+    """RISE (Petsiuk et al.'s evaluation.py): ``gkern(11, 5)`` is gaussian_filter of an 11x11
+    impulse with sigma 5, applied by ``conv2d(x, kern, padding=11 // 2)``."""
+    from scipy.ndimage import gaussian_filter
+
+    from engine.evidence.maps import baseline_batch, rise_kernel
+
+    delta = np.zeros((11, 11))
+    delta[5, 5] = 1
+    k = gaussian_filter(delta, 5)
+    kern = np.zeros((3, 3, 11, 11))
+    for c in range(3):
+        kern[c, c] = k
+    x = np.random.default_rng(0).standard_normal((2, 3, 24, 20)).astype(np.float32)
+    want = nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(kern.astype(np.float32)), padding=5).numpy()
+    pre = Preprocess(input_size=(24, 20))
+    np.testing.assert_allclose(baseline_batch(x, "blur", pre), want, atol=1e-5)
+    r = np.arange(11) - 5
+    std = float(np.sqrt((rise_kernel().sum(axis=0) * r**2).sum()))
+    assert rise_kernel().sum() == pytest.approx(1.0) and 3.0 < std < 3.2  # nearly a box, not a 1 px (or 5 px) sigma
+    relative = baseline_batch(x, "blur", pre, blur="relative")  # the size-relative blur stays available
+    np.testing.assert_allclose(relative, gaussian_filter(x, (0, 0, 2.5, 2.5), mode="nearest"), atol=1e-6)
+    np.testing.assert_allclose(baseline_batch(x, "blur", pre, 1.5), gaussian_filter(x, (0, 0, 1.5, 1.5), mode="nearest"),
+                               atol=1e-6)
+
+
+class _Sum(nn.Module):
+    """Class 0: the sum of the input; class 1: minus it. Occluding k pixels (to 0) of an all-ones
+    image lowers class 0 by 3k, wherever they are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x.sum((1, 2, 3)), -x.sum((1, 2, 3))], 1)
+
+
+def test_occlusion_default_stride_tiles_the_input_and_a_larger_stride_is_refused() -> None:
+    from engine.backends.torch_backend import TorchBackend
+    from engine.evidence.maps import evidence_maps, tiling_stride
+    from engine.evidence.run import EvidenceParams
+
+    assert tiling_stride(5, (12, 12)) == 1 and tiling_stride(4, (10, 10)) == 2 and tiling_stride(4, (12, 10)) == 2
+    assert tiling_stride(28, (224, 224)) == 14 and tiling_stride(6, (6, 6)) == 3
+    spec = ModelSpec(path="sum.pt", preprocess=Preprocess(input_size=(12, 12), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    be = TorchBackend(_Sum(), spec, "cpu")
+    x = np.ones((1, 3, 12, 12), np.float32)
+    # every window occludes 25 pixels: with windows that tile, every pixel's mean drop is 75
+    ev = evidence_maps(be, x, "occlusion", target=0, window=5)
+    np.testing.assert_allclose(ev.maps[0], 75.0, rtol=1e-6)
+    cut = evidence_maps(be, x, "occlusion", target=0, window=5, stride=2)  # (12 - 5) % 2: the last windows are cut
+    assert cut.maps[0, -1, -1] == pytest.approx(48.0) and cut.maps[0, 0, 0] == pytest.approx(75.0)  # a 4x4 corner window
+    with pytest.raises(ConvLensError, match="stride 4 is larger than the window 2"):
+        evidence_maps(be, x, "occlusion", target=0, window=2, stride=4)
+    with pytest.raises(ConvLensError, match="stride 4 is larger than the window 2"):
+        EvidenceParams(method="occlusion", window=2, stride=4).check()

@@ -122,3 +122,15 @@ def test_evidence_bad_input_is_a_clear_error(rnet_spec, few_faces: Path, tmp_pat
     assert main(["-q", "evidence", "--images", str(few_faces), "--out", str(tmp_path / "o")]) == 1
     assert "give --model and --images (or --demo" in capsys.readouterr().err
     assert main([*base, "--top", "0"]) == 2  # a usage error, found while parsing
+
+
+def test_an_occlusion_stride_larger_than_the_window_is_a_clear_error(rnet_spec, few_faces: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["-q", "evidence", "--model", rnet_spec.path, "--images", str(few_faces), "--method", "occlusion",
+            "--out", str(tmp_path / "o")]
+    assert main([*base, "--window", "2", "--stride", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "convlens: error:" in err and "stride 4 is larger than the window 2" in err and "Traceback" not in err
+    assert main([*base, "--stride", "4"]) == 1  # against the default window (3 px at 24 px)
+    err = capsys.readouterr().err
+    assert "stride 4 is larger than the window 3" in err and "Traceback" not in err

@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--out", required=True, help="output folder")
     g = sp.add_argument_group("method")
     g.add_argument("--window", type=c.int_range(1), help="occlusion patch size in pixels (default: 1/8 of the side)")
-    g.add_argument("--stride", type=c.int_range(1), help="occlusion stride (default: half the window)")
+    g.add_argument("--stride", type=c.int_range(1), help="occlusion stride, at most the window (default: the largest up to half the window that tiles the input)")
     g.add_argument("--ig-steps", type=c.int_range(1, 4096), default=32, help="integrated-gradients steps (default 32)")
     g.add_argument("--baseline", choices=["zero", "black", "mean", "blur"], default="zero",
                    help="what occlusion and IG replace the image with (default zero: the model input 0)")
@@ -58,8 +58,11 @@ def register(subparsers: Any) -> None:
                    help="what a masked blob becomes (default: the image's mean colour)")
     g.add_argument("--max-blobs", type=c.int_range(1, 100), default=8, help="blobs per image (default 8)")
     g.add_argument("--steps", type=c.int_range(1, 10_000), default=50, help="deletion / insertion steps (default 50)")
+    g.add_argument("--blur", choices=["rise", "relative"], default="rise",
+                   help="the insertion (and --mask blur) baseline: RISE's 11x11 kernel (gkern(11, 5), default) or a "
+                        "Gaussian of sigma 1/8 of the shorter side")
     g.add_argument("--blur-sigma", type=c.positive_float,
-                   help="the insertion baseline's Gaussian blur, pixels (default: 1/8 of the shorter side)")
+                   help="instead, a Gaussian blur of this sigma, pixels")
     sp.add_argument("--overlays", type=c.int_range(0), default=64, help="overlay PNGs for the first N images (default 64)")
     sp.add_argument("--batch-size", type=c.int_range(1, 4096), default=32, help="images per batch (default 32)")
 
@@ -111,7 +114,7 @@ def cmd_evidence(a: argparse.Namespace) -> int:
         params = EvidenceParams(method=a.method, layer=a.layer, target=_target(a.target, classes), window=a.window,
                                 stride=a.stride, ig_steps=a.ig_steps, method_baseline=a.baseline, top_fraction=a.top,
                                 threshold=a.threshold, mask_baseline=a.mask, max_blobs=a.max_blobs, steps=a.steps,
-                                blur_sigma=a.blur_sigma, batch_size=a.batch_size)
+                                blur=a.blur, blur_sigma=a.blur_sigma, batch_size=a.batch_size)
         result = c.run_job(run(backend, opened.loaded.cache_id, images, params), "evidence", quiet=a.quiet)
     finally:
         backend.close()

@@ -40,6 +40,8 @@ as the model gives them (logits, or probabilities when the model outputs those).
 
 from __future__ import annotations
 
+import logging
+
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +67,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
 BASELINES = ("zero", "black", "mean", "blur")
 
 
+log = logging.getLogger("convlens.evidence")
+
+
 class EvidenceError(ConvLensError):
     """A method that cannot run as asked (unknown method or option, a layer that is not spatial,
     gradients on a backend without them)."""
@@ -87,6 +92,21 @@ class EvidenceMaps:
 # ----------------------------------------------------------------------------- helpers
 
 
+def tiling_stride(window: int, input_size: tuple[int, int]) -> int:
+    """The default occlusion stride: the largest one up to half the window (at least 1) that
+    tiles the input exactly, ``(H - window)`` and ``(W - window)`` both multiples of it. (Captum
+    starts windows at multiples of the stride and cuts the last one at the edge; cut windows
+    occlude fewer pixels, so the edge of the map would be weaker. Captum averages each pixel
+    over the windows covering it, so the number of windows alone does not weaken it.)"""
+    import math
+
+    cap = max(1, window // 2)
+    g = math.gcd(input_size[0] - window, input_size[1] - window)
+    if g == 0:
+        return cap
+    return max(d for d in range(1, cap + 1) if g % d == 0)
+
+
 def resolve_options(method: str, options: dict[str, Any], input_size: tuple[int, int]) -> dict[str, Any]:
     """``options`` checked against the method's (an unknown one is an error naming the known),
     with the defaults filled in."""
@@ -102,14 +122,22 @@ def resolve_options(method: str, options: dict[str, Any], input_size: tuple[int,
     if method == "occlusion":
         if out["window"] is None:
             out["window"] = max(2, min(h, w) // 8)
-        if out["stride"] is None:
-            out["stride"] = max(1, int(out["window"]) // 2)
         for k in ("window", "stride", "batch_size"):
-            if not isinstance(out[k], (int, np.integer)) or int(out[k]) < 1:
+            if out[k] is not None and (not isinstance(out[k], (int, np.integer)) or int(out[k]) < 1):
                 raise EvidenceError(f"occlusion: {k} must be a positive whole number, got {out[k]!r}")
-            out[k] = int(out[k])
+        out["window"] = int(out["window"])
         if out["window"] > min(h, w):
             raise EvidenceError(f"occlusion: window {out['window']} is larger than the input ({h}x{w})")
+        if out["stride"] is None:
+            out["stride"] = tiling_stride(out["window"], (h, w))
+        out["stride"] = int(out["stride"])
+        if out["stride"] > out["window"]:
+            raise EvidenceError(f"occlusion: stride {out['stride']} is larger than the window {out['window']} "
+                                "(pixels between the windows would never be occluded); give a stride <= the window")
+        if (h - out["window"]) % out["stride"] or (w - out["window"]) % out["stride"]:
+            log.warning("occlusion: window %d with stride %d does not tile the %dx%d input: the last windows are cut "
+                        "at the bottom/right edge and occlude fewer pixels, so the map is weaker there (stride %d tiles "
+                        "it)", out["window"], out["stride"], h, w, tiling_stride(out["window"], (h, w)))
     if method == "ig":
         for k in ("steps", "internal_batch_size"):
             if not isinstance(out[k], (int, np.integer)) or int(out[k]) < 1:
@@ -120,16 +148,45 @@ def resolve_options(method: str, options: dict[str, Any], input_size: tuple[int,
     return out
 
 
+BLURS = ("rise", "relative")
+
+
 def blur_sigma(input_size: tuple[int, int], sigma: float | None = None) -> float:
-    """The Gaussian blur's sigma in pixels: given, or an eighth of the shorter side (at least
-    1 px): 3 px at 24 px, 28 px at 224 px. (RISE's kernel, 11 taps over +-5 sigma, is a 1 px
-    sigma; on the 24 px demo that leaves faces at 0.95 face probability, so insertion from it
-    would start where it ends.)"""
+    """The ``relative`` Gaussian blur's sigma in pixels: given, or an eighth of the shorter side
+    (at least 1 px): 3 px at 24 px, 28 px at 224 px."""
     if sigma is not None:
         if not sigma > 0:
             raise EvidenceError(f"blur sigma must be positive, got {sigma}")
         return float(sigma)
     return max(1.0, min(input_size) / 8.0)
+
+
+def rise_kernel(size: int = 11, sigma: float = 5.0) -> np.ndarray:
+    """RISE's insertion blur kernel (Petsiuk et al. 2018, ``gkern(11, 5)``): a unit impulse on
+    an 11 x 11 grid filtered by ``scipy.ndimage.gaussian_filter(sigma=5)`` (reflecting edges, so
+    it sums to 1). Cut to 11 taps, a sigma of 5 is nearly a box: its standard deviation is about
+    3.1 px, not 5 (and not 1)."""
+    from scipy.ndimage import gaussian_filter
+
+    delta = np.zeros((size, size))
+    delta[size // 2, size // 2] = 1.0
+    return gaussian_filter(delta, sigma).astype(np.float32)
+
+
+def blurred(batch: np.ndarray, blur: str = "rise", sigma: float | None = None) -> np.ndarray:
+    """A blurred copy of ``batch`` (N, C, H, W), per channel. ``rise``: RISE's 11 x 11 kernel
+    applied like its ``conv2d(x, kern, padding=5)`` (zero padding: the model input 0 beyond the
+    edges); ``relative``: a Gaussian of an eighth of the shorter side (nearest-pixel edges). A
+    given ``sigma`` is a Gaussian of that sigma (nearest-pixel edges) whatever ``blur`` says."""
+    from scipy.ndimage import correlate, gaussian_filter
+
+    if blur not in BLURS:
+        raise EvidenceError(f"blur {blur!r} (known: {', '.join(BLURS)})")
+    x = batch.astype(np.float32)
+    if blur == "rise" and sigma is None:
+        return correlate(x, rise_kernel()[None, None], mode="constant", cval=0.0).astype(np.float32)
+    s = blur_sigma((batch.shape[2], batch.shape[3]), sigma)
+    return gaussian_filter(x, sigma=(0, 0, s, s), mode="nearest").astype(np.float32)
 
 
 def black_input(preprocess: Any) -> np.ndarray:
@@ -141,10 +198,11 @@ def black_input(preprocess: Any) -> np.ndarray:
     return (-mean / std).astype(np.float32)[:, None, None]
 
 
-def baseline_batch(batch: np.ndarray, kind: str, preprocess: Any, sigma: float | None = None) -> np.ndarray:
+def baseline_batch(batch: np.ndarray, kind: str, preprocess: Any, sigma: float | None = None,
+                   blur: str = "rise") -> np.ndarray:
     """What replaces removed pixels, float32 like ``batch``: ``zero`` (the all-zero model input:
     the normalisation's mean colour), ``black`` (pixel value 0), ``mean`` (each image's own
-    mean colour per channel), ``blur`` (a Gaussian blur of the image, per channel)."""
+    mean colour per channel), ``blur`` (a blur of the image, per channel: :func:`blurred`)."""
     if kind == "zero":
         return np.zeros_like(batch, dtype=np.float32)
     if kind == "black":
@@ -152,10 +210,7 @@ def baseline_batch(batch: np.ndarray, kind: str, preprocess: Any, sigma: float |
     if kind == "mean":
         return np.broadcast_to(batch.mean(axis=(2, 3), keepdims=True), batch.shape).astype(np.float32)
     if kind == "blur":
-        from scipy.ndimage import gaussian_filter
-
-        s = blur_sigma((batch.shape[2], batch.shape[3]), sigma)
-        return gaussian_filter(batch.astype(np.float32), sigma=(0, 0, s, s), mode="nearest").astype(np.float32)
+        return blurred(batch, blur, sigma)
     raise EvidenceError(f"baseline {kind!r} (known: {', '.join(BASELINES)})")
 
 

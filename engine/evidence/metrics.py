@@ -10,7 +10,7 @@
   region masked at once is reported too.
 * **Deletion and insertion** (RISE, Petsiuk et al. 2018): pixels are removed (deletion: replaced
   by the ``zero`` input, the normalisation's mean colour) or inserted (insertion: into a
-  Gaussian-blurred copy) in the order of the map, highest first, in ``steps`` equal steps; the
+  blurred copy, by default RISE's own 11 x 11 kernel, ``gkern(11, 5)``) in the order of the map, highest first, in ``steps`` equal steps; the
   curve is the class's softmax probability against the fraction of pixels changed, and its area
   (trapezoid rule on [0, 1]) is the score: low is good for deletion, high for insertion.
 * **Average Drop / Average Increase** (Chattopadhay et al., Grad-CAM++, WACV 2018): the image is
@@ -153,7 +153,7 @@ class CausalCheck:
 
 def causal_check(backend: Any, batch: np.ndarray, maps: np.ndarray, targets: np.ndarray, *,
                  top_fraction: float = 0.2, threshold: float = 0.05, baseline: str = "mean", max_blobs: int = 8,
-                 min_area: int = 1, sigma: float | None = None, kind: str | None = None,
+                 min_area: int = 1, sigma: float | None = None, kind: str | None = None, blur: str = "rise",
                  batch_size: int = 256) -> CausalCheck:
     """Mask each blob of each map's top region (see :func:`find_blobs`) and measure the class
     probability; all masked copies of the batch go through the model ``batch_size`` at a time."""
@@ -164,7 +164,7 @@ def causal_check(backend: Any, batch: np.ndarray, maps: np.ndarray, targets: np.
     if kind is None:
         kind = score_kind(backend, classifier_scores(backend, batch, batch_size))
     base = class_probability(backend, batch, targets, kind, batch_size)
-    fill = baseline_batch(batch, baseline, backend.spec.preprocess, sigma)
+    fill = baseline_batch(batch, baseline, backend.spec.preprocess, sigma, blur)
     n, nb = len(batch), len(blobs.image)
 
     # rows 0..nb-1: one blob masked; rows nb..nb+n-1: the whole top region of each image
@@ -206,6 +206,7 @@ class Curves:
 
 def deletion_insertion(backend: Any, batch: np.ndarray, maps: np.ndarray, targets: np.ndarray, *, steps: int = 50,
                        deletion_baseline: str = "zero", insertion_baseline: str = "blur", sigma: float | None = None,
+                       blur: str = "rise",
                        kind: str | None = None, batch_size: int = 256) -> Curves:
     """The curves for every image of ``batch`` (its ``maps`` ranking the pixels, highest first,
     ties by position): ``steps + 1`` points each, all perturbed copies batched together."""
@@ -222,8 +223,8 @@ def deletion_insertion(backend: Any, batch: np.ndarray, maps: np.ndarray, target
     fractions = np.linspace(0.0, 1.0, steps + 1).astype(np.float32)
     counts = np.rint(fractions.astype(np.float64) * hw).astype(np.int64)
     pts = steps + 1
-    dele = baseline_batch(batch, deletion_baseline, backend.spec.preprocess, sigma)
-    ins = baseline_batch(batch, insertion_baseline, backend.spec.preprocess, sigma)
+    dele = baseline_batch(batch, deletion_baseline, backend.spec.preprocess, sigma, blur)
+    ins = baseline_batch(batch, insertion_baseline, backend.spec.preprocess, sigma, blur)
 
     def maker(start: np.ndarray, end: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
         def make(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from ..analysis import cached_job, method_key
 from ..cache import Cache, DamagedEntry, check_array, check_meta, load_array, write_meta
 from ..jobs import Job
 from ..types import ConvLensError, Progress
-from .maps import BASELINES, METHODS, evidence_maps
+from .maps import BASELINES, BLURS, METHODS, evidence_maps
 from .metrics import average_drop_increase, causal_check, deletion_insertion, score_kind
 
 CACHE_KIND = "evidence"
@@ -37,7 +37,7 @@ class EvidenceParams:
     layer: str | None = None  # Grad-CAM's layer (None: the last spatial layer)
     target: int | None = None
     window: int | None = None  # occlusion patch (None: an eighth of the shorter side)
-    stride: int | None = None  # occlusion stride (None: half the window)
+    stride: int | None = None  # occlusion stride (None: the largest up to half the window that tiles the input)
     ig_steps: int = 32
     method_baseline: str = "zero"  # what occlusion / IG replace the image with
     top_fraction: float = 0.2  # the causal check's top region
@@ -48,7 +48,8 @@ class EvidenceParams:
     steps: int = 50  # deletion / insertion points (plus the start)
     deletion_baseline: str = "zero"
     insertion_baseline: str = "blur"
-    blur_sigma: float | None = None  # None: an eighth of the shorter side
+    blur: str = "rise"  # the blur baseline: RISE's 11x11 kernel, or "relative" (sigma 1/8 of the shorter side)
+    blur_sigma: float | None = None  # given: a Gaussian of this sigma (pixels) instead
     batch_size: int = 32
 
     def result_key(self) -> dict[str, Any]:
@@ -80,8 +81,13 @@ class EvidenceParams:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConvLensError(f"occlusion {name} {v}: must be at least 1")
+        if self.window is not None and self.stride is not None and self.stride > self.window:
+            raise ConvLensError(f"occlusion stride {self.stride} is larger than the window {self.window}: pixels between "
+                                "the windows would never be occluded; give a stride <= the window")
         if self.target is not None and self.target < 0:
             raise ConvLensError(f"class {self.target}: must be a class index, 0 or more")
+        if self.blur not in BLURS:
+            raise ConvLensError(f"blur {self.blur!r}: expected one of {', '.join(BLURS)}")
         if self.blur_sigma is not None and not self.blur_sigma > 0:
             raise ConvLensError(f"blur sigma {self.blur_sigma}: must be positive")
 
@@ -280,10 +286,11 @@ def _compute(backend: Any, model_sha: str, image_set: Any, params: EvidenceParam
             common: dict[str, Any] = {"kind": kind, "batch_size": max(params.batch_size, 64)}
             cc = causal_check(backend, x, ev.maps, ev.targets, top_fraction=params.top_fraction,
                               threshold=params.threshold, baseline=params.mask_baseline, max_blobs=params.max_blobs,
-                              min_area=params.min_area, sigma=params.blur_sigma, **common)
+                              min_area=params.min_area, sigma=params.blur_sigma, blur=params.blur, **common)
             cu = deletion_insertion(backend, x, ev.maps, ev.targets, steps=params.steps,
                                     deletion_baseline=params.deletion_baseline,
-                                    insertion_baseline=params.insertion_baseline, sigma=params.blur_sigma, **common)
+                                    insertion_baseline=params.insertion_baseline, sigma=params.blur_sigma, blur=params.blur,
+                                    **common)
             di = average_drop_increase(backend, x, ev.maps, ev.targets, **common)
             parts.append({
                 "record_indices": batch.indices, "images": display_images(x, pre), "maps": ev.maps,
