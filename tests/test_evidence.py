@@ -298,7 +298,7 @@ def test_deletion_insertion_and_average_drop_by_hand(half) -> None:
         assert cu.deletion_auc[i] == pytest.approx(np.trapezoid(cu.deletion[i], cu.fractions), abs=1e-6)
     di = average_drop_increase(half, x, m, t)
     for i in range(2):
-        lm = (m[i] - m[i].min()) / (m[i].max() - m[i].min())
+        lm = np.maximum(m[i], 0) / m[i].max()  # the positive part: negative and zero evidence keep nothing
         y = _sigmoid(4.0 * x[i, 0, :, :4].mean() - 2)
         o = _sigmoid(4.0 * (x[i, 0] * lm)[:, :4].mean() - 2)
         y, o = (y, o) if t[i] == 1 else (1 - y, 1 - o)

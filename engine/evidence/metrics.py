@@ -14,7 +14,8 @@
   curve is the class's softmax probability against the fraction of pixels changed, and its area
   (trapezoid rule on [0, 1]) is the score: low is good for deletion, high for insertion.
 * **Average Drop / Average Increase** (Chattopadhay et al., Grad-CAM++, WACV 2018): the image is
-  multiplied pixel-wise by the map scaled to [0, 1] (``E = L * I``, pixel values, so masked
+  multiplied pixel-wise by the map's positive part scaled to [0, 1] (``L = max(map, 0) / max``;
+  ``E = L * I``, pixel values, so masked
   pixels go black); with ``Y`` the class probability on the image and ``O`` on ``E``, Average
   Drop is the mean of ``max(0, Y - O) / Y`` (in %) and Average Increase the share of images
   with ``O > Y`` (in %).
@@ -258,15 +259,24 @@ def normalise(maps: np.ndarray) -> np.ndarray:
     return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1), 0).astype(np.float32)
 
 
+def positive_scaled(maps: np.ndarray) -> np.ndarray:
+    """Each map's positive part scaled to [0, 1]: ``max(map, 0) / max(map)`` (a map with no
+    positive value becomes zeros). Grad-CAM++'s explanation map assumes non-negative evidence;
+    a min-max scaling of a signed map (IG, saliency) would give zero-attribution pixels weight."""
+    pos = np.maximum(maps, 0)
+    top = pos.max(axis=(1, 2), keepdims=True)
+    return np.where(top > 0, pos / np.where(top > 0, top, 1), 0).astype(np.float32)
+
+
 def average_drop_increase(backend: Any, batch: np.ndarray, maps: np.ndarray, targets: np.ndarray, *,
                           kind: str | None = None, batch_size: int = 256) -> DropIncrease:
-    """Grad-CAM++'s explanation image ``E = L * I`` (pixel values; ``L`` the map scaled to
-    [0, 1]) and the probabilities on the image and on ``E``."""
+    """Grad-CAM++'s explanation image ``E = L * I`` (pixel values; ``L`` the map's positive part
+    scaled to [0, 1], :func:`positive_scaled`) and the probabilities on the image and on ``E``."""
     targets = np.asarray(targets, dtype=np.int64)
     if kind is None:
         kind = score_kind(backend, classifier_scores(backend, batch, batch_size))
     y = class_probability(backend, batch, targets, kind, batch_size)
-    lmap = normalise(maps)[:, None]
+    lmap = positive_scaled(maps)[:, None]
     black = black_input(backend.spec.preprocess)[None]
     o = class_probability(backend, (batch * lmap + black * (1 - lmap)).astype(np.float32), targets, kind, batch_size)
     drop = 100.0 * np.maximum(0.0, y - o) / np.maximum(y, 1e-12)
