@@ -22,7 +22,9 @@ def test_every_view_with_an_explanation_is_listed_and_runs(qtbot, demo, tmp_path
         menu = _submenu(win)
         listed = {a.text(): a for a in menu.actions()}
         expected = {v.title for v in win.views.values() if v.sanity_explanation}
-        assert set(listed) == expected and {"Interpretable filters", "Polytope gallery", "Inference Graph"} <= expected
+        assert set(listed) == expected
+        assert {"Heatmaps", "Network Dissection", "Class evidence", "Interpretable filters", "Polytope gallery",
+                "Inference graph"} <= expected
         win.selection.layer = "conv3"
         with qtbot.waitSignal(sanity.result_ready, timeout=JOB_MS) as got:
             listed["Interpretable filters"].trigger()

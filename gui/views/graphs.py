@@ -389,7 +389,7 @@ class GraphPicture(Element):
 class GraphView(View):
     """Fit inference graphs and explore them; see the module docstring."""
 
-    title = "Inference Graph"
+    title = "Inference graph"
     object_name = "graphs"
     sanity_explanation = "graphs"
     order = 40
@@ -1019,7 +1019,7 @@ class GraphView(View):
         include = self.figure_includes(options, kind)
         ex, fit = self.explanation, self.fit
         if ex is None or fit is None:
-            raise ValueError("Inference Graph: nothing to export yet: fit and explain first")
+            raise ValueError("Inference graph: nothing to export yet: fit and explain first")
         montages = {nd["id"]: montage(self.crops.get(nd["id"], [])) for nd in ex.nodes}
         elements: list[Element] = [GraphPicture(list(ex.nodes), list(ex.edges), montages,
                                                 edge_labels=include.get("edge_labels", True),

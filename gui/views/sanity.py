@@ -812,7 +812,7 @@ class SanityView(View):
     # ------------------------------------------------------------------ menus, state
 
     def analysis_actions(self) -> list[tuple[str, Callable[[], None]]]:
-        return [("Sanity check of the chosen explanation", self._run_from_menu)]
+        return [("Run the sanity check (dock settings)", self._run_from_menu)]
 
     def _run_from_menu(self) -> None:
         dock = self.parentWidget()
