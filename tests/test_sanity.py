@@ -364,3 +364,10 @@ def test_parametrized_weights_are_randomised(one_thread):
             assert not torch.allclose(new.weight, old.weight), n
             for (k, p), q in zip(old.named_parameters(), new.parameters(), strict=True):
                 assert not torch.equal(p, q), (n, k)
+
+
+def test_named_layers_are_randomised_top_down_whatever_their_order(rnet, tmp_path):
+    loaded, be, iset = rnet
+    params = SanityParams("heatmap", layer="conv2", unit=1, images=2, layers=("conv3", "dense5_1", "dense5_2"))
+    res = run_sync(run(be, loaded.cache_id, iset, params, cache=Cache(tmp_path / "c")))
+    assert res.steps == ("dense5_1", "conv3") and res.dropped == ("dense5_2",)  # the box regressor: no effect

@@ -271,7 +271,10 @@ def _compute(backend: Any, model_sha: str, image_set: Any, params: SanityParams,
     indices = np.concatenate([b.indices for b in parts])
     targets = backend.classifier_output(backend.forward(batch)).argmax(axis=1).astype(np.int64)
     members = expand_layers(backend, params.layers) if params.layers is not None else None
-    named = list(params.layers) if params.layers is not None else weight_layers(backend)
+    named = weight_layers(backend)
+    if members is not None:  # the names given, in execution order (of their first weight layer): the steps go top down
+        order = {n: i for i, n in enumerate(named)}
+        named = sorted(members, key=lambda n: order[members[n][0]])
     layers, dropped = effective_layers(backend, named, batch[:8], params.seed, params.init, members)
     if not layers:
         raise ConvLensError(f"{backend.spec.path}: no layer with weights that the classifier output depends on")
