@@ -134,10 +134,11 @@ def _partial_sizes(backend, loaded, concepts, images, params, batch_size) -> dic
     import numpy as np
 
     from engine.cluster import RayExecutor
-    from engine.cluster.dissect import DissectWorker, _tie_plan
+    from engine.cluster.dissect import DissectWorker
     from engine.cluster.extract import ExtractWorker
     from engine.cluster.payload import ModelPayload
-    from engine.dissection.labels import _Labels
+    from engine.dissection.labels import Labels
+    from engine.dissection.passes import tie_plan
     from engine.dissection.run import dissection_preprocess, spatial_layers
 
     ex = RayExecutor("local", workers=1)
@@ -155,8 +156,8 @@ def _partial_sizes(backend, loaded, concepts, images, params, batch_size) -> dic
     out[f"dissect pass-1 partial ({len(block)} images; TopQuantile + TopK)"] = len(pickle.dumps(row))
     quantiles = {k: q for k, (q, _) in row["part"][0].items()}
     thresholds = {k: q.thresholds() if q.count == q.total else np.zeros(q.n_units) for k, q in quantiles.items()}
-    ties = {k: _tie_plan(q, thresholds[k], params) for k, q in quantiles.items()}
-    w2 = DissectWorker(**common, phase=2, thresholds=thresholds, ties=ties, labels=_Labels.of(concepts))
+    ties = {k: tie_plan(q, thresholds[k], params) for k, q in quantiles.items()}
+    w2 = DissectWorker(**common, phase=2, thresholds=thresholds, ties=ties, labels=Labels.of(concepts))
     out[f"dissect pass-2 partial ({len(block)} images; sparse IoU tally)"] = len(pickle.dumps(w2({"data": block})))
     return out
 

@@ -311,10 +311,10 @@ def _run_side(side: str, a: argparse.Namespace, concepts: Path, weights: Path, o
 def _reference_labels(concepts: Path, out: Path) -> None:
     """The reference's labels and best IoUs, from its IoU matrices (as ConvLens summarises)."""
     from engine.concepts import open_broden
-    from engine.dissection.labels import _Labels
+    from engine.dissection.labels import Labels
     from engine.dissection.result import summarize_layer
 
-    labels = _Labels.of(open_broden(concepts))
+    labels = Labels.of(open_broden(concepts))
     for name in LAYERS:
         s = summarize_layer(np.load(out / f"iou_{name}.npy"), labels.names, labels.category_index,
                             labels.categories, 0.04)

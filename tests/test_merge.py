@@ -21,6 +21,9 @@ from engine.concepts import generate_concepts
 from engine.data.images import open_image_set
 from engine.dissection import IoUTally, TopQuantile
 from engine.dissection import run as drun
+from engine.dissection.labels import Labels
+from engine.dissection.sparse import SparseTally
+from engine.dissection.timing import Clock
 from engine.jobs import run_sync
 from engine.models import load_model
 from engine.types import ConvLensError
@@ -209,17 +212,17 @@ def test_dissection_sparse_tallies_of_shards_merge_exactly(rnet, tmp_path: Path)
     loaded, be = rnet
     concepts = run_sync(generate_concepts(tmp_path / "concepts", n_images=30, image_size=48))
     result = run_sync(drun.dissect(be, loaded.cache_id, concepts, ["conv2"], cache=Cache(tmp_path / "c")))
-    labels = drun._Labels.of(concepts)
+    labels = Labels.of(concepts)
     params, dev = drun.DissectionParams(), torch.device("cpu")
-    clock = drun._Clock(dev)
+    clock = Clock(dev)
     thresholds = result.layers["conv2"].thresholds
     units = result.layers["conv2"].units
     pre = drun.dissection_preprocess(be.spec.preprocess)
     image_set = drun.concept_image_set(concepts)
     from engine.data.images import ImageLoader
 
-    def tally(which: np.ndarray) -> drun._SparseTally:
-        t = drun._SparseTally(units, labels, thresholds, params, dev)
+    def tally(which: np.ndarray) -> SparseTally:
+        t = SparseTally(units, labels, thresholds, params, dev)
         with ImageLoader(image_set, pre, batch_size=7, indices=which.tolist()) as loader:
             for batch in loader:
                 acts = drun.forward_batch(be, batch.array, ["conv2"], dev)["conv2"]

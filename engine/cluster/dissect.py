@@ -130,13 +130,6 @@ def _moved(stat: Any, device: Any) -> Any:
     return out
 
 
-def _tie_plan(quantile: Any, thresholds: np.ndarray, params: Any) -> Any:
-    """:func:`engine.dissection.passes.tie_plan` (the former name here; bench/cluster.py uses it)."""
-    from engine.dissection.passes import tie_plan
-
-    return tie_plan(quantile, thresholds, params)
-
-
 def _merge_device() -> Any:
     import torch
 

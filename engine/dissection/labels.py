@@ -142,4 +142,3 @@ def restrict_categories(concepts: ConceptDataset, categories: Sequence[str]) -> 
     return narrowed.subset([where[p] for p in paths if p in where])
 
 
-_Labels = Labels  # the former name (bench scripts and tests use it)

@@ -12,7 +12,7 @@ Visual Representations", CVPR 2017. For every unit ``k`` of the dissected layers
    image's label-mask size and thresholded (``M_k = S_k >= T_k``), and ``|M_k ∩ L_c|`` and
    ``|M_k ∪ L_c|`` are summed over the images that carry a label of concept ``c``'s category,
    with the rules of :class:`~engine.dissection.tally.IoUTally`. Only the (image, unit) pairs
-   whose mask can be non-empty are upsampled and counted (see :class:`_SparseTally`). The
+   whose mask can be non-empty are upsampled and counted (see :class:`~engine.dissection.sparse.SparseTally`). The
    label masks are decoded in a background thread while the model runs.
 
 Nothing per position is written to disk, so disk use is the size of the result (the IoU
@@ -56,7 +56,7 @@ from engine.backends.base import Backend
 from engine.cache import Cache, make_key
 from engine.concepts import ConceptDataset
 from engine.data.images import DIGEST_SIZE, ImageSet, digest_files
-from engine.dissection.labels import Labels, _GroupLabels, _ImageLabels, _LabelPrefetcher, _Labels, restrict_categories
+from engine.dissection.labels import Labels, _GroupLabels, _ImageLabels, _LabelPrefetcher, restrict_categories
 from engine.dissection.masks import TIE_FACTOR, float32_cut
 from engine.dissection.passes import (
     PASS1_SHARE,
@@ -84,16 +84,16 @@ from engine.dissection.result import (
     MaskRule,
     summarize_layer,
 )
-from engine.dissection.sparse import SparseTally, _SparseTally, pair_masks
+from engine.dissection.sparse import SparseTally, pair_masks
 from engine.dissection.storage import load_result, save_result
-from engine.dissection.timing import Clock, _Clock
+from engine.dissection.timing import Clock
 from engine.jobs import Job
 from engine.types import ConvLensError, LayerInfo, Preprocess, Progress
 
 __all__ = [
     "CACHE_KIND", "FORMAT_VERSION", "TIE_FACTOR", "Clock", "DissectionInputs", "DissectionParams", "DissectionResult",
-    "LayerDissection", "LocalPasses", "MaskRule", "PassStrategy", "_Clock", "_GroupLabels", "_ImageLabels",
-    "_LabelPrefetcher", "_Labels", "_SparseTally", "_TopImages", "concept_image_set", "dissect", "dissection_key",
+    "LayerDissection", "LocalPasses", "MaskRule", "PassStrategy", "_GroupLabels", "_ImageLabels",
+    "_LabelPrefetcher", "_TopImages", "concept_image_set", "dissect", "dissection_key",
     "dissection_preprocess", "float32_cut", "forward_batch", "inputs_unchanged", "load_result", "pair_masks",
     "restrict_categories", "run", "save_result", "spatial_layers", "summarize_layer",
 ]

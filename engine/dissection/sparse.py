@@ -218,4 +218,3 @@ class SparseTally:
         return out
 
 
-_SparseTally = SparseTally  # the former name (tests use it)

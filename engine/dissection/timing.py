@@ -29,4 +29,3 @@ class Clock:
         self._t = now
 
 
-_Clock = Clock  # the former name (tests and bench scripts use it)
