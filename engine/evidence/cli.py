@@ -45,7 +45,8 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--out", required=True, help="output folder")
     g = sp.add_argument_group("method")
     g.add_argument("--window", type=c.int_range(1), help="occlusion patch size in pixels (default: 1/8 of the side)")
-    g.add_argument("--stride", type=c.int_range(1), help="occlusion stride, at most the window (default: the largest up to half the window that tiles the input)")
+    g.add_argument("--stride", type=c.int_range(1), help="occlusion stride, at most the window (default: the largest up to half the window "
+                        "that tiles the input)")
     g.add_argument("--ig-steps", type=c.int_range(1, 4096), default=32, help="integrated-gradients steps (default 32)")
     g.add_argument("--baseline", choices=["zero", "black", "mean", "blur"], default="zero",
                    help="what occlusion and IG replace the image with (default zero: the model input 0)")

@@ -41,7 +41,6 @@ as the model gives them (logits, or probabilities when the model outputs those).
 from __future__ import annotations
 
 import logging
-
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
