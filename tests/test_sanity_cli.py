@@ -65,5 +65,8 @@ def test_sanity_command_errors_are_named(demo, tmp_path: Path, monkeypatch: pyte
     assert engine.cli.main([*base, "--method", "heatmap", "--layer", "nosuch"]) == 1
     assert "no layer named 'nosuch'" in capsys.readouterr().err
     assert engine.cli.main([*base, "--method", "gradcam", "--randomise", "nosuch"]) == 1
-    assert "no layer named 'nosuch'" in capsys.readouterr().err
+    assert "layer 'nosuch' to randomise is no module of the model; the layers with weights are: conv1," in capsys.readouterr().err
+    assert engine.cli.main([*base, "--method", "gradcam", "--randomise", "prelu1"]) == 1  # a PReLU: no 2-D weight
+    err = capsys.readouterr().err
+    assert "layer 'prelu1' to randomise owns no weight" in err and "Traceback" not in err
     assert engine.cli.main([*base, "--method", "nope"]) == 2
