@@ -54,7 +54,8 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--init", choices=["normal", "permute"], default="normal",
                     help="normal: N(0, std of the trained tensor) (default); permute: the trained values shuffled")
     sp.add_argument("--randomise", help="comma-separated layers to randomise (default: every layer with weights "
-                                        "the classifier output depends on)")
+                                        "the classifier output depends on); a container such as layer4 randomises "
+                                        "all its weight layers in one step")
     sp.add_argument("--out", required=True, help="output folder")
 
 
