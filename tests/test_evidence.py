@@ -458,3 +458,16 @@ def test_occlusion_default_stride_tiles_the_input_and_a_larger_stride_is_refused
         evidence_maps(be, x, "occlusion", target=0, window=2, stride=4)
     with pytest.raises(ConvLensError, match="stride 4 is larger than the window 2"):
         EvidenceParams(method="occlusion", window=2, stride=4).check()
+
+
+def test_the_blur_baseline_of_ig_follows_the_blur_setting(half) -> None:
+    from engine.evidence.maps import baseline_batch, evidence_maps
+
+    x = np.random.default_rng(3).uniform(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    pre = half.spec.preprocess
+    for blur in ("rise", "relative"):
+        base = baseline_batch(x, "blur", pre, blur=blur)
+        ev = evidence_maps(half, x, "ig", target=1, baseline="blur", blur=blur, steps=8)
+        # a linear class score: IG's attributions (summed over channels into the map) are exactly f(x) - f(base)
+        want = 4.0 * (x[0, 0, :, :4].mean() - base[0, 0, :, :4].mean())
+        assert float(ev.maps.sum()) == pytest.approx(want, rel=1e-4, abs=1e-6), blur

@@ -60,7 +60,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--max-blobs", type=c.int_range(1, 100), default=8, help="blobs per image (default 8)")
     g.add_argument("--steps", type=c.int_range(1, 10_000), default=50, help="deletion / insertion steps (default 50)")
     g.add_argument("--blur", choices=["rise", "relative"], default="rise",
-                   help="the insertion (and --mask blur) baseline: RISE's 11x11 kernel (gkern(11, 5), default) or a "
+                   help="the insertion (and --mask / --baseline blur) baseline: RISE's 11x11 kernel (gkern(11, 5), default) or a "
                         "Gaussian of sigma 1/8 of the shorter side")
     g.add_argument("--blur-sigma", type=c.positive_float,
                    help="instead, a Gaussian blur of this sigma, pixels")

@@ -58,8 +58,8 @@ METHOD_TITLES = {"gradcam": "Grad-CAM", "occlusion": "occlusion", "ig": "integra
 #: every method's options and their defaults (None: chosen from the input size)
 OPTIONS: dict[str, dict[str, Any]] = {
     "gradcam": {},
-    "occlusion": {"window": None, "stride": None, "baseline": "zero", "batch_size": 256},
-    "ig": {"steps": 32, "baseline": "zero", "internal_batch_size": 64},
+    "occlusion": {"window": None, "stride": None, "baseline": "zero", "blur": "rise", "batch_size": 256},
+    "ig": {"steps": 32, "baseline": "zero", "blur": "rise", "internal_batch_size": 64},
     "saliency": {},
     "guided_backprop": {},
 }
@@ -142,6 +142,8 @@ def resolve_options(method: str, options: dict[str, Any], input_size: tuple[int,
             if not isinstance(out[k], (int, np.integer)) or int(out[k]) < 1:
                 raise EvidenceError(f"ig: {k} must be a positive whole number, got {out[k]!r}")
             out[k] = int(out[k])
+    if "blur" in out and out["blur"] not in BLURS:
+        raise EvidenceError(f"{method}: blur {out['blur']!r} (known: {', '.join(BLURS)})")
     if "baseline" in out and out["baseline"] not in BASELINES:
         raise EvidenceError(f"{method}: baseline {out['baseline']!r} (known: {', '.join(BASELINES)})")
     return out
@@ -327,7 +329,7 @@ def _occlusion(backend: Any, batch: np.ndarray, targets: np.ndarray, opts: dict[
         return torch.from_numpy(classifier_scores(backend, arr, opts["batch_size"]))
 
     c = batch.shape[1]
-    base = baseline_batch(batch, opts["baseline"], backend.spec.preprocess)
+    base = baseline_batch(batch, opts["baseline"], backend.spec.preprocess, blur=opts["blur"])
     w, s = opts["window"], opts["stride"]
     per_eval = max(1, opts["batch_size"] // max(1, len(batch)))
     with torch.no_grad():
@@ -342,7 +344,7 @@ def _ig(backend: Any, batch: np.ndarray, targets: np.ndarray, opts: dict[str, An
     import torch
     from captum.attr import IntegratedGradients
 
-    base = baseline_batch(batch, opts["baseline"], backend.spec.preprocess)
+    base = baseline_batch(batch, opts["baseline"], backend.spec.preprocess, blur=opts["blur"])
     with torch.inference_mode(False), torch.enable_grad():
         x = backend.to_tensor(batch).requires_grad_(True)
         b = torch.from_numpy(base).to(x.device)

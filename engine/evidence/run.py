@@ -59,9 +59,9 @@ class EvidenceParams:
 
     def method_options(self) -> dict[str, Any]:
         if self.method == "occlusion":
-            return {"window": self.window, "stride": self.stride, "baseline": self.method_baseline}
+            return {"window": self.window, "stride": self.stride, "baseline": self.method_baseline, "blur": self.blur}
         if self.method == "ig":
-            return {"steps": self.ig_steps, "baseline": self.method_baseline}
+            return {"steps": self.ig_steps, "baseline": self.method_baseline, "blur": self.blur}
         return {}
 
     def check(self) -> None:
