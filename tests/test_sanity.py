@@ -7,6 +7,7 @@ cancel and damaged entries."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -348,7 +349,9 @@ def test_parametrized_weights_are_randomised(one_thread):
     model = _Blocks()
     parametrizations.weight_norm(model.layer1[0].conv1)
     parametrizations.spectral_norm(model.fc)
-    weight_norm(model.layer1[1].conv2)  # the older hook form: weight_g, weight_v
+    with warnings.catch_warnings():  # deprecated in favour of the parametrization, still in use
+        warnings.simplefilter("ignore", FutureWarning)
+        weight_norm(model.layer1[1].conv2)  # the older hook form: weight_g, weight_v
     be = _blocks_backend(model)
     layers = weight_layers(be)
     assert layers == ["stem", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2", "fc"]
