@@ -120,7 +120,12 @@ class TopQuantile:
         self.exact: bool = n_units * self.m * 4 <= max_bytes
         self._error_bound: np.ndarray | None = None
         if self.exact:
-            self._top = torch.empty((n_units, 0), dtype=torch.float32, device=self.device)
+            self._kept = torch.empty((n_units, 0), dtype=torch.float32, device=self.device)
+            # batches wait here until they hold m values per unit, then one topk merges them
+            # all with the kept ones: each value takes part in O(1) merges (a topk per batch
+            # over the kept buffer would cost O(q N) per batch, quadratic in the image count)
+            self._pending: list[torch.Tensor] = []
+            self._pending_n = 0
             return
         self.n_bins = max_bytes // (_HIST_BYTES_PER_BIN * n_units)
         if self.n_bins < _MIN_BINS:
@@ -184,13 +189,34 @@ class TopQuantile:
         if n == 0:
             return
         if self.exact:
-            merged = torch.cat((self._top, x), dim=1)
-            if merged.shape[1] > self.m:
-                merged = torch.topk(merged, self.m, dim=1, sorted=False).values
-            self._top = merged
+            self._pending.append(x)
+            self._pending_n += n
+            if self._pending_n >= self.m:
+                self._flush()
         else:
             self._hist_update(x)
         self.count += n
+
+    def _flush(self) -> None:
+        """Merge the pending batches into the kept top values (exact mode)."""
+        if not self._pending:
+            return
+        merged = torch.cat((self._kept, *self._pending), dim=1)
+        self._pending, self._pending_n = [], 0
+        if merged.shape[1] > self.m:
+            merged = torch.topk(merged, self.m, dim=1, sorted=False).values
+        self._kept = merged
+
+    @property
+    def _top(self) -> torch.Tensor:
+        """The ``m`` largest values per unit seen so far (exact mode; pending batches merged)."""
+        self._flush()
+        return self._kept
+
+    @_top.setter
+    def _top(self, value: torch.Tensor) -> None:
+        self._pending, self._pending_n = [], 0
+        self._kept = value
 
     def _hist_update(self, x: torch.Tensor) -> None:
         nb = self.n_bins
