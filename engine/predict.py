@@ -57,6 +57,18 @@ def imagenet_names_apply(spec: ModelSpec, n_outputs: int) -> bool:
     return spec.classes is None and n_outputs == 1000 and spec.arch in TORCHVISION_CLASSIFIERS
 
 
+def display_class_names(spec: ModelSpec, n_outputs: int) -> tuple[str, ...] | None:
+    """The names a result shows for the model's classes: :func:`class_names` (ImageNet names for
+    a torchvision 1000-way head) where they apply to ``n_outputs`` outputs; else the names the
+    user gave (a one-output binary head may name both classes), or None (class indices)."""
+    if n_outputs > 1:
+        try:
+            return class_names(spec, n_outputs)
+        except ConvLensError:
+            pass
+    return tuple(spec.classes) if spec.classes else None
+
+
 def class_names(spec: ModelSpec, n_outputs: int) -> tuple[str, ...]:
     if spec.classes is None:
         if imagenet_names_apply(spec, n_outputs):

@@ -214,8 +214,6 @@ def test_sanity_dock_gives_the_engines_cascade(qtbot, resnet, tmp_path: Path) ->
     assert view.verdict().startswith("Passes" if passes else "Fails") and view.verdict() in view.numbers.text()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="engine.probes.run stores spec.classes only (None for a torchvision head), "
-                                       "not engine.predict.class_names: the strip says 'untransformed: 381'")
 def test_probes_dock_names_the_imagenet_class(qtbot, resnet) -> None:
     win, _spec, _folder = resnet
     view = win.views["probes"]

@@ -511,6 +511,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], pa
     flats: list[list[np.ndarray]] = [[] for _ in layers]
     projectors: list[_Projector | None] = [None] * len(layers)
     preds, probs, ref_probs, ref_preds = [], [], [], []
+    n_outputs = 0
     kept: list[int] = []
     skipped: list[tuple[str, str]] = []
     per_chunk = max(1, params.batch_size // len(sweep))
@@ -539,6 +540,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], pa
             for name in layers:
                 acts[name].append(res.activations[name])
         out = np.concatenate(outs).astype(np.float64)
+        n_outputs = out.shape[1]
         p, score_kind = class_probabilities(out, spec.scores)
         p = p.reshape(len(chunk), len(sweep), -1)
         cls = p.argmax(axis=2)
@@ -611,7 +613,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, layers: list[str], pa
     return ProbeResult(
         model=spec.path, model_sha256=model_sha, image_source=image_set.root,
         paths=tuple(image_set.relative_path(image_set.records[int(i)]) for i in kept_arr), record_indices=kept_arr,
-        class_names=tuple(spec.classes) if spec.classes else None, params=params, layers=tuple(layers),
+        class_names=_display_class_names(spec, n_outputs), params=params, layers=tuple(layers),
         layer_shapes=tuple(tuple(int(v) for v in s) for s in shapes), values=np.asarray(values, dtype=np.float64),
         distance=np.stack([cat(dist[li], (0, t_count)) for li in range(len(layers))]),
         input_distance=cat(input_dist, (0, t_count)),
@@ -707,3 +709,9 @@ def load_result(folder: str | Path) -> ProbeResult:
             **arrays)  # type: ignore[arg-type]
     except (TypeError, ValueError, KeyError) as e:
         raise DamagedEntry(f"{folder}: meta.json does not describe a probe result ({e})") from e
+
+
+def _display_class_names(spec: Any, n_outputs: int) -> tuple[str, ...] | None:
+    from engine.predict import display_class_names
+
+    return display_class_names(spec, n_outputs)

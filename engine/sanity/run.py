@@ -269,7 +269,10 @@ def _compute(backend: Any, model_sha: str, image_set: Any, params: SanityParams,
         raise ConvLensError(f"{image_set.root}: none of the {len(pos)} chosen images could be read")
     batch = np.concatenate([b.array for b in parts])
     indices = np.concatenate([b.indices for b in parts])
-    targets = backend.classifier_output(backend.forward(batch)).argmax(axis=1).astype(np.int64)
+    from engine.predict import display_class_names
+
+    scores = backend.classifier_output(backend.forward(batch))
+    targets = scores.argmax(axis=1).astype(np.int64)
     members = expand_layers(backend, params.layers) if params.layers is not None else None
     named = weight_layers(backend)
     if members is not None:  # the names given, in execution order (of their first weight layer): the steps go top down
@@ -316,7 +319,7 @@ def _compute(backend: Any, model_sha: str, image_set: Any, params: SanityParams,
         explanation=exp.name, title=exp.title, mode=params.mode, model=backend.spec.path, layer=params.layer,
         unit=params.unit, params=params, metrics=exp.metrics, item=exp.item, steps=tuple(n[-1] for n in plan),
         randomised=tuple(tuple(n) for n in plan), values=vals, indices=indices.astype(np.int64), paths=rel,
-        targets=targets, class_names=backend.spec.classes, original_maps=omaps, step_maps=smaps,
+        targets=targets, class_names=display_class_names(backend.spec, scores.shape[1]), original_maps=omaps, step_maps=smaps,
         dropped=tuple(dropped), skipped=tuple(loader.skipped))
 
 
