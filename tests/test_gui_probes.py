@@ -208,3 +208,18 @@ def test_state_round_trips(ctx, view: ProbesView) -> None:
     finally:
         other.close()
     view.set_params(layers=["conv1", "conv2", "conv3"], features="pooled")
+
+
+def test_a_tabbed_away_dock_probes_nothing_until_raised(qtbot, demo, tmp_path: Path, monkeypatch) -> None:
+    """At start-up the Probes dock sits in a tab behind another: it runs no sweep until its tab
+    is raised (then it probes the current settings by itself)."""
+    from .gui_layout import JOB_MS, demo_window
+
+    with demo_window(qtbot, demo, tmp_path, monkeypatch, "heatmaps", size=(1400, 900)) as (win, _heat):
+        probes = win.views["probes"]
+        qtbot.wait(200)  # any start-up timers of the hidden dock have fired
+        assert probes.visibleRegion().isEmpty() and probes.result is None
+        assert not [j for j in win.runner.jobs() if j.title.startswith("Probe")]
+        with qtbot.waitSignal(probes.result_ready, timeout=JOB_MS):
+            win.docks["probes"].raise_()
+        assert probes.result is not None

@@ -40,10 +40,11 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
+from PySide6.QtCore import QPointF, QRectF, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QColor, QPainter, QPen, QPolygonF, QShowEvent
 from PySide6.QtWidgets import (
     QComboBox,
+    QDockWidget,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -545,13 +546,24 @@ class ProbesView(View):
         self._render()
         self._auto()
 
+    def on_screen(self) -> bool:
+        """Whether the view is shown (visible, with some of it on screen): only then does it probe
+        by itself (a dock tabbed behind another is "visible" with nothing on screen)."""
+        return self.isVisible() and not self.visibleRegion().isEmpty()
+
     def showEvent(self, event: QShowEvent) -> None:
         super().showEvent(event)
-        self._auto()
+        # a dock tabbed behind another gets no show event when its tab is raised: its
+        # visibilityChanged says so
+        dock = self.parentWidget()
+        if isinstance(dock, QDockWidget) and dock is not getattr(self, "_watched_dock", None):
+            self._watched_dock = dock
+            dock.visibilityChanged.connect(lambda on: QTimer.singleShot(0, self._auto) if on else None)
+        QTimer.singleShot(0, self._auto)  # once laid out: its visible region is known then
 
     def _auto(self) -> None:
         """Shown with nothing computed (and nothing failed or cancelled): probe the current settings."""
-        if self.isVisible() and self.result is None and self._handle is None and not self._error and self._layers:
+        if self.on_screen() and self.result is None and self._handle is None and not self._error and self._layers:
             self.run_probe()
 
     def _forget(self) -> None:
