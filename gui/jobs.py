@@ -538,3 +538,13 @@ def _format_elapsed(handle: JobHandle) -> str:
     hours, rest = divmod(total, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def show_progress(bar: Any, p: Progress) -> None:
+    """Show ``p`` in the QProgressBar ``bar``: busy (no fraction) or its fraction, with the message."""
+    if p.fraction is None:
+        bar.setRange(0, 0)
+    else:
+        bar.setRange(0, 1000)
+        bar.setValue(int(1000 * p.fraction))
+    bar.setFormat(f"{p.message} %p%" if p.message else "%p%")

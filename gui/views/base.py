@@ -46,6 +46,24 @@ class View(QWidget):
         self.ctx = ctx
         self.setObjectName(f"view-{self.object_name}")
 
+    def on_screen(self) -> bool:
+        """Whether the view is shown with some of it on screen (a dock tabbed behind another is
+        "visible" with nothing on screen): views start work of their own only then."""
+        return self.isVisible() and not self.visibleRegion().isEmpty()
+
+    def when_on_screen(self, callback: Callable[[], None]) -> None:
+        """Call from ``showEvent``: ``callback`` runs once the view is laid out, and again each
+        time its dock's tab is raised (a tabbed dock gets no show event then; its
+        ``visibilityChanged`` says so). The callback checks :meth:`on_screen` itself."""
+        from PySide6.QtCore import QTimer
+        from PySide6.QtWidgets import QDockWidget
+
+        dock = self.parentWidget()
+        if isinstance(dock, QDockWidget) and dock is not getattr(self, "_watched_dock", None):
+            self._watched_dock = dock
+            dock.visibilityChanged.connect(lambda on: QTimer.singleShot(0, callback) if on else None)
+        QTimer.singleShot(0, callback)  # once laid out: its visible region is known then
+
     def export_target(self) -> QWidget:
         """What 'Export figure' exports: the view itself, whose :meth:`figure` is composed."""
         return self

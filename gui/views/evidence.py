@@ -31,7 +31,6 @@ from PySide6.QtCore import QPointF, QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QImage, QPainter, QPen, QPixmap, QPolygonF, QShowEvent
 from PySide6.QtWidgets import (
     QComboBox,
-    QDockWidget,
     QDoubleSpinBox,
     QGridLayout,
     QLabel,
@@ -48,7 +47,7 @@ from engine.types import Progress
 from ..context import AppContext
 from ..figures import Element, Figure, FigureKind, FigureOption, FigureOptions, Legend, Picture, Row, Stack, Text
 from ..figures.model import CAPTION_PT, INK, MUTED, font, metrics
-from ..jobs import JobHandle
+from ..jobs import JobHandle, show_progress
 from ..widgets.eliding_combo import ElidingComboBox
 from .base import View
 
@@ -234,7 +233,6 @@ class EvidenceView(View):
         self._handle: JobHandle | None = None
         self._handle_key: tuple[Any, ...] | None = None
         self._error = ""
-        self._watched_dock: QWidget | None = None
         self._build()
         sel, session = ctx.selection, ctx.session
         session.model_loaded.connect(self._model_loaded)
@@ -418,16 +416,9 @@ class EvidenceView(View):
 
     # ------------------------------------------------------------------ state changes
 
-    def on_screen(self) -> bool:
-        return self.isVisible() and not self.visibleRegion().isEmpty()
-
     def showEvent(self, event: QShowEvent) -> None:
         super().showEvent(event)
-        dock = self.parentWidget()
-        if isinstance(dock, QDockWidget) and dock is not self._watched_dock:
-            self._watched_dock = dock
-            dock.visibilityChanged.connect(lambda on: QTimer.singleShot(0, self._request) if on else None)
-        QTimer.singleShot(0, self._request)
+        self.when_on_screen(self._request)
 
     def _reset(self) -> None:
         self.cancel()
@@ -596,12 +587,7 @@ class EvidenceView(View):
         self._render_status()
 
     def _progress(self, p: Progress) -> None:
-        if p.fraction is None:
-            self.progress.setRange(0, 0)
-        else:
-            self.progress.setRange(0, 1000)
-            self.progress.setValue(int(1000 * p.fraction))
-        self.progress.setFormat(f"{p.message} %p%" if p.message else "%p%")
+        show_progress(self.progress, p)
 
     # ------------------------------------------------------------------ showing it
 

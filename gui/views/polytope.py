@@ -38,10 +38,9 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QColor, QPixmap, QShowEvent
 from PySide6.QtWidgets import (
-    QDockWidget,
     QHBoxLayout,
     QLabel,
     QProgressBar,
@@ -70,7 +69,7 @@ from ..figures import (
     TileGrid,
     resample,
 )
-from ..jobs import JobHandle
+from ..jobs import JobHandle, show_progress
 from ..tiles import TileMosaic, decode_view, display_size, to_qimage
 from ..widgets.eliding_combo import ElidingComboBox
 from .base import View
@@ -138,7 +137,6 @@ class PolytopeView(View):
         self._views: OrderedDict[tuple[str, tuple[int, int]], np.ndarray] = OrderedDict()
         self._decoding: set[tuple[str, tuple[int, int]]] = set()
         self._pending_state: dict[str, Any] = {}
-        self._watched_dock: QWidget | None = None
         self._layers_wanted = False  # a model was loaded while the view was not shown: list its split points when it is
         self._build()
         sel, session = ctx.selection, ctx.session
@@ -370,20 +368,9 @@ class PolytopeView(View):
 
     # ------------------------------------------------------------------ state changes
 
-    def on_screen(self) -> bool:
-        """Whether the view is shown (visible, with some of it on screen): only then does it run
-        anything (a dock tabbed away is hidden; one tabbed in front is shown)."""
-        return self.isVisible() and not self.visibleRegion().isEmpty()
-
     def showEvent(self, event: QShowEvent) -> None:
         super().showEvent(event)
-        # a dock tabbed behind another stays "visible" with nothing on screen, and gets no show
-        # event when its tab is raised: its visibilityChanged says so
-        dock = self.parentWidget()
-        if isinstance(dock, QDockWidget) and dock is not self._watched_dock:
-            self._watched_dock = dock
-            dock.visibilityChanged.connect(lambda on: QTimer.singleShot(0, self._shown) if on else None)
-        QTimer.singleShot(0, self._shown)  # once laid out: its visible region is known then
+        self.when_on_screen(self._shown)
 
     def _shown(self) -> None:
         if not self.on_screen():
@@ -581,12 +568,7 @@ class PolytopeView(View):
         self._render()
 
     def _progress(self, p: Progress) -> None:
-        if p.fraction is None:
-            self.progress.setRange(0, 0)
-        else:
-            self.progress.setRange(0, 1000)
-            self.progress.setValue(int(1000 * p.fraction))
-        self.progress.setFormat(f"{p.message} %p%" if p.message else "%p%")
+        show_progress(self.progress, p)
 
     # ------------------------------------------------------------------ images
 

@@ -40,11 +40,10 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QPointF, QRectF, QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QAction, QColor, QPainter, QPen, QPolygonF, QShowEvent
 from PySide6.QtWidgets import (
     QComboBox,
-    QDockWidget,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -65,7 +64,7 @@ from engine.types import Progress
 from ..context import AppContext
 from ..figures import Element, Figure, FigureKind, FigureOption, FigureOptions, Legend, Row, Text, Tile, TileGrid, resample
 from ..figures.model import CAPTION_PT, INK, MUTED, font, metrics
-from ..jobs import JobHandle
+from ..jobs import JobHandle, show_progress
 from ..tiles import TileMosaic, display_size
 from .base import View
 
@@ -546,20 +545,9 @@ class ProbesView(View):
         self._render()
         self._auto()
 
-    def on_screen(self) -> bool:
-        """Whether the view is shown (visible, with some of it on screen): only then does it probe
-        by itself (a dock tabbed behind another is "visible" with nothing on screen)."""
-        return self.isVisible() and not self.visibleRegion().isEmpty()
-
     def showEvent(self, event: QShowEvent) -> None:
         super().showEvent(event)
-        # a dock tabbed behind another gets no show event when its tab is raised: its
-        # visibilityChanged says so
-        dock = self.parentWidget()
-        if isinstance(dock, QDockWidget) and dock is not getattr(self, "_watched_dock", None):
-            self._watched_dock = dock
-            dock.visibilityChanged.connect(lambda on: QTimer.singleShot(0, self._auto) if on else None)
-        QTimer.singleShot(0, self._auto)  # once laid out: its visible region is known then
+        self.when_on_screen(self._auto)
 
     def _auto(self) -> None:
         """Shown with nothing computed (and nothing failed or cancelled): probe the current settings."""
@@ -731,12 +719,7 @@ class ProbesView(View):
         self._render_status()
 
     def _progress(self, p: Progress) -> None:
-        if p.fraction is None:
-            self.progress.setRange(0, 0)
-        else:
-            self.progress.setRange(0, 1000)
-            self.progress.setValue(int(1000 * p.fraction))
-        self.progress.setFormat(f"{p.message} %p%" if p.message else "%p%")
+        show_progress(self.progress, p)
 
     # ------------------------------------------------------------------ the strip
 

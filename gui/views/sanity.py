@@ -54,7 +54,7 @@ from ..colormaps import apply as colormap
 from ..context import AppContext
 from ..figures import Element, Figure, FigureKind, FigureOption, FigureOptions, Legend, Text, Tile, TileGrid
 from ..figures.model import CAPTION_PT, INK, MUTED, font, metrics
-from ..jobs import JobHandle
+from ..jobs import JobHandle, show_progress
 from ..tiles import TileMosaic
 from ..widgets.eliding_combo import ElidingComboBox
 from .base import View
@@ -616,12 +616,7 @@ class SanityView(View):
         self._render()
 
     def _progress(self, p: Progress) -> None:
-        if p.fraction is None:
-            self.progress.setRange(0, 0)
-        else:
-            self.progress.setRange(0, 1000)
-            self.progress.setValue(int(1000 * p.fraction))
-        self.progress.setFormat(f"{p.message} %p%" if p.message else "%p%")
+        show_progress(self.progress, p)
 
     # ------------------------------------------------------------------ rendering
 
